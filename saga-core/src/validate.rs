@@ -1,0 +1,461 @@
+//! Validation: turns a [`SagaDefinition`] into a [`Plan`], or says exactly what is wrong.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::definition::{SagaDefinition, StepDefinition, StepKind};
+use crate::ids::{SagaName, StepName, TokenError};
+
+/// The most steps a saga may have.
+pub const MAX_STEPS: usize = 256;
+
+/// A rule a saga definition breaks. Every message names the saga, the step and the offending
+/// value, and says what to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// The saga has no steps.
+    #[error("definition {saga:?}: has no steps; add at least one")]
+    EmptySaga {
+        /// The saga.
+        saga: SagaName,
+    },
+    /// The saga has more than [`MAX_STEPS`] steps.
+    #[error("definition {saga:?}: has {count} steps; the limit is {MAX_STEPS}")]
+    TooManySteps {
+        /// The saga.
+        saga: SagaName,
+        /// How many steps it has.
+        count: usize,
+    },
+    /// A name is not a valid subject token.
+    #[error("definition {saga:?}{}: {field} {value:?} {reason}", step_ctx(.step))]
+    InvalidName {
+        /// The saga.
+        saga: SagaName,
+        /// The step, unless the saga's own name is at fault.
+        step: Option<StepName>,
+        /// Which field holds the name.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: TokenError,
+    },
+    /// Two steps share a name.
+    #[error("definition {saga:?} step {step}: name is used by more than one step; step names must be unique")]
+    DuplicateStep {
+        /// The saga.
+        saga: SagaName,
+        /// The repeated name.
+        step: StepName,
+    },
+    /// A step runs after a step that does not exist.
+    #[error("definition {saga:?} step {step}: after refers to unknown step {dependency:?}")]
+    UnknownDependency {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// The unknown name.
+        dependency: String,
+    },
+    /// The `after` relation has a cycle.
+    #[error("definition {saga:?} step {step}: after forms a cycle ({}); steps must form a DAG", join(.cycle))]
+    Cycle {
+        /// The saga.
+        saga: SagaName,
+        /// A step on the cycle.
+        step: StepName,
+        /// The steps of the cycle, in order, the first repeated at the end.
+        cycle: Vec<StepName>,
+    },
+    /// More than one step is a pivot.
+    #[error("definition {saga:?} step {step}: kind pivot, but step {first:?} is already the pivot; a saga has at most one")]
+    MultiplePivots {
+        /// The saga.
+        saga: SagaName,
+        /// The second pivot.
+        step: StepName,
+        /// The first pivot.
+        first: StepName,
+    },
+    /// A compensatable step can run after (or alongside) the pivot.
+    #[error("definition {saga:?} step {step}: kind compensatable, but it can run after the pivot {pivot:?}; make it run before the pivot (pivot after: [{step}, ...]) or make it retriable")]
+    CompensatableAfterPivot {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// The pivot.
+        pivot: StepName,
+    },
+    /// A step that can run after the pivot is not retriable.
+    #[error("definition {saga:?} step {step}: kind {kind}, but it can run after the pivot {pivot:?}; steps after the pivot must be retriable")]
+    NotRetriableAfterPivot {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// Its kind.
+        kind: &'static str,
+        /// The pivot.
+        pivot: StepName,
+    },
+    /// A step that a later failure could leave undone has no compensation.
+    #[error("definition {saga:?} step {step}: compensation is missing, but step {later:?} can fail after it and leave it undone; add a compensation, mark it read_only, or make it the pivot")]
+    MissingCompensation {
+        /// The saga.
+        saga: SagaName,
+        /// The step without compensation.
+        step: StepName,
+        /// A step that can fail after it.
+        later: StepName,
+    },
+    /// A step's timeout is zero.
+    #[error("definition {saga:?} step {step}: timeout 0s; a step needs a timeout above zero")]
+    ZeroTimeout {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+    },
+    /// A step's retry policy is out of range.
+    #[error("definition {saga:?} step {step}: retry.{field} {value}: {rule}")]
+    InvalidRetry {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// The field.
+        field: &'static str,
+        /// The offending value, as written.
+        value: String,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+}
+
+fn step_ctx(step: &Option<StepName>) -> String {
+    step.as_ref().map(|s| format!(" step {s}")).unwrap_or_default()
+}
+
+fn join(steps: &[StepName]) -> String {
+    steps.iter().map(StepName::as_str).collect::<Vec<_>>().join(" -> ")
+}
+
+/// A validated definition, ready to run: the canonical definition, its digest, and the step
+/// graph resolved to indices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    def: SagaDefinition,
+    digest: String,
+    index: BTreeMap<StepName, usize>,
+    deps: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    pivot: Option<usize>,
+}
+
+impl Plan {
+    /// The canonical definition.
+    pub fn definition(&self) -> &SagaDefinition {
+        &self.def
+    }
+
+    /// The saga's name.
+    pub fn name(&self) -> &SagaName {
+        &self.def.name
+    }
+
+    /// The definition's digest (see [`SagaDefinition::digest`]).
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The steps, in definition order.
+    pub fn steps(&self) -> &[StepDefinition] {
+        &self.def.steps
+    }
+
+    /// The index of the step named `name`.
+    pub fn step_index(&self, name: &StepName) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The indices of the steps step `i` runs after.
+    pub fn deps(&self, i: usize) -> &[usize] {
+        &self.deps[i]
+    }
+
+    /// The indices of the steps that run after step `i`.
+    pub fn dependents(&self, i: usize) -> &[usize] {
+        &self.dependents[i]
+    }
+
+    /// The index of the pivot step, if there is one.
+    pub fn pivot(&self) -> Option<usize> {
+        self.pivot
+    }
+}
+
+impl SagaDefinition {
+    /// Checks every rule and returns the runnable [`Plan`], or the first rule broken (in the
+    /// order: names, graph, step kinds, timeouts and retries, compensations).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use saga_core::SagaDefinition;
+    ///
+    /// let def = SagaDefinition::builder("order")
+    ///     .step("reserve", "seller", "reserve", |s| s) // no compensation...
+    ///     .step("ship", "logistics", "ship", |s| s.compensation("unship"))
+    ///     .build();
+    /// let err = def.validate().unwrap_err();
+    /// assert!(err.to_string().starts_with(r#"definition "order" step reserve: compensation is missing"#));
+    /// ```
+    pub fn validate(&self) -> Result<Plan, ValidationError> {
+        let def = self.canonical();
+        let saga = def.name.clone();
+        if let Err(reason) = saga.check() {
+            return Err(ValidationError::InvalidName {
+                saga: saga.clone(),
+                step: None,
+                field: "name",
+                value: saga.to_string(),
+                reason,
+            });
+        }
+        if def.steps.is_empty() {
+            return Err(ValidationError::EmptySaga { saga });
+        }
+        if def.steps.len() > MAX_STEPS {
+            return Err(ValidationError::TooManySteps { saga, count: def.steps.len() });
+        }
+
+        let mut index = BTreeMap::new();
+        for (i, step) in def.steps.iter().enumerate() {
+            check_names(&saga, step)?;
+            if index.insert(step.name.clone(), i).is_some() {
+                return Err(ValidationError::DuplicateStep { saga, step: step.name.clone() });
+            }
+        }
+
+        let n = def.steps.len();
+        let mut deps = vec![Vec::new(); n];
+        let mut dependents = vec![Vec::new(); n];
+        for (i, step) in def.steps.iter().enumerate() {
+            for dep in step.after.as_deref().unwrap_or_default() {
+                let Some(&j) = index.get(dep) else {
+                    return Err(ValidationError::UnknownDependency {
+                        saga,
+                        step: step.name.clone(),
+                        dependency: dep.to_string(),
+                    });
+                };
+                if !deps[i].contains(&j) {
+                    deps[i].push(j);
+                    dependents[j].push(i);
+                }
+            }
+        }
+        if let Some(cycle) = find_cycle(&deps) {
+            let cycle: Vec<StepName> = cycle.iter().map(|&i| def.steps[i].name.clone()).collect();
+            return Err(ValidationError::Cycle { saga, step: cycle[0].clone(), cycle });
+        }
+
+        // ancestors[i][j]: step j must succeed before step i starts.
+        let ancestors = ancestors(&deps);
+
+        let mut pivot: Option<usize> = None;
+        for (i, step) in def.steps.iter().enumerate() {
+            if step.kind == StepKind::Pivot {
+                if let Some(first) = pivot {
+                    return Err(ValidationError::MultiplePivots {
+                        saga,
+                        step: step.name.clone(),
+                        first: def.steps[first].name.clone(),
+                    });
+                }
+                pivot = Some(i);
+            }
+        }
+        if let Some(p) = pivot {
+            let pivot_name = def.steps[p].name.clone();
+            for (i, step) in def.steps.iter().enumerate() {
+                if i == p || ancestors[p][i] {
+                    continue;
+                }
+                match step.kind {
+                    StepKind::Retriable => {}
+                    StepKind::Compensatable if step.compensation.is_some() => {
+                        return Err(ValidationError::CompensatableAfterPivot {
+                            saga,
+                            step: step.name.clone(),
+                            pivot: pivot_name,
+                        })
+                    }
+                    StepKind::Compensatable => {
+                        return Err(ValidationError::NotRetriableAfterPivot {
+                            saga,
+                            step: step.name.clone(),
+                            kind: "compensatable",
+                            pivot: pivot_name,
+                        })
+                    }
+                    StepKind::Pivot => unreachable!("only one pivot"),
+                }
+            }
+        }
+
+        for step in &def.steps {
+            check_timing(&saga, step)?;
+        }
+
+        // A step without compensation is fine only if no step that can fail may finish after it.
+        for (i, step) in def.steps.iter().enumerate() {
+            if step.compensation.is_some() || step.read_only {
+                continue;
+            }
+            let later = def.steps.iter().enumerate().find(|&(j, other)| {
+                j != i && other.kind != StepKind::Retriable && !ancestors[i][j]
+            });
+            if let Some((_, later)) = later {
+                return Err(ValidationError::MissingCompensation {
+                    saga,
+                    step: step.name.clone(),
+                    later: later.name.clone(),
+                });
+            }
+        }
+
+        Ok(Plan { digest: def.digest(), def, index, deps, dependents, pivot })
+    }
+}
+
+fn check_names(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationError> {
+    let fields: [(&'static str, Result<(), TokenError>, &str); 4] = [
+        ("name", step.name.check(), step.name.as_str()),
+        ("service", step.service.check(), step.service.as_str()),
+        ("action", step.action.check(), step.action.as_str()),
+        (
+            "compensation",
+            step.compensation.as_ref().map_or(Ok(()), |c| c.check()),
+            step.compensation.as_ref().map_or("", |c| c.as_str()),
+        ),
+    ];
+    for (field, result, value) in fields {
+        if let Err(reason) = result {
+            return Err(ValidationError::InvalidName {
+                saga: saga.clone(),
+                step: Some(step.name.clone()),
+                field,
+                value: value.to_owned(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_timing(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationError> {
+    if step.timeout.is_zero() {
+        return Err(ValidationError::ZeroTimeout { saga: saga.clone(), step: step.name.clone() });
+    }
+    let r = &step.retry;
+    let bad = |field, value: String, rule| ValidationError::InvalidRetry {
+        saga: saga.clone(),
+        step: step.name.clone(),
+        field,
+        value,
+        rule,
+    };
+    if r.max_attempts == 0 {
+        return Err(bad("max_attempts", "0".into(), "must be at least 1 (the first attempt)"));
+    }
+    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+        return Err(bad(
+            "multiplier",
+            r.multiplier.to_string(),
+            "must be a number of at least 1.0",
+        ));
+    }
+    if !(0.0..=1.0).contains(&r.jitter) {
+        return Err(bad("jitter", r.jitter.to_string(), "must be between 0.0 and 1.0"));
+    }
+    if r.initial_backoff > r.max_backoff {
+        return Err(bad(
+            "initial_backoff",
+            humantime_serde::re::humantime::format_duration(r.initial_backoff).to_string(),
+            "must not exceed max_backoff",
+        ));
+    }
+    if r.max_backoff > Duration::from_secs(24 * 3600) {
+        return Err(bad(
+            "max_backoff",
+            humantime_serde::re::humantime::format_duration(r.max_backoff).to_string(),
+            "must be at most 24h",
+        ));
+    }
+    Ok(())
+}
+
+/// A cycle in the dependency graph, as step indices with the first repeated at the end.
+fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let n = deps.len();
+    let mut mark = vec![Mark::New; n];
+    for root in 0..n {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        // Iterative DFS: (node, next dependency to visit).
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        mark[root] = Mark::OnPath;
+        while let Some(&mut (node, ref mut next)) = path.last_mut() {
+            if let Some(&dep) = deps[node].get(*next) {
+                *next += 1;
+                match mark[dep] {
+                    Mark::New => {
+                        mark[dep] = Mark::OnPath;
+                        path.push((dep, 0));
+                    }
+                    Mark::OnPath => {
+                        let start = path.iter().position(|&(n, _)| n == dep).unwrap_or(0);
+                        let mut cycle: Vec<usize> = path[start..].iter().map(|&(n, _)| n).collect();
+                        // Show the cycle in execution order: each step runs after the next.
+                        cycle.reverse();
+                        cycle.push(cycle[0]);
+                        return Some(cycle);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                path.pop();
+            }
+        }
+    }
+    None
+}
+
+/// `result[i][j]` is true when step `j` is a (transitive) dependency of step `i`.
+fn ancestors(deps: &[Vec<usize>]) -> Vec<Vec<bool>> {
+    let n = deps.len();
+    let mut result = vec![vec![false; n]; n];
+    for (i, row) in result.iter_mut().enumerate() {
+        let mut stack: Vec<usize> = deps[i].clone();
+        while let Some(j) = stack.pop() {
+            if !row[j] {
+                row[j] = true;
+                stack.extend_from_slice(&deps[j]);
+            }
+        }
+    }
+    result
+}
