@@ -190,9 +190,15 @@ impl SagaDefinition {
         let mut def = self.clone();
         let names: Vec<StepName> = def.steps.iter().map(|s| s.name.clone()).collect();
         for (i, step) in def.steps.iter_mut().enumerate() {
-            if step.after.is_none() {
-                step.after = Some(if i == 0 { vec![] } else { vec![names[i - 1].clone()] });
-            }
+            let after = step.after.get_or_insert_with(|| {
+                if i == 0 {
+                    vec![]
+                } else {
+                    vec![names[i - 1].clone()]
+                }
+            });
+            after.sort();
+            after.dedup();
         }
         def
     }

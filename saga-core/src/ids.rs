@@ -52,9 +52,16 @@ macro_rules! token_type {
         ///
         /// Deserializing does not validate (so that a definition file can be loaded and then
         /// refused with an error that names where the bad value is); [`Self::new`] does.
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(String);
+
+        impl fmt::Debug for $name {
+            /// Prints the name quoted, as it would be written in a definition.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
 
         impl $name {
             /// Builds the identifier, refusing a string that is not a valid token.

@@ -129,7 +129,7 @@ pub enum ValidationError {
         step: StepName,
         /// The field.
         field: &'static str,
-        /// The offending value, as written.
+        /// The offending value.
         value: String,
         /// The rule it breaks.
         rule: &'static str,
