@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{
     CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp,
 };
-use crate::machine::{Dispatch, Event, LifecycleKind, Payload, SagaStatus};
+use crate::machine::{Dispatch, Event, LifecycleKind, Payload, SagaStatus, Timer};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -172,6 +172,93 @@ pub struct LifecycleMessage {
     pub input: Option<Payload>,
 }
 
+/// A request to start a saga (client to coordinator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartMessage {
+    /// Protocol version.
+    pub v: u16,
+    /// The new saga's id.
+    pub saga_id: SagaId,
+    /// The definition's name.
+    pub saga: SagaName,
+    /// The definition version (digest) to run.
+    pub digest: String,
+    /// The saga's input (MessagePack bytes).
+    pub input: Payload,
+    /// The idempotency key the id was derived from, if any.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A fired timer (the scheduler to the coordinator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimerMessage {
+    /// Protocol version.
+    pub v: u16,
+    /// The saga.
+    pub saga_id: SagaId,
+    /// The timer.
+    pub timer: Timer,
+}
+
+/// What an operator (or a client cancelling) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorAction {
+    /// Cancel: compensate what is done.
+    Cancel,
+    /// Retry stuck compensations.
+    Retry,
+    /// Skip stuck compensations.
+    Skip,
+    /// Mark resolved.
+    Resolve,
+}
+
+impl OperatorAction {
+    /// The action as a word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorAction::Cancel => "cancel",
+            OperatorAction::Retry => "retry",
+            OperatorAction::Skip => "skip",
+            OperatorAction::Resolve => "resolve",
+        }
+    }
+}
+
+/// An operator action on a saga (client to coordinator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorMessage {
+    /// Protocol version.
+    pub v: u16,
+    /// The saga.
+    pub saga_id: SagaId,
+    /// What to do.
+    pub action: OperatorAction,
+    /// Why (recorded in the saga's history).
+    pub reason: String,
+    /// Who asked (recorded in the saga's history).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+impl OperatorMessage {
+    /// The state-machine event this action stands for.
+    pub fn to_event(&self) -> Event {
+        let reason = match &self.by {
+            Some(by) => format!("{} (by {by})", self.reason),
+            None => self.reason.clone(),
+        };
+        match self.action {
+            OperatorAction::Cancel => Event::Cancel { reason },
+            OperatorAction::Retry => Event::OperatorRetry { reason },
+            OperatorAction::Skip => Event::OperatorSkip { reason },
+            OperatorAction::Resolve => Event::OperatorResolve { reason },
+        }
+    }
+}
+
 /// Why a message could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -242,6 +329,25 @@ impl WireMessage for ReplyMessage {
 }
 impl WireMessage for LifecycleMessage {
     const WHAT: &'static str = "lifecycle event";
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+
+impl WireMessage for StartMessage {
+    const WHAT: &'static str = "start";
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+impl WireMessage for TimerMessage {
+    const WHAT: &'static str = "timer";
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+impl WireMessage for OperatorMessage {
+    const WHAT: &'static str = "operator action";
     fn version(&self) -> u16 {
         self.v
     }

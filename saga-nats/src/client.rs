@@ -1,0 +1,355 @@
+//! The saga client: register definitions, start sagas, wait for them, inspect and list them,
+//! cancel them, and act on sagas that need intervention.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use futures::StreamExt;
+use saga_core::envelope::{OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
+use saga_core::{
+    Codec, HistoryEntry, Payload, SagaDefinition, SagaId, SagaName, SagaState, SagaStatus,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::store::{Registry, RegistryError, StateStore};
+use crate::subjects::{self, headers, InputKind};
+
+/// The kinds of [`SagaClientError`], for matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No definition has that name.
+    UnknownSaga,
+    /// The definition is invalid.
+    InvalidDefinition,
+    /// The input could not be encoded, or is too large.
+    InvalidInput,
+    /// No saga has that id.
+    NotFound,
+    /// The saga is not in a status where the action applies.
+    NotApplicable,
+    /// The wait ran out of time.
+    TimedOut,
+    /// NATS failed.
+    Nats,
+}
+
+/// A client operation failed. [`SagaClientError::kind`] tells which way.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SagaClientError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl SagaClientError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        SagaClientError { kind, message: message.into() }
+    }
+
+    fn nats(e: impl std::fmt::Display) -> Self {
+        SagaClientError::new(ErrorKind::Nats, format!("NATS error: {e}"))
+    }
+
+    /// Which way it failed.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+}
+
+impl From<RegistryError> for SagaClientError {
+    fn from(e: RegistryError) -> Self {
+        let kind = match &e {
+            RegistryError::UnknownSaga { .. } | RegistryError::UnknownVersion { .. } => {
+                ErrorKind::UnknownSaga
+            }
+            RegistryError::Invalid(_) => ErrorKind::InvalidDefinition,
+            _ => ErrorKind::Nats,
+        };
+        SagaClientError::new(kind, e.to_string())
+    }
+}
+
+/// A saga as the client shows it: its status, its steps and its whole history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaView {
+    /// The saga's full state.
+    pub state: SagaState,
+}
+
+impl SagaView {
+    /// The saga's id.
+    pub fn id(&self) -> &SagaId {
+        &self.state.id
+    }
+
+    /// Its definition's name.
+    pub fn saga(&self) -> &SagaName {
+        &self.state.saga
+    }
+
+    /// Its status.
+    pub fn status(&self) -> SagaStatus {
+        self.state.status
+    }
+
+    /// Everything that happened to it, in order.
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.state.history
+    }
+
+    /// The output of step `step`, decoded, if it succeeded.
+    pub fn output<O: serde::de::DeserializeOwned>(
+        &self,
+        step: &str,
+    ) -> Option<Result<O, rmp_serde::decode::Error>> {
+        self.state
+            .steps
+            .iter()
+            .find(|s| s.name.as_str() == step)
+            .and_then(|s| s.output.as_ref())
+            .map(|o| rmp_serde::from_slice(o.as_bytes()))
+    }
+}
+
+/// Filters for [`SagaClient::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only sagas of this definition.
+    pub saga: Option<String>,
+    /// Only sagas in one of these statuses (empty: any).
+    pub statuses: Vec<SagaStatus>,
+    /// At most this many (0: no limit).
+    pub limit: usize,
+}
+
+/// Starts, follows and manages sagas. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SagaClient {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    registry: Registry,
+    store: StateStore,
+    codec: Codec,
+}
+
+impl SagaClient {
+    /// Connects to the saga streams (a coordinator, or [`crate::provision`], must have created
+    /// them).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use saga_nats::SagaClient;
+    /// use std::time::Duration;
+    ///
+    /// let nats = async_nats::connect("nats://127.0.0.1:4222").await?;
+    /// let client = SagaClient::new(nats).await?;
+    /// let id = client.start_with_key("place-order", "order-42", &serde_json::json!({"order": 42})).await?;
+    /// let saga = client.wait(&id, Duration::from_secs(30)).await?;
+    /// println!("{} ended {}", id, saga.status());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn new(client: async_nats::Client) -> Result<SagaClient, SagaClientError> {
+        let js = jetstream::new(client.clone());
+        let registry = Registry::open(&js).await?;
+        let codec = Codec::default();
+        let store = StateStore::open(js.clone(), codec, Duration::ZERO)
+            .await
+            .map_err(SagaClientError::nats)?;
+        Ok(SagaClient { client, js, registry, store, codec })
+    }
+
+    /// Registers a definition (validated first), making it the latest version of its name.
+    /// Returns its digest. Sagas already running keep the version they started with.
+    pub async fn register(&self, def: &SagaDefinition) -> Result<String, SagaClientError> {
+        Ok(self.registry.register(def).await?.digest().to_owned())
+    }
+
+    /// Starts a saga of the latest version of definition `saga` with `input`. Returns once
+    /// the start is durably recorded.
+    pub async fn start<T: Serialize + ?Sized>(
+        &self,
+        saga: &str,
+        input: &T,
+    ) -> Result<SagaId, SagaClientError> {
+        let id = SagaId::new_unchecked(uuid::Uuid::now_v7().simple().to_string());
+        self.start_as(saga, id, None, input).await
+    }
+
+    /// Starts a saga with an idempotency key: the same definition name and key always give
+    /// the same saga id, and a second start with them starts nothing new (within the
+    /// retention of finished sagas).
+    pub async fn start_with_key<T: Serialize + ?Sized>(
+        &self,
+        saga: &str,
+        key: &str,
+        input: &T,
+    ) -> Result<SagaId, SagaClientError> {
+        let hash = Sha256::digest(format!("{saga}\u{0}{key}").as_bytes());
+        let id: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.start_as(saga, SagaId::new_unchecked(id), Some(key.to_owned()), input).await
+    }
+
+    async fn start_as<T: Serialize + ?Sized>(
+        &self,
+        saga: &str,
+        id: SagaId,
+        key: Option<String>,
+        input: &T,
+    ) -> Result<SagaId, SagaClientError> {
+        let plan = self.registry.latest(saga).await?;
+        let input = rmp_serde::to_vec_named(input).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!("saga {saga:?}: input does not encode: {e}"),
+            )
+        })?;
+        let msg = StartMessage {
+            v: PROTOCOL_VERSION,
+            saga_id: id.clone(),
+            saga: plan.name().clone(),
+            digest: plan.digest().to_owned(),
+            input: Payload::new(input),
+            idempotency_key: key,
+        };
+        let payload = self.codec.encode(&msg).map_err(|e| {
+            SagaClientError::new(ErrorKind::InvalidInput, format!("saga {saga:?}: {e}"))
+        })?;
+        let traceparent = crate::telemetry::new_traceparent();
+        let publish = PublishMessage::build()
+            .message_id(format!("start.{id}").as_str())
+            .header(headers::SAGA_ID, id.as_str())
+            .header(headers::TRACEPARENT, traceparent.as_str())
+            .payload(Bytes::from(payload));
+        self.js
+            .send_publish(subjects::input(&id, InputKind::Start), publish)
+            .await
+            .map_err(SagaClientError::nats)?
+            .await
+            .map_err(SagaClientError::nats)?;
+        Ok(id)
+    }
+
+    /// The saga's state and history, or `None` if no saga has that id (or it finished and
+    /// expired).
+    pub async fn get(&self, id: &SagaId) -> Result<Option<SagaView>, SagaClientError> {
+        Ok(self
+            .store
+            .load(id)
+            .await
+            .map_err(SagaClientError::nats)?
+            .map(|v| SagaView { state: v.record.state }))
+    }
+
+    /// Waits until the saga ends (or needs intervention), up to `timeout`.
+    pub async fn wait(&self, id: &SagaId, timeout: Duration) -> Result<SagaView, SagaClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = self
+            .client
+            .subscribe(format!("saga.event.*.*.{id}"))
+            .await
+            .map_err(SagaClientError::nats)?;
+        loop {
+            if let Some(view) = self.get(id).await? {
+                if view.status().is_terminal() || view.status() == SagaStatus::NeedsIntervention {
+                    return Ok(view);
+                }
+            }
+            // Woken by the saga's next lifecycle event, or look again after a while.
+            let nap = tokio::time::Instant::now() + Duration::from_millis(500);
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(SagaClientError::new(ErrorKind::TimedOut, format!("saga {id} did not finish within {timeout:?}")));
+                }
+                _ = tokio::time::sleep_until(nap) => {}
+                _ = events.next() => {}
+            }
+        }
+    }
+
+    /// Sagas matching `filter`, by id.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaView>, SagaClientError> {
+        let ids = self.store.ids().await.map_err(SagaClientError::nats)?;
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(view) = self.get(&id).await? else { continue };
+            if filter.saga.as_deref().is_some_and(|s| view.saga().as_str() != s) {
+                continue;
+            }
+            if !filter.statuses.is_empty() && !filter.statuses.contains(&view.status()) {
+                continue;
+            }
+            out.push(view);
+            if filter.limit > 0 && out.len() >= filter.limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cancels a running saga: what is done is compensated, and it ends `cancelled`. Refused
+    /// once its pivot succeeded (the coordinator records the refusal in its log).
+    pub async fn cancel(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
+        self.operate(id, OperatorAction::Cancel, reason, &[SagaStatus::Running]).await
+    }
+
+    /// Operator: retries the stuck compensations of a saga in `needs_intervention`.
+    pub async fn retry(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
+        self.operate(id, OperatorAction::Retry, reason, &[SagaStatus::NeedsIntervention]).await
+    }
+
+    /// Operator: skips the stuck compensations of a saga in `needs_intervention`.
+    pub async fn skip(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
+        self.operate(id, OperatorAction::Skip, reason, &[SagaStatus::NeedsIntervention]).await
+    }
+
+    /// Operator: marks a saga in `needs_intervention` resolved (it ends `resolved`).
+    pub async fn resolve(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
+        self.operate(id, OperatorAction::Resolve, reason, &[SagaStatus::NeedsIntervention]).await
+    }
+
+    async fn operate(
+        &self,
+        id: &SagaId,
+        action: OperatorAction,
+        reason: &str,
+        allowed: &[SagaStatus],
+    ) -> Result<(), SagaClientError> {
+        let view = self.get(id).await?.ok_or_else(|| {
+            SagaClientError::new(ErrorKind::NotFound, format!("no saga with id {id}"))
+        })?;
+        if !allowed.contains(&view.status()) {
+            return Err(SagaClientError::new(
+                ErrorKind::NotApplicable,
+                format!("cannot {} saga {id}: it is {}", action.as_str(), view.status()),
+            ));
+        }
+        let msg = OperatorMessage {
+            v: PROTOCOL_VERSION,
+            saga_id: id.clone(),
+            action,
+            reason: reason.to_owned(),
+            by: std::env::var("USER").ok(),
+        };
+        let payload = self
+            .codec
+            .encode(&msg)
+            .map_err(|e| SagaClientError::new(ErrorKind::InvalidInput, e.to_string()))?;
+        let publish = PublishMessage::build()
+            .message_id(format!("op.{id}.{}.{}", view.state.events, action.as_str()).as_str())
+            .header(headers::SAGA_ID, id.as_str())
+            .payload(Bytes::from(payload));
+        self.js
+            .send_publish(subjects::input(id, InputKind::Operator), publish)
+            .await
+            .map_err(SagaClientError::nats)?
+            .await
+            .map_err(SagaClientError::nats)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! Saga-level test support: echo participants whose behaviour the saga input drives, effect
+//! counters, and a coordinator with test-friendly settings.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::{RetryPolicy, SagaDefinition, SagaId, SagaStatus, StepKind};
+use saga_nats::{
+    Command, Coordinator, CoordinatorConfig, Participant, ParticipantConfig, ProvisionConfig,
+    SagaClient, StepError,
+};
+use serde::{Deserialize, Serialize};
+
+/// The input of test sagas: it tells the echo participants how to behave.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TestInput {
+    /// A number identifying the saga in the test.
+    pub n: u64,
+    /// Steps whose action fails with a business failure.
+    #[serde(default)]
+    pub fail: Vec<String>,
+    /// Steps whose action fails transiently on its first `k` attempts.
+    #[serde(default)]
+    pub transient: Vec<(String, u32)>,
+    /// Steps whose action hangs (no reply) on its first `k` attempts.
+    #[serde(default)]
+    pub hang: Vec<(String, u32)>,
+    /// Steps whose compensation fails on its first `k` attempts.
+    #[serde(default)]
+    pub comp_fail: Vec<(String, u32)>,
+}
+
+/// What an echo step returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EchoOutput {
+    /// The step.
+    pub step: String,
+    /// The saga's `n`.
+    pub n: u64,
+}
+
+/// Counts the effects participants carried out, by `saga/step/a|c`.
+#[derive(Debug, Clone, Default)]
+pub struct Effects(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Effects {
+    fn bump(&self, saga: &SagaId, step: &str, phase: &str) {
+        *self.0.lock().expect("lock").entry(format!("{saga}/{step}/{phase}")).or_default() += 1;
+    }
+
+    /// How many times `phase` (`a` or `c`) of `step` of `saga` ran.
+    pub fn count(&self, saga: &SagaId, step: &str, phase: &str) -> u32 {
+        self.0.lock().expect("lock").get(&format!("{saga}/{step}/{phase}")).copied().unwrap_or(0)
+    }
+
+    /// Every effect that ran more than once.
+    pub fn duplicates(&self) -> Vec<(String, u32)> {
+        let mut d: Vec<_> = self
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        d.sort();
+        d
+    }
+
+    /// The total number of effects.
+    pub fn total(&self) -> u32 {
+        self.0.lock().expect("lock").values().sum()
+    }
+}
+
+fn attempts_for(list: &[(String, u32)], step: &str) -> u32 {
+    list.iter().find(|(s, _)| s == step).map_or(0, |(_, k)| *k)
+}
+
+/// Starts an echo participant for `service` handling `steps` (each step `s` has action `s`
+/// and compensation `undo-s`).
+pub async fn echo_participant(
+    client: async_nats::Client,
+    service: &str,
+    steps: &[&str],
+    effects: Effects,
+) -> Participant {
+    let mut builder = Participant::builder(client, service)
+        .config(ParticipantConfig { lease: Duration::from_secs(2), ..Default::default() });
+    for step in steps {
+        let name = step.to_string();
+        let fx = effects.clone();
+        builder = builder.action(step, move |cmd: Command<TestInput>| {
+            let name = name.clone();
+            let fx = fx.clone();
+            async move {
+                let input = &cmd.input;
+                if cmd.attempt <= attempts_for(&input.hang, &name) {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                if cmd.attempt <= attempts_for(&input.transient, &name) {
+                    return Err(StepError::transient(format!(
+                        "{name} is busy (attempt {})",
+                        cmd.attempt
+                    )));
+                }
+                if input.fail.contains(&name) {
+                    return Err(StepError::business(format!("{name} refused order {}", input.n)));
+                }
+                fx.bump(&cmd.saga_id, &name, "a");
+                Ok(EchoOutput { step: name, n: input.n })
+            }
+        });
+        let name = step.to_string();
+        let fx = effects.clone();
+        builder = builder.compensation(&format!("undo-{step}"), move |cmd: Command<TestInput>| {
+            let name = name.clone();
+            let fx = fx.clone();
+            async move {
+                if cmd.attempt <= attempts_for(&cmd.input.comp_fail, &name) {
+                    return Err(StepError::transient(format!(
+                        "undo-{name} failed (attempt {})",
+                        cmd.attempt
+                    )));
+                }
+                fx.bump(&cmd.saga_id, &name, "c");
+                Ok(())
+            }
+        });
+    }
+    builder.start().await.expect("participant starts")
+}
+
+/// A retry policy with short backoffs for tests.
+pub fn quick_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        multiplier: 2.0,
+        jitter: 0.1,
+    }
+}
+
+/// A chain of compensatable steps, one per service `svc-<step>`... all on service `svc`.
+pub fn chain(name: &str, steps: &[&str], timeout: Duration) -> SagaDefinition {
+    let mut b = SagaDefinition::builder(name);
+    for step in steps {
+        let undo = format!("undo-{step}");
+        b = b.step(step, "svc", step, |s| {
+            s.compensation(&undo).timeout(timeout).retry(quick_retry(3))
+        });
+    }
+    b.build()
+}
+
+/// A chain ending in a pivot and then retriable steps.
+pub fn with_pivot(name: &str, before: &[&str], pivot: &str, after: &[&str]) -> SagaDefinition {
+    let mut b = SagaDefinition::builder(name);
+    for step in before {
+        let undo = format!("undo-{step}");
+        b = b.step(step, "svc", step, |s| s.compensation(&undo).retry(quick_retry(3)));
+    }
+    b = b.step(pivot, "svc", pivot, |s| s.kind(StepKind::Pivot).retry(quick_retry(3)));
+    for step in after {
+        b = b.step(step, "svc", step, |s| s.kind(StepKind::Retriable).retry(quick_retry(2)));
+    }
+    b.build()
+}
+
+/// Coordinator settings for tests: inputs are redelivered after `ack_wait`.
+pub fn coordinator_config(defs: Vec<SagaDefinition>, ack_wait: Duration) -> CoordinatorConfig {
+    CoordinatorConfig {
+        provision: ProvisionConfig { ack_wait, ..Default::default() },
+        workers: 16,
+        definitions: defs,
+        ..Default::default()
+    }
+}
+
+/// Starts an in-process coordinator.
+pub async fn coordinator(client: async_nats::Client, defs: Vec<SagaDefinition>) -> Coordinator {
+    Coordinator::start(client, coordinator_config(defs, Duration::from_secs(5)))
+        .await
+        .expect("coordinator starts")
+}
+
+/// A client.
+pub async fn client(nats: async_nats::Client) -> SagaClient {
+    SagaClient::new(nats).await.expect("client connects")
+}
+
+/// Waits for every saga and returns their final statuses.
+pub async fn wait_all(client: &SagaClient, ids: &[SagaId], timeout: Duration) -> Vec<SagaStatus> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match client.wait(id, timeout).await {
+            Ok(view) => out.push(view.status()),
+            Err(e) => panic!(
+                "saga {id}: {e}; state: {:?}",
+                client.get(id).await.ok().flatten().map(|v| v.state)
+            ),
+        }
+    }
+    out
+}
+
+/// Logs to stderr for tests when `RUST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+}

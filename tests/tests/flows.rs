@@ -1,0 +1,253 @@
+//! Saga flows end to end against a real nats-server: in-process coordinator and participants.
+
+use std::time::Duration;
+
+use saga_core::{HistoryKind, SagaStatus, StepStatus};
+use saga_nats::ErrorKind;
+use saga_tests::support::*;
+use saga_tests::NatsServer;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_completes_and_records_history() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let id = client.start("three", &TestInput { n: 7, ..Default::default() }).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    for step in ["a", "b", "c"] {
+        assert_eq!(fx.count(&id, step, "a"), 1, "{step} ran once");
+        assert_eq!(fx.count(&id, step, "c"), 0, "{step} not compensated");
+    }
+    let out: EchoOutput = view.output("b").unwrap().unwrap();
+    assert_eq!(out, EchoOutput { step: "b".into(), n: 7 });
+    let dispatched: Vec<_> = view
+        .history()
+        .iter()
+        .filter(|h| h.kind == HistoryKind::Dispatched)
+        .map(|h| h.step.as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(dispatched, ["a", "b", "c"]);
+    assert_eq!(view.history().last().unwrap().kind, HistoryKind::Finished);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_at_step_two_compensates_in_reverse() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let input = TestInput { n: 1, fail: vec!["b".into()], ..Default::default() };
+    let id = client.start("three", &input).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert_eq!(fx.count(&id, "a", "a"), 1);
+    assert_eq!(fx.count(&id, "a", "c"), 1, "a compensated once");
+    assert_eq!(fx.count(&id, "b", "a"), 0, "b failed: no effect");
+    assert_eq!(fx.count(&id, "b", "c"), 0, "a failed step is not compensated");
+    assert_eq!(fx.count(&id, "c", "a"), 0, "c never ran");
+    let states: Vec<_> = view.state.steps.iter().map(|s| s.status).collect();
+    assert_eq!(states, [StepStatus::Compensated, StepStatus::Failed, StepStatus::Pending]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_branches_fail_and_compensate_the_sibling() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = saga_core::SagaDefinition::builder("diamond")
+        .step("root", "svc", "root", |s| s.compensation("undo-root").retry(quick_retry(2)))
+        .step("left", "svc", "left", |s| {
+            s.compensation("undo-left").after(&["root"]).retry(quick_retry(2))
+        })
+        .step("right", "svc", "right", |s| {
+            s.compensation("undo-right").after(&["root"]).retry(quick_retry(2))
+        })
+        .step("join", "svc", "join", |s| {
+            s.compensation("undo-join").after(&["left", "right"]).retry(quick_retry(2))
+        })
+        .build();
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p =
+        echo_participant(nats.clone(), "svc", &["root", "left", "right", "join"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let ok = client.start("diamond", &TestInput { n: 1, ..Default::default() }).await.unwrap();
+    let bad = client
+        .start("diamond", &TestInput { n: 2, fail: vec!["right".into()], ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(client.wait(&ok, WAIT).await.unwrap().status(), SagaStatus::Completed);
+    let view = client.wait(&bad, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert_eq!(fx.count(&bad, "left", "c"), 1, "the sibling that succeeded is compensated");
+    assert_eq!(fx.count(&bad, "root", "c"), 1);
+    assert_eq!(fx.count(&bad, "join", "a"), 0);
+    // root is compensated after left.
+    let comps: Vec<_> = view
+        .history()
+        .iter()
+        .filter(|h| {
+            h.kind == HistoryKind::Dispatched && h.phase == Some(saga_core::Phase::Compensation)
+        })
+        .map(|h| h.step.as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(comps, ["left", "root"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_retry_then_compensation() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("slow", &["a", "b"], Duration::from_secs(1));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    // b hangs on its first attempt, then succeeds: the timeout leads to a retry.
+    let recovered = client
+        .start("slow", &TestInput { n: 1, hang: vec![("b".into(), 1)], ..Default::default() })
+        .await
+        .unwrap();
+    // b hangs on every attempt: retries run out and the saga compensates.
+    let gave_up = client
+        .start("slow", &TestInput { n: 2, hang: vec![("b".into(), 99)], ..Default::default() })
+        .await
+        .unwrap();
+
+    let v = client.wait(&recovered, WAIT).await.unwrap();
+    assert_eq!(v.status(), SagaStatus::Completed);
+    assert!(v.history().iter().any(|h| h.kind == HistoryKind::TimedOut), "a timeout is recorded");
+    assert_eq!(fx.count(&recovered, "b", "a"), 1);
+
+    let v = client.wait(&gave_up, WAIT).await.unwrap();
+    assert_eq!(v.status(), SagaStatus::Compensated);
+    let timeouts = v.history().iter().filter(|h| h.kind == HistoryKind::TimedOut).count();
+    assert_eq!(timeouts, 3, "three attempts, each timed out");
+    assert_eq!(fx.count(&gave_up, "a", "c"), 1, "a compensated");
+    assert_eq!(fx.count(&gave_up, "b", "a"), 0, "b never completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pivot_then_retriable_steps_complete() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = with_pivot("pv", &["reserve"], "charge", &["notify"]);
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p =
+        echo_participant(nats.clone(), "svc", &["reserve", "charge", "notify"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    // notify fails transiently 4 times though its retry policy says 2 attempts: a retriable
+    // step is retried until it succeeds.
+    let input = TestInput { n: 1, transient: vec![("notify".into(), 4)], ..Default::default() };
+    let id = client.start("pv", &input).await.unwrap();
+    let v = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(v.status(), SagaStatus::Completed);
+    assert_eq!(v.state.steps[2].attempt, 5);
+    assert_eq!(fx.count(&id, "reserve", "c"), 0);
+    assert_eq!(fx.count(&id, "charge", "a"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_start_and_errors_callers_can_match() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("one", &["a"], Duration::from_secs(10));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let input = TestInput { n: 5, ..Default::default() };
+    let first = client.start_with_key("one", "order-5", &input).await.unwrap();
+    let second = client.start_with_key("one", "order-5", &input).await.unwrap();
+    assert_eq!(first, second, "same key, same saga");
+    assert_eq!(client.wait(&first, WAIT).await.unwrap().status(), SagaStatus::Completed);
+    // Long after the first one finished, the same key still starts nothing new.
+    let third = client.start_with_key("one", "order-5", &input).await.unwrap();
+    assert_eq!(third, first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fx.count(&first, "a", "a"), 1, "the step ran once");
+    let view = client.get(&first).await.unwrap().unwrap();
+    assert_eq!(view.history().iter().filter(|h| h.kind == HistoryKind::Started).count(), 1);
+
+    let err = client.start("no-such-saga", &input).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnknownSaga);
+    assert!(err.to_string().contains("no-such-saga"), "{err}");
+
+    let err = client.retry(&first, "why not").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotApplicable);
+    let err = client.cancel(&saga_core::SagaId::from("nope"), "x").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_that_keeps_failing_parks_and_operators_act() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("park", &["a", "b"], Duration::from_secs(10));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    // a's compensation fails 3 times (its retry budget), then would succeed.
+    let input = |n| TestInput {
+        n,
+        fail: vec!["b".into()],
+        comp_fail: vec![("a".into(), 3)],
+        ..Default::default()
+    };
+    let retried = client.start("park", &input(1)).await.unwrap();
+    let skipped = client.start("park", &input(2)).await.unwrap();
+    let resolved = client.start("park", &input(3)).await.unwrap();
+    for id in [&retried, &skipped, &resolved] {
+        assert_eq!(client.wait(id, WAIT).await.unwrap().status(), SagaStatus::NeedsIntervention);
+    }
+    client.retry(&retried, "downstream fixed").await.unwrap();
+    client.skip(&skipped, "released by hand").await.unwrap();
+    client.resolve(&resolved, "refunded manually").await.unwrap();
+    async fn until_terminal(
+        client: &saga_nats::SagaClient,
+        id: &saga_core::SagaId,
+    ) -> saga_nats::SagaView {
+        for _ in 0..200 {
+            let v = client.get(id).await.unwrap().unwrap();
+            if v.status().is_terminal() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("saga {id} did not finish");
+    }
+    let v = until_terminal(&client, &retried).await;
+    assert_eq!(v.status(), SagaStatus::Compensated);
+    assert_eq!(fx.count(&retried, "a", "c"), 1);
+    assert!(v.history().iter().any(|h| h.kind == HistoryKind::OperatorRetry
+        && h.detail.as_deref().unwrap_or("").contains("downstream fixed")));
+    let v = until_terminal(&client, &skipped).await;
+    assert_eq!(v.status(), SagaStatus::Compensated);
+    assert_eq!(v.state.steps[0].status, StepStatus::CompensationSkipped);
+    assert_eq!(until_terminal(&client, &resolved).await.status(), SagaStatus::Resolved);
+}
