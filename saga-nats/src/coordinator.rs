@@ -403,14 +403,13 @@ impl Worker {
                         self.cache.remove(id);
                         continue;
                     }
-                    debug!(reason = %rejection, rule = ?handled.rule, "input changed nothing");
-                    if delivered > 1 {
-                        if let Some(v) = &current {
-                            // This input may have been handled by a process that died before
-                            // carrying out the effects: carry out what must exist again.
-                            info!(delivered, "redelivered input: re-sending outstanding effects");
-                            self.redo(&v.record, &plan).await?;
-                        }
+                    debug!(reason = %rejection, rule = ?handled.rule, delivered, "input changed nothing");
+                    if let Some(v) = &current {
+                        // The input may have been handled before by a process (or a NATS
+                        // server) that died before the transition's effects were all stored;
+                        // a server restart can even reset the delivery count. Carrying out
+                        // what must exist again is idempotent, and rejections are rare.
+                        self.redo(&v.record, &plan).await?;
                     }
                     return Ok(());
                 }

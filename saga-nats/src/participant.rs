@@ -276,6 +276,7 @@ impl ParticipantBuilder {
             service: service.clone(),
             handlers: self.handlers,
             config: self.config,
+            in_flight: Arc::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(run(shared, consumer, rx));
@@ -358,6 +359,28 @@ struct Shared {
     service: ServiceName,
     handlers: HashMap<(Phase, CommandName), RawHandler>,
     config: ParticipantConfig,
+    in_flight: InFlightSet,
+}
+
+type InFlightSet = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// Marks an effect key as being handled in this process until dropped.
+struct InFlight {
+    set: InFlightSet,
+    key: String,
+}
+
+impl InFlight {
+    fn enter(set: &InFlightSet, key: &str) -> Option<InFlight> {
+        let inserted = set.lock().expect("lock").insert(key.to_owned());
+        inserted.then(|| InFlight { set: set.clone(), key: key.to_owned() })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set.lock().expect("lock").remove(&self.key);
+    }
 }
 
 async fn run(shared: Arc<Shared>, consumer: PullConsumer, mut shutdown: watch::Receiver<bool>) {
@@ -514,6 +537,10 @@ impl Shared {
             return Ok(Some(ReplyOutcome::Failure { reason, transient: false }));
         };
         let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, cmd.phase);
+        // One delivery of an effect at a time in this process, whatever the leases say.
+        let Some(_guard) = InFlight::enter(&self.in_flight, &key) else {
+            return Err(Retry(Duration::from_secs(1), "this process is already running it".into()));
+        };
         let rev = match self.claim(&key).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
@@ -551,13 +578,7 @@ impl Shared {
         };
         match &outcome {
             ReplyOutcome::Success { .. } | ReplyOutcome::Failure { transient: false, .. } => {
-                let record = EffectRecord::Done { outcome: outcome.clone() };
-                match self.effects.update(&key, self.encode(&record), rev).await {
-                    Ok(_) => {}
-                    Err(e) => {
-                        warn!(error = %e, "could not record the effect (another delivery took over)")
-                    }
-                }
+                self.record_done(&key, rev, &outcome).await;
             }
             ReplyOutcome::Failure { transient: true, .. } => self.release(&key, rev).await,
         }
@@ -732,6 +753,28 @@ impl Shared {
             }
         }
         Err(Retry(Duration::from_millis(200), format!("effect key {key} is contended")))
+    }
+
+    /// Records a finished effect. The effect has happened: keep trying (NATS may be
+    /// restarting) until the record is stored or another delivery has taken the key over.
+    async fn record_done(&self, key: &str, rev: u64, outcome: &ReplyOutcome) {
+        let record = self.encode(&EffectRecord::Done { outcome: outcome.clone() });
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..600 {
+            match self.effects.update(key, record.clone(), rev).await {
+                Ok(_) => return,
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    warn!(key, "could not record the effect: another delivery took the key over");
+                    return;
+                }
+                Err(e) => {
+                    warn!(key, error = %e, "recording the effect failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        error!(key, "gave up recording the effect; a redelivered command may run it again");
     }
 
     /// Gives up a claim so that the next attempt runs the handler.

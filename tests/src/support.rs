@@ -29,6 +29,9 @@ pub struct TestInput {
     /// Steps whose compensation fails on its first `k` attempts.
     #[serde(default)]
     pub comp_fail: Vec<(String, u32)>,
+    /// Every handler takes this long (milliseconds).
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 /// What an echo step returns.
@@ -96,6 +99,7 @@ pub async fn echo_participant(
             let fx = fx.clone();
             async move {
                 let input = &cmd.input;
+                tokio::time::sleep(Duration::from_millis(input.delay_ms)).await;
                 if cmd.attempt <= attempts_for(&input.hang, &name) {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                 }
