@@ -1012,7 +1012,6 @@ impl SagaState {
             Phase::Action => {
                 s.attempt += 1;
                 s.status = StepStatus::Running;
-                s.timed_out = false;
                 s.attempt
             }
             Phase::Compensation => {
@@ -1163,7 +1162,8 @@ impl SagaState {
     ) {
         let def = &plan.steps()[i];
         let s = &mut self.steps[i];
-        s.timed_out = timed_out;
+        // Once any attempt timed out, the action may have run: its outcome stays unknown.
+        s.timed_out |= timed_out;
         let retriable = def.kind == StepKind::Retriable;
         let may_retry =
             retriable || ((transient || timed_out) && s.attempt < def.retry.max_attempts);
@@ -1171,7 +1171,7 @@ impl SagaState {
             self.backoff(plan, now, i, Phase::Action, fx);
             return;
         }
-        s.status = if timed_out { StepStatus::Unknown } else { StepStatus::Failed };
+        s.status = if s.timed_out { StepStatus::Unknown } else { StepStatus::Failed };
         fx.push(Effect::Publish {
             kind: LifecycleKind::StepFailed,
             step: Some(s.name.clone()),
@@ -1251,12 +1251,17 @@ impl SagaState {
         fx: &mut Vec<Effect>,
     ) -> Result<(), Rejection> {
         if let Some(p) = plan.pivot() {
-            if self.steps[p].status == StepStatus::Succeeded {
-                return Err(Rejection::NotApplicable {
-                    event: "cancel",
-                    status: self.status,
-                    why: "the pivot step succeeded; the saga can no longer be cancelled",
-                });
+            let why = match self.steps[p].status {
+                StepStatus::Succeeded => {
+                    Some("the pivot step succeeded; the saga can no longer be cancelled")
+                }
+                StepStatus::Running | StepStatus::RetryWait => {
+                    Some("the pivot step is in flight; its outcome decides the saga")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(Rejection::NotApplicable { event: "cancel", status: self.status, why });
             }
         }
         self.record(now, HistoryKind::CancelRequested, None, Some(reason.to_owned()));
@@ -1325,8 +1330,7 @@ impl SagaState {
                 // Compensate a step once everything that ran after it is settled.
                 let ready: Vec<usize> = (0..self.steps.len())
                     .filter(|&i| {
-                        self.needs_compensation(plan, i)
-                            && plan.dependents(i).iter().all(|&d| self.settled(plan, d))
+                        self.needs_compensation(plan, i) && self.descendants_settled(plan, i)
                     })
                     .collect();
                 for i in ready {
@@ -1347,6 +1351,23 @@ impl SagaState {
             | SagaStatus::Cancelled
             | SagaStatus::Resolved => {}
         }
+    }
+
+    /// Whether every step that runs after step `i`, directly or through other steps, needs
+    /// nothing more: then `i` may be compensated.
+    fn descendants_settled(&self, plan: &Plan, i: usize) -> bool {
+        let mut seen = vec![false; self.steps.len()];
+        let mut stack: Vec<usize> = plan.dependents(i).to_vec();
+        while let Some(d) = stack.pop() {
+            if std::mem::replace(&mut seen[d], true) {
+                continue;
+            }
+            if !self.settled(plan, d) {
+                return false;
+            }
+            stack.extend_from_slice(plan.dependents(d));
+        }
+        true
     }
 
     /// Whether step `i` needs nothing more during compensation.

@@ -37,3 +37,8 @@ pub use participant::{
     Command, Participant, ParticipantBuilder, ParticipantConfig, ParticipantError, StepError,
 };
 pub use provision::{provision, ProvisionConfig, ProvisionError};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme {}
