@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod client;
 pub mod coordinator;
+pub mod follow;
 pub mod participant;
 pub mod provision;
 pub mod store;

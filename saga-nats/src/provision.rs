@@ -141,12 +141,26 @@ pub async fn provision(
         ),
         subjects: vec!["saga.dlq.>".into()],
         max_age: config.dlq_retention,
+        allow_direct: true,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
     })
     .await
     .map_err(|e| create(subjects::DLQ_STREAM, e.into()))?;
+
+    js.create_or_update_stream(stream::Config {
+        name: crate::follow::DOMAIN_STREAM.into(),
+        description: Some("Domain events published by services".into()),
+        subjects: vec!["domain.>".into()],
+        max_age: config.event_retention,
+        duplicate_window: Duration::from_secs(120),
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| create(crate::follow::DOMAIN_STREAM, e.into()))?;
 
     js.create_or_update_key_value(kv::Config {
         bucket: subjects::DEFINITIONS_BUCKET.into(),
