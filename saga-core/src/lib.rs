@@ -124,4 +124,4 @@ pub use machine::{
     Rejection, Rule, SagaState, SagaStatus, StepState, StepStatus, Timer, TimerKind,
 };
 pub use retry::RetryPolicy;
-pub use validate::{Plan, ValidationError, MAX_STEPS};
+pub use validate::{Plan, ValidationError, MAX_STEPS, MAX_TIMEOUT};

@@ -9,6 +9,9 @@ use crate::ids::{SagaName, StepName, TokenError};
 /// The most steps a saga may have.
 pub const MAX_STEPS: usize = 256;
 
+/// The longest per-attempt step timeout.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A rule a saga definition breaks. Every message names the saga, the step and the offending
 /// value, and says what to do.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -119,6 +122,16 @@ pub enum ValidationError {
         saga: SagaName,
         /// The step.
         step: StepName,
+    },
+    /// A step's timeout is longer than [`MAX_TIMEOUT`].
+    #[error("definition {saga:?} step {step}: timeout {value} exceeds the limit of 7 days")]
+    TimeoutTooLong {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// The timeout.
+        value: String,
     },
     /// A step's retry policy is out of range.
     #[error("definition {saga:?} step {step}: retry.{field} {value}: {rule}")]
@@ -361,6 +374,13 @@ fn check_names(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationE
 fn check_timing(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationError> {
     if step.timeout.is_zero() {
         return Err(ValidationError::ZeroTimeout { saga: saga.clone(), step: step.name.clone() });
+    }
+    if step.timeout > MAX_TIMEOUT {
+        return Err(ValidationError::TimeoutTooLong {
+            saga: saga.clone(),
+            step: step.name.clone(),
+            value: humantime_serde::re::humantime::format_duration(step.timeout).to_string(),
+        });
     }
     let r = &step.retry;
     let bad = |field, value: String, rule| ValidationError::InvalidRetry {

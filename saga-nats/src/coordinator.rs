@@ -23,7 +23,8 @@ use saga_core::envelope::{
     PROTOCOL_VERSION,
 };
 use saga_core::{
-    Codec, CodecError, Effect, Event, Plan, SagaDefinition, SagaId, SagaState, Timestamp,
+    Codec, CodecError, Effect, Event, LifecycleKind, Plan, SagaDefinition, SagaId, SagaState,
+    Timestamp,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -276,6 +277,10 @@ impl Worker {
                         warn!(error = %e, "ack failed; the input will be redelivered");
                     }
                 }
+                Err(e) if e.is_permanent() => {
+                    let reason = format!("cannot be handled: {e}");
+                    self.dead_letter(&msg, &reason).await;
+                }
                 Err(e) => {
                     error!(error = %e, "input not handled; it will be redelivered");
                     let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -499,7 +504,21 @@ impl Worker {
         state: &SagaState,
         ev: &LifecycleMessage,
     ) -> Result<jetstream::context::PublishAckFuture, HandleError> {
-        let payload = self.shared.codec.encode(ev)?;
+        let with_input = matches!(
+            ev.kind,
+            LifecycleKind::Started
+                | LifecycleKind::Completed
+                | LifecycleKind::Compensated
+                | LifecycleKind::Cancelled
+                | LifecycleKind::Resolved
+        );
+        let payload = if with_input {
+            let mut ev = ev.clone();
+            ev.input = Some(state.input.clone());
+            self.shared.codec.encode(&ev)?
+        } else {
+            self.shared.codec.encode(ev)?
+        };
         let msg_id = format!(
             "ev.{}.{}.{}.{}",
             state.id,
@@ -554,10 +573,9 @@ pub(crate) async fn dead_letter(
     Ok(())
 }
 
+/// A header value: control characters replaced, at most 1,000 characters.
 fn sanitize_header(s: &str) -> String {
-    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    out.truncate(1000);
-    out
+    s.chars().take(1000).map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 fn describe(e: CodecError) -> String {
@@ -570,7 +588,7 @@ fn lifecycle_messages(state: &SagaState, effects: &[Effect], first: bool) -> Vec
         .iter()
         .filter_map(|e| match e {
             Effect::Publish { kind, step, reason } => {
-                let with_input = first || state.status.is_terminal();
+                let _ = first;
                 Some(LifecycleMessage {
                     v: PROTOCOL_VERSION,
                     saga_id: state.id.clone(),
@@ -580,7 +598,8 @@ fn lifecycle_messages(state: &SagaState, effects: &[Effect], first: bool) -> Vec
                     step: step.clone(),
                     reason: reason.clone(),
                     at: state.updated_at,
-                    input: with_input.then(|| state.input.clone()),
+                    // Added when published (started and terminal events), not stored twice.
+                    input: None,
                 })
             }
             _ => None,
@@ -609,4 +628,19 @@ enum HandleError {
     Nats(async_nats::Error),
     #[error("too many concurrent writers to this saga")]
     Contention,
+}
+
+impl HandleError {
+    /// Errors that no redelivery can cure: the input goes to the dead-letter stream.
+    fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            HandleError::Registry(
+                RegistryError::UnknownVersion { .. }
+                    | RegistryError::UnknownSaga { .. }
+                    | RegistryError::Invalid(_)
+            ) | HandleError::Store(StoreError::Codec { .. })
+                | HandleError::Codec(_)
+        )
+    }
 }

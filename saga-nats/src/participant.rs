@@ -735,7 +735,7 @@ impl Shared {
                         Some(EffectRecord::Barrier) => return Ok(true),
                         Some(EffectRecord::InProgress { until }) if until > now().0 => {
                             return Err(Retry(
-                                Duration::from_millis((until - now().0).min(5_000)),
+                                Duration::from_millis(until.saturating_sub(now().0).min(5_000)),
                                 "the action is still running".into(),
                             ));
                         }

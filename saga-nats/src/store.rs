@@ -231,7 +231,9 @@ impl Registry {
     /// The version `digest` of the saga named `name`.
     pub async fn version(&self, name: &SagaName, digest: &str) -> Result<Arc<Plan>, RegistryError> {
         if let Some(plan) = self.plans.read().expect("lock").get(digest) {
-            return Ok(plan.clone());
+            if plan.name() == name {
+                return Ok(plan.clone());
+            }
         }
         let unknown =
             || RegistryError::UnknownVersion { name: name.to_string(), digest: digest.to_owned() };
@@ -242,6 +244,9 @@ impl Registry {
             .map_err(|e| RegistryError::Nats(e.into()))?
             .ok_or_else(unknown)?;
         let def: SagaDefinition = serde_json::from_slice(&json).map_err(|_| unknown())?;
+        if &def.name != name {
+            return Err(unknown());
+        }
         let plan = Arc::new(def.validate()?);
         self.plans.write().expect("lock").insert(digest.to_owned(), plan.clone());
         Ok(plan)
