@@ -1413,16 +1413,19 @@ impl SagaState {
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
-        let kind = match s.status {
-            StepStatus::Compensating if s.comp_attempt == attempt => TimerKind::Timeout,
-            StepStatus::CompensationRetryWait | StepStatus::CompensationStuck
-                if s.comp_attempt == attempt =>
-            {
-                TimerKind::Backoff
+        let armed = match s.status {
+            StepStatus::Compensating if s.comp_attempt == attempt => Some(TimerKind::Timeout),
+            StepStatus::CompensationRetryWait if s.comp_attempt == attempt => {
+                Some(TimerKind::Backoff)
             }
+            // A late success of the attempt that exhausted the retries.
+            StepStatus::CompensationStuck if s.comp_attempt == attempt => None,
             _ => return Err(self.stale(i, Phase::Compensation, attempt)),
         };
-        self.cancel_timer(i, Phase::Compensation, attempt, kind, fx);
+        match armed {
+            Some(kind) => self.cancel_timer(i, Phase::Compensation, attempt, kind, fx),
+            None => self.steps[i].timer_at = None,
+        }
         self.steps[i].status = StepStatus::Compensated;
         self.record(now, HistoryKind::Succeeded, Some((i, Phase::Compensation, attempt)), None);
         fx.push(Effect::Publish {
@@ -1430,6 +1433,10 @@ impl SagaState {
             step: Some(step.clone()),
             reason: None,
         });
+        // Nothing stuck any more: the saga no longer needs an operator.
+        if self.status == SagaStatus::NeedsIntervention && self.stuck().is_empty() {
+            self.status = SagaStatus::Compensating;
+        }
         self.advance(plan, now, fx);
         Ok(())
     }

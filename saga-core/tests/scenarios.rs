@@ -5,8 +5,9 @@
 //! `publish <kind> [<step>]`, `finish <status>`. Times are milliseconds; every step in these
 //! plans has a 1 s timeout and an exact (jitter-free) backoff of 100 ms, 200 ms, 400 ms...
 //!
-//! Tests named `bug_*` reproduce defects of the state machine found while writing these tests;
-//! they fail until the machine is fixed (see the comment on each).
+//! Tests named `regression_*` reproduce defects found while writing these tests (fixed since);
+//! tests named `bug_*` reproduce defects still open: they fail until the machine is fixed (see
+//! the comment on each).
 
 mod common;
 
@@ -269,7 +270,9 @@ fn parallel_sibling_that_times_out_while_compensating_is_compensated() {
         summary(&h.result.unwrap()),
         s(&["publish step_failed c", "dispatch id.c.c.1 undo-c @2010", "arm c.c.1.timeout @2010"])
     );
-    assert_eq!(sim.step("c"), StepStatus::Unknown);
+    // Unknown, and at once compensating.
+    assert_eq!(sim.step("c"), StepStatus::Compensating);
+    assert!(sim.state.steps[2].timed_out);
     let comp = dispatches(&sim.records.last().unwrap().handled.result.clone().unwrap())[0].clone();
     assert_eq!(comp.output, None, "c never reported an output");
     // A late success of the timed-out attempt is stale.
@@ -310,13 +313,14 @@ fn timeouts_are_retried_then_the_step_is_unknown_and_compensated() {
             "arm b.c.1.timeout @4310",
         ])
     );
-    assert_eq!(sim.step("b"), StepStatus::Unknown);
+    // Unknown, and at once compensating.
+    assert_eq!(sim.step("b"), StepStatus::Compensating);
     assert!(sim.state.steps[1].timed_out);
     assert_eq!(sim.step("c"), StepStatus::Pending);
     // Late replies of earlier attempts are stale.
     assert!(matches!(
         sim.err(succeeded("b", 1)),
-        Rejection::Stale { attempt: 1, current: 3, status: StepStatus::Unknown, .. }
+        Rejection::Stale { attempt: 1, current: 3, status: StepStatus::Compensating, .. }
     ));
     assert_eq!(
         summary(&sim.at(3400).ok(comp_ok("b", 1))),
@@ -857,7 +861,8 @@ fn state_round_trips_through_messagepack() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reproductions of defects found in the state machine. They fail until it is fixed.
+// Reproductions of defects found in the state machine: `regression_*` ones are fixed,
+// `bug_*` ones fail until the machine is fixed.
 
 /// `a` (compensatable) `-> b` (read-only) `-> c` (compensatable).
 fn read_only_in_the_middle() -> saga_core::Plan {
@@ -871,13 +876,13 @@ fn read_only_in_the_middle() -> saga_core::Plan {
     )
 }
 
-/// BUG-1: compensation order ignores steps that depend on a step *through* a read-only (or any
-/// compensation-less) step. With `a -> b(read_only) -> c`, a cancel while `c` is in flight
-/// dispatches `a`'s compensation at once, because `settled(b)` is true (b needs no
+/// Regression (BUG-1, fixed): compensation order ignored steps that depend on a step *through*
+/// a read-only (or any compensation-less) step. With `a -> b(read_only) -> c`, a cancel while `c` is in flight
+/// dispatched `a`'s compensation at once, because `settled(b)` is true (b needs no
 /// compensation) even though `c`, which depends on `b` and so on `a`, is still running. When
-/// `c` then succeeds it is compensated *after* `a`: not reverse order.
+/// `c` then succeeded it was compensated *after* `a`: not reverse order.
 #[test]
-fn bug_compensation_waits_for_dependents_behind_a_read_only_step() {
+fn regression_compensation_waits_for_dependents_behind_a_read_only_step() {
     let mut sim = Sim::new(&read_only_in_the_middle());
     sim.start();
     sim.at(10).ok(succeeded("a", 1));
@@ -894,11 +899,11 @@ fn bug_compensation_waits_for_dependents_behind_a_read_only_step() {
     assert_eq!(compensation_order(&sim), ["c", "a"], "BUG-1: reverse dependency order");
 }
 
-/// BUG-2: a cancel is accepted while the pivot is in flight. If the pivot then succeeds, the
-/// saga still compensates the steps before it and ends `cancelled`: the point of no return
-/// was passed, yet the saga neither completes nor runs its retriable steps.
+/// Regression (BUG-2, fixed): a cancel was accepted while the pivot was in flight. If the pivot
+/// then succeeded, the saga still compensated the steps before it and ended `cancelled`: the
+/// point of no return was passed, yet the saga neither completed nor ran its retriable steps.
 #[test]
-fn bug_a_pivot_that_succeeds_after_a_cancel_still_completes_the_saga() {
+fn regression_a_pivot_that_succeeds_after_a_cancel_still_completes_the_saga() {
     let mut sim = Sim::new(&pivot_plan());
     sim.start();
     sim.at(10).ok(succeeded("a", 1));
@@ -915,13 +920,13 @@ fn bug_a_pivot_that_succeeds_after_a_cancel_still_completes_the_saga() {
     assert_eq!(sim.step("r"), StepStatus::Succeeded);
 }
 
-/// BUG-3: a step whose earlier attempt timed out (outcome unknown) and whose last attempt then
-/// failed transiently ends `failed` and is not compensated: `dispatch` resets `timed_out` for
-/// each new attempt. The timed-out command may still be delivered; as no compensation (and
-/// so no barrier) was ever recorded, the participant then runs the action, and its effect is
-/// never undone.
+/// Regression (BUG-3, fixed): a step whose earlier attempt timed out (outcome unknown) and
+/// whose last attempt then failed transiently ended `failed` and was not compensated
+/// (`dispatch` reset `timed_out` for each new attempt). The timed-out command may still be
+/// delivered; as no compensation (and so no barrier) was ever recorded, the participant then
+/// ran the action, and its effect was never undone.
 #[test]
-fn bug_an_earlier_timed_out_attempt_keeps_the_outcome_unknown() {
+fn regression_an_earlier_timed_out_attempt_keeps_the_outcome_unknown() {
     let t = Duration::from_secs(1);
     let plan = plan(
         SagaDefinition::builder("leak")
@@ -947,6 +952,70 @@ fn bug_an_earlier_timed_out_attempt_keeps_the_outcome_unknown() {
         "BUG-3: a's action ran and was never compensated (a ended {:?}, saga {})",
         sim.step("a"),
         sim.state.status
+    );
+}
+
+#[test]
+fn cancel_is_refused_while_the_pivot_is_in_flight() {
+    let mut sim = Sim::new(&pivot_plan());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    let refused = |sim: &mut Sim| {
+        let h = sim.handle(cancel());
+        assert_eq!(h.rule, Rule::CancelRunning);
+        assert!(
+            matches!(h.result, Err(Rejection::NotApplicable { event: "cancel", .. })),
+            "{:?}",
+            h.result
+        );
+    };
+    refused(&mut sim); // running
+    sim.at(20).ok(failed("p", 1, true));
+    assert_eq!(sim.step("p"), StepStatus::RetryWait);
+    refused(&mut sim); // waiting to retry
+    sim.at(120).ok(backoff("p", 1));
+    sim.at(130).ok(failed("p", 2, false));
+    assert_eq!(sim.state.status, SagaStatus::Compensating, "the pivot failed: undo a");
+    assert_eq!(compensation_order(&sim), ["a"]);
+}
+
+/// BUG-4: a parked saga stays parked after its stuck compensation succeeds late. Here b's
+/// last compensation attempt times out, so the saga needs intervention; then that attempt's
+/// success arrives. The machine accepts it (b is compensated) but leaves the saga in
+/// `needs_intervention` with no stuck step, and does not dispatch a's compensation (now
+/// ready): the saga waits for an operator for nothing. It also disarms a backoff timer that
+/// was never armed (`disarm b.c.3.backoff`).
+#[test]
+fn bug_a_late_success_of_the_stuck_compensation_unparks_the_saga() {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    sim.at(20).ok(succeeded("b", 1));
+    sim.at(30).ok(failed("c", 1, false));
+    sim.at(40).ok(comp_failed("b", 1));
+    sim.at(140).ok(timer("b", Phase::Compensation, 1, TimerKind::Backoff));
+    sim.at(150).ok(comp_failed("b", 2));
+    sim.at(350).ok(timer("b", Phase::Compensation, 2, TimerKind::Backoff));
+    assert_eq!(
+        summary(&sim.at(1350).ok(timer("b", Phase::Compensation, 3, TimerKind::Timeout))),
+        s(&["publish needs_intervention b"])
+    );
+    assert_eq!(sim.state.status, SagaStatus::NeedsIntervention);
+    // The timed-out attempt did its work after all.
+    let h = sim.at(1400).handle(comp_ok("b", 3));
+    assert_eq!(h.rule, Rule::CompensationSucceeded);
+    assert_eq!(sim.step("b"), StepStatus::Compensated);
+    assert_eq!(
+        (sim.state.status, summary(&h.result.unwrap())),
+        (
+            SagaStatus::Compensating,
+            s(&[
+                "publish step_compensated b",
+                "dispatch id.a.c.1 undo-a @2400",
+                "arm a.c.1.timeout @2400",
+            ])
+        ),
+        "BUG-4: nothing is stuck any more: the saga should go on compensating"
     );
 }
 

@@ -542,6 +542,30 @@ impl Sim {
         panic!("saga did not end: {:?}", self.state);
     }
 
+    /// Why `outstanding()` does not match the driver's view (every re-emitted dispatch equal
+    /// to one sent, the re-emitted timers equal to the armed ones), if it does not.
+    pub(crate) fn outstanding_mismatch(&self) -> Option<String> {
+        if self.terminal() {
+            return None;
+        }
+        let mut timers = BTreeMap::new();
+        for e in self.state.outstanding(&self.plan) {
+            match e {
+                Effect::Dispatch(d) => {
+                    if !self.sent.contains(&d) {
+                        return Some(format!("outstanding() re-emits {d:?}, never sent as such"));
+                    }
+                }
+                Effect::ScheduleTimer { timer, at } => {
+                    timers.insert(timer.step.clone(), (timer, at));
+                }
+                other => return Some(format!("outstanding() emits {other:?}")),
+            }
+        }
+        (timers != self.timers)
+            .then(|| format!("outstanding() timers {timers:?} != armed {:?}", self.timers))
+    }
+
     /// After the end: delivers whatever is still in flight to the participant and its reply to
     /// the machine, and fires the remaining timers; all must be refused.
     pub(crate) fn flush(&mut self) {
@@ -647,22 +671,58 @@ pub(crate) fn run_random(plan: &Plan, behaviours: &[Behaviour], choices: &[u32])
     let mut sim = Sim::new(plan);
     sim.start();
     let mut ch = Choices { data: choices, pos: 0 };
-    let operator = choices.first().copied().unwrap_or(0) / 7;
+    // The first choice sets the run's temper: whether it cancels (right after its k-th step
+    // success), whether timers tend to fire before replies arrive, and which operator action
+    // ends a parked saga when the choices run out.
+    let first = ch.pick();
+    let n = plan.steps().len() as u32;
+    let cancel_after = (first % 3 == 0).then(|| ((first / 3) % n) as usize);
+    let temper = Temper { slow: (first >> 8) % 3 == 0 };
+    let operator = first >> 16;
+    let mut cancelled = false;
     while !sim.terminal() && sim.records.len() < MAX_RANDOM_EVENTS {
+        if let Some(k) = cancel_after {
+            let done = sim.state.steps.iter().filter(|s| s.status == StepStatus::Succeeded).count();
+            if !cancelled && done >= k {
+                cancelled = true;
+                sim.handle(cancel());
+                continue;
+            }
+        }
         let Some(c) = ch.next() else { break };
-        random_move(&mut sim, behaviours, c, &mut ch);
+        random_move(&mut sim, behaviours, temper, c, &mut ch);
+        if c % 4 == 0 {
+            if let Some(why) = sim.outstanding_mismatch() {
+                sim.anomalies.push(why);
+            }
+        }
     }
     sim.drain(operator);
     sim.flush();
     sim
 }
 
-fn random_move(sim: &mut Sim, behaviours: &[Behaviour], c: u32, ch: &mut Choices<'_>) {
+#[derive(Debug, Clone, Copy)]
+struct Temper {
+    slow: bool,
+}
+
+fn random_move(
+    sim: &mut Sim,
+    behaviours: &[Behaviour],
+    temper: Temper,
+    c: u32,
+    ch: &mut Choices<'_>,
+) {
     let n = sim.plan.steps().len() as u32;
     // Replies take a little time to arrive.
     sim.now = sim.now.after(Duration::from_millis(u64::from((c >> 8) % 40)));
-    match c % 20 {
-        0..=8 | 18 | 19 => deliver_random(sim, behaviours, ch),
+    let mut category = c % 20;
+    if temper.slow && category < 4 {
+        category = 11;
+    }
+    match category {
+        0..=8 | 12 | 13 | 18 | 19 => deliver_random(sim, behaviours, ch),
         9 => {
             if sim.delivered.is_empty() {
                 deliver_random(sim, behaviours, ch);
@@ -703,7 +763,7 @@ fn random_move(sim: &mut Sim, behaviours: &[Behaviour], c: u32, ch: &mut Choices
                 sim.anomalies.push(format!("stale reply accepted: {event:?}"));
             }
         }
-        11..=13 => match sim.earliest_timer() {
+        11 => match sim.earliest_timer() {
             Some(step) => {
                 sim.fire(&step);
             }
@@ -719,7 +779,7 @@ fn random_move(sim: &mut Sim, behaviours: &[Behaviour], c: u32, ch: &mut Choices
             }
         }
         15 => {
-            if ch.pick() % 6 == 0 {
+            if ch.pick() % 8 == 0 {
                 sim.handle(cancel());
             }
         }
@@ -831,7 +891,11 @@ pub(crate) fn gen_definition(src: &mut Src<'_>) -> Generated {
             _ => StepKind::Compensatable,
         };
         let comp = match kind {
-            StepKind::Compensatable => src.below(20),
+            StepKind::Compensatable => match src.below(20) {
+                0..=5 => 0,
+                6 => 1,
+                k => k,
+            },
             StepKind::Pivot => {
                 if src.below(3) == 0 {
                     5
@@ -870,8 +934,12 @@ pub(crate) fn gen_definition(src: &mut Src<'_>) -> Generated {
         });
         behaviours.push(Behaviour {
             success: 1 + src.below(10),
-            business: if kind == StepKind::Retriable { 0 } else { src.below(3) },
-            transient: src.below(4),
+            business: if kind == StepKind::Retriable || src.below(2) == 0 {
+                0
+            } else {
+                src.below(3)
+            },
+            transient: if src.below(3) == 0 { 3 + src.below(8) } else { src.below(3) },
             comp_fail: 15 * src.below(4),
         });
     }
