@@ -209,6 +209,17 @@ impl SagaClient {
                 format!("saga {saga:?}: input does not encode: {e}"),
             )
         })?;
+        // The input travels in the saga's record and in every command: keep room for them.
+        let limit = self.codec.max_size / 4;
+        if input.len() > limit {
+            return Err(SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "saga {saga:?}: input of {} bytes exceeds the limit of {limit} bytes (a quarter of the message size limit)",
+                    input.len()
+                ),
+            ));
+        }
         let msg = StartMessage {
             v: PROTOCOL_VERSION,
             saga_id: id.clone(),

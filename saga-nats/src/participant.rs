@@ -603,7 +603,17 @@ impl Shared {
                 _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
             }
         };
+        // A reply must fit with room to spare: the output also travels in later commands.
+        let limit = self.config.max_message_size / 4;
         match result {
+            Ok(Ok(output)) if output.len() > limit => {
+                let reason = format!(
+                    "handler output of {} bytes exceeds the limit of {limit} bytes (a quarter of the message size limit)",
+                    output.len()
+                );
+                error!(%reason);
+                ReplyOutcome::Failure { reason, transient: false }
+            }
             Ok(Ok(output)) => ReplyOutcome::Success { output: Payload::new(output) },
             Ok(Err(StepError::Business(reason))) => {
                 info!(%reason, "handler reported a business failure");
@@ -666,6 +676,25 @@ impl Shared {
                 "command {} is attempt {} but saga {} sent at most attempt {current}",
                 cmd.command_id, cmd.attempt, cmd.saga_id
             )));
+        }
+        let sent = state.history.iter().rev().find(|h| {
+            h.kind == saga_core::HistoryKind::Dispatched
+                && h.step.as_ref() == Some(&cmd.step)
+                && h.phase == Some(cmd.phase)
+                && h.attempt == cmd.attempt
+        });
+        if let Some(sent) = sent {
+            if sent.command.as_ref() != Some(&cmd.command) {
+                return Err(Verdict::Forged(format!(
+                    "command {} names command {:?}, but saga {} sent {:?} for step {} {}",
+                    cmd.command_id,
+                    cmd.command.as_str(),
+                    cmd.saga_id,
+                    sent.command.as_ref().map_or("", |c| c.as_str()),
+                    cmd.step,
+                    cmd.phase
+                )));
+            }
         }
         if cmd.attempt < current || !in_flight {
             return Err(Verdict::Stale(format!(

@@ -181,7 +181,16 @@ impl Expected {
 /// each one is there exactly once, on its component's subject, with a reason that says what
 /// was wrong.
 async fn expect_dead_lettered(js: &jetstream::Context, expected: &[Expected]) -> Vec<DeadLetter> {
-    let deadline = Instant::now() + WAIT;
+    expect_dead_lettered_within(js, expected, WAIT).await
+}
+
+/// [`expect_dead_lettered`], waiting at most `limit`.
+async fn expect_dead_lettered_within(
+    js: &jetstream::Context,
+    expected: &[Expected],
+    limit: Duration,
+) -> Vec<DeadLetter> {
+    let deadline = Instant::now() + limit;
     let all = loop {
         let all = dead_letters(js).await;
         let missing: Vec<_> =
@@ -191,7 +200,7 @@ async fn expect_dead_lettered(js: &jetstream::Context, expected: &[Expected]) ->
         }
         if Instant::now() > deadline {
             panic!(
-                "not dead-lettered within {WAIT:?}: {missing:?}; dead letters: {:#?}",
+                "not dead-lettered within {limit:?}: {missing:?}; dead letters: {:#?}",
                 all.iter().map(|d| (&d.subject, &d.original, &d.reason)).collect::<Vec<_>>()
             );
         }
@@ -621,13 +630,13 @@ async fn oversized_messages_are_dead_lettered() {
     assert_eq!(client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Completed);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
-    // The client refuses an input over the default limit (1 MiB, nats-server's max_payload)
-    // before anything is sent, naming the sizes.
+    // The client refuses an input over a quarter of the default limit (1 MiB, nats-server's
+    // max_payload) before anything is sent, naming the sizes.
     let huge = "x".repeat(2 * 1024 * 1024);
     let err = client.start("one", &huge).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
     let text = err.to_string();
-    assert!(text.contains("exceeds the limit of 1048576 bytes"), "{text}");
+    assert!(text.contains("exceeds the limit of 262144 bytes"), "{text}");
     assert!(text.contains("one"), "names the saga: {text}");
 }
 
@@ -800,11 +809,17 @@ async fn provision_without_jetstream_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exploration (bugs)
+// Unregistered definitions, large inputs and outputs, forged commands. Tests named `bug_*`
+// fail until saga-nats is fixed (the doc comment of each says how).
 // ---------------------------------------------------------------------------------------------
 
+/// How long something the coordinator or a participant should do at once may take here.
+const PROMPT: Duration = Duration::from_secs(20);
+
+/// A start naming a definition (or version) that is not registered is dead-lettered, naming
+/// it. (Found as a bug: it was naked and redelivered every second forever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn start_naming_an_unregistered_definition_is_dead_lettered() {
+async fn start_of_an_unregistered_definition_is_dead_lettered() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -830,26 +845,30 @@ async fn start_naming_an_unregistered_definition_is_dead_lettered() {
             "coordinator",
             "saga.in.unknown-version.start",
             codec.encode(&start("unknown-version", "one", "0000")).unwrap(),
-            &["not registered"],
+            &["0000", "not registered"],
         ),
         Expected::new(
             "start of an unknown saga",
             "coordinator",
             "saga.in.unknown-saga.start",
             codec.encode(&start("unknown-saga", "no-such-saga", "0000")).unwrap(),
-            &["no-such-saga"],
+            &["no-such-saga", "not registered"],
         ),
     ];
     for e in &expected {
         publish(&js, &e.subject, e.payload.clone()).await;
     }
+    // The coordinator itself keeps going.
     let id = client.start("one", &TestInput::default()).await.unwrap();
     assert_eq!(client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Completed);
-    expect_dead_lettered(&js, &expected).await;
+    expect_dead_lettered_within(&js, &expected, PROMPT).await;
 }
 
+/// An input of 200 KiB (just under a quarter of the limit) runs, and one of 600 KiB is refused
+/// by the client. (Found as a bug: the state record held the input twice, over the limit, and
+/// the start was redelivered forever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn input_over_half_the_limit_is_refused_or_runs() {
+async fn input_under_a_quarter_of_the_limit_runs() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -859,25 +878,83 @@ async fn input_over_half_the_limit_is_refused_or_runs() {
     let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
     let client = client(nats.clone()).await;
 
-    // 600 KiB: the start message fits the 1 MiB limit.
-    let input = TestInput { n: 1, fail: vec!["x".repeat(600 * 1024)], ..Default::default() };
+    let too_big = TestInput { n: 1, fail: vec!["x".repeat(600 * 1024)], ..Default::default() };
+    let err = client.start("one", &too_big).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let input = TestInput { n: 1, fail: vec!["x".repeat(200 * 1024)], ..Default::default() };
+    let id = client.start("one", &input).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(fx.count(&id, "a", "a"), 1);
+}
+
+/// The size of the start message of a saga of definition `one` (version `digest`) whose
+/// input encodes to `input_len` bytes.
+fn start_size(digest: &str, input_len: usize) -> usize {
+    let start = StartMessage {
+        v: PROTOCOL_VERSION,
+        saga_id: SagaId::from("0123456789abcdef0123456789abcdef"),
+        saga: "one".into(),
+        digest: digest.to_owned(),
+        input: Payload::new(vec![0; input_len]),
+        idempotency_key: None,
+    };
+    Codec::with_max_size(usize::MAX).encode(&start).unwrap().len()
+}
+
+/// A saga input whose start message (see [`start_size`]) is exactly `size` bytes.
+fn input_of_start_size(digest: &str, size: usize) -> TestInput {
+    let with = |len: usize| TestInput { n: 1, fail: vec!["x".repeat(len)], ..Default::default() };
+    let encoded = |input: &TestInput| {
+        Codec::with_max_size(usize::MAX).encode_value("input", input).unwrap().len()
+    };
+    let probe = 100_000;
+    let overhead = start_size(digest, encoded(&with(probe))) - probe;
+    let input = with(size - overhead);
+    assert_eq!(start_size(digest, encoded(&input)), size, "sizing the input");
+    input
+}
+
+/// BUG: an input whose start message fits the limit and nats-server's `max_payload` (with its
+/// headers), but leaves no room for the rest of the saga's state record, is accepted by the
+/// client (`start` returns the id), then the coordinator cannot save the state ("saga state:
+/// 1048808 bytes exceeds the limit of 1048576 bytes") and dead-letters the start: the saga
+/// never exists and the caller is not told. Expected: the client refuses it
+/// (`InvalidInput`), or the saga runs to an end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug_input_near_the_limit_is_refused_or_runs() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("one", &["a"], Duration::from_secs(10));
+    let coord = coordinator(nats.clone(), vec![def]).await;
+    let digest = coord.registry().latest("one").await.unwrap().digest().to_owned();
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let input = input_of_start_size(&digest, DEFAULT_MAX_MESSAGE_SIZE - 300);
     match client.start("one", &input).await {
         Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}"),
-        Ok(id) => {
-            let view = client.wait(&id, Duration::from_secs(30)).await;
-            let view = view.unwrap_or_else(|e| {
-                panic!(
-                    "a start the client accepted never ran: {e}; state: {:?}",
-                    server.log_tail(0)
-                )
-            });
-            assert_eq!(view.status(), SagaStatus::Completed);
-        }
+        Ok(id) => match client.wait(&id, WAIT).await {
+            Ok(view) => assert!(view.status().is_terminal(), "{:?}", view.status()),
+            Err(e) => panic!(
+                "the client accepted the start but the saga never ran: {e}; {}",
+                match client.get(&id).await.unwrap() {
+                    Some(v) => format!("it is {:?}, steps {:?}", v.status(), v.state.steps),
+                    None => "it was never recorded".into(),
+                }
+            ),
+        },
     }
 }
 
+/// BUG: an input whose start message fits the codec limit (1 MiB) but not nats-server's
+/// `max_payload` once its headers (`Nats-Msg-Id`, `Saga-Id`, `traceparent`) are added is
+/// reported as `ErrorKind::Nats` ("max payload size exceeded"), which reads as a transient
+/// failure worth retrying, instead of `ErrorKind::InvalidInput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn input_just_under_the_codec_limit_is_invalid_input() {
+async fn bug_start_just_under_the_codec_limit_is_invalid_input() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -886,33 +963,18 @@ async fn input_just_under_the_codec_limit_is_invalid_input() {
     let digest = coord.registry().latest("one").await.unwrap().digest().to_owned();
     let client = client(nats.clone()).await;
 
-    // A string input of `len` bytes encodes as `len + 5` bytes (str32); size the start message
-    // to 20 bytes under the codec limit: it fits the codec, not max_payload with its headers.
-    let size_with = |len: usize| {
-        Codec::default()
-            .encode_value(
-                "start",
-                &StartMessage {
-                    v: PROTOCOL_VERSION,
-                    saga_id: SagaId::from("0123456789abcdef0123456789abcdef"),
-                    saga: "one".into(),
-                    digest: digest.clone(),
-                    input: Payload::new(vec![0; len + 5]),
-                    idempotency_key: None,
-                },
-            )
-            .unwrap()
-            .len()
-    };
-    let overhead = size_with(100_000) - 100_000;
-    let len = DEFAULT_MAX_MESSAGE_SIZE - 20 - overhead;
-    assert_eq!(size_with(len), DEFAULT_MAX_MESSAGE_SIZE - 20);
-    let err = client.start("one", &"x".repeat(len)).await.unwrap_err();
+    let input = input_of_start_size(&digest, DEFAULT_MAX_MESSAGE_SIZE - 20);
+    let err = client.start("one", &input).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
 
+/// BUG: a handler whose output is over the limit (here 2 MiB) succeeds, but neither its
+/// effect record nor its reply can be sent: the participant keeps retrying to record it and
+/// naks the command, and the step only ends when every attempt has timed out, with nothing in
+/// the saga's history saying why. Expected: the step fails at once (not transient) with a
+/// reason naming the size, and the handler runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handler_output_over_the_limit_fails_the_step_once() {
+async fn bug_handler_output_over_the_limit_fails_the_step() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -932,20 +994,28 @@ async fn handler_output_over_the_limit_fails_the_step_once() {
         .compensation("undo-a", |_cmd: Command<TestInput>| async { Ok(()) })
         .start()
         .await
-        .unwrap();
+        .expect("participant starts");
     let client = client(nats.clone()).await;
 
     let id = client.start("one", &TestInput::default()).await.unwrap();
     let view = client.wait(&id, WAIT).await.unwrap();
     let history: Vec<_> = view.history().iter().map(|h| (h.kind, h.detail.clone())).collect();
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once; history {history:?}");
     assert!(view.status().is_terminal(), "{:?}", view.status());
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once; history {history:?}");
+    assert!(
+        !view.history().iter().any(|h| h.kind == saga_core::HistoryKind::TimedOut),
+        "the step failed at once, not by timing out: {history:?}"
+    );
     assert!(
         view.history().iter().any(|h| h.detail.as_deref().unwrap_or("").contains("exceeds")),
         "the history says the output was too large: {history:?}"
     );
 }
 
+/// A forged command in flight's shape (step a, attempt 1, in flight) that names another
+/// command (b) is dead-lettered, and b's handler does not run for step a. (Found as a bug:
+/// `verify` did not compare the command with the one the saga sent, so b ran under step a's
+/// effect key and its reply completed step a.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_command_naming_another_command_is_dead_lettered() {
     init_logging();
@@ -956,35 +1026,48 @@ async fn forged_command_naming_another_command_is_dead_lettered() {
     let _coord = coordinator(nats.clone(), vec![def]).await;
     let client = client(nats.clone()).await;
 
-    // No participant yet: step a's command waits in the stream. Lose it, and forge one in
-    // flight-shaped (step a, attempt 1) that names command b.
+    // No participant yet: step a's command waits in the stream. Take it away, so that the
+    // only command in flight is a forged one: step a, attempt 1, but command b.
     let id = client.start("two", &TestInput { n: 1, ..Default::default() }).await.unwrap();
     let deadline = Instant::now() + WAIT;
-    loop {
-        let v = client.get(&id).await.unwrap();
-        if v.is_some_and(|v| v.state.steps[0].attempt == 1) {
-            break;
+    let view = loop {
+        match client.get(&id).await.unwrap() {
+            Some(v) if v.state.steps[0].attempt == 1 => break v,
+            _ => {}
         }
-        assert!(Instant::now() < deadline, "step a never dispatched");
+        assert!(Instant::now() < deadline, "step a was never dispatched");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     let stream = js.get_stream(subjects::COMMAND_STREAM).await.unwrap();
     stream.purge().filter("saga.cmd.svc.>").await.unwrap();
-    let view = client.get(&id).await.unwrap().unwrap();
     let forged = CommandMessage {
         command: "b".into(),
         ..command(&id, "a", Phase::Action, 1, view.state.input.clone())
     };
     let expected = vec![Expected::new(
-        "command b on step a",
+        "command b for step a",
         "svc",
         "saga.cmd.svc.b",
         Codec::default().encode(&forged).unwrap(),
-        &["b"],
+        &["\"b\"", "step a"],
     )];
-    publish(&js, &expected[0].subject, expected[0].payload.clone()).await;
+    let seq = publish(&js, &expected[0].subject, expected[0].payload.clone()).await;
     let fx = Effects::default();
     let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
-    expect_dead_lettered(&js, &expected).await;
-    assert_eq!(fx.count(&id, "b", "a"), 0, "command b never ran for step a");
+    wait_consumed(
+        &js,
+        subjects::COMMAND_STREAM,
+        &subjects::participant_consumer(&"svc".into()),
+        seq,
+    )
+    .await;
+    let step_a = client.get(&id).await.unwrap().unwrap().state.steps[0].clone();
+    assert_eq!(
+        fx.count(&id, "b", "a"),
+        0,
+        "command b ran for step a, which is now {:?} with output {:?}",
+        step_a.status,
+        step_a.output
+    );
+    expect_dead_lettered_within(&js, &expected, PROMPT).await;
 }
