@@ -480,9 +480,9 @@ impl Shared {
         );
         let cmd = Arc::new(cmd);
         async {
-            match self.process(&msg, cmd.clone(), traceparent).await {
+            match self.process(&msg, cmd.clone(), traceparent.clone()).await {
                 Ok(Some(outcome)) => {
-                    if let Err(e) = self.reply(&cmd, outcome).await {
+                    if let Err(e) = self.reply(&cmd, outcome, traceparent.as_deref()).await {
                         warn!(error = %e, "reply failed; the command will be redelivered");
                         let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
                         return;
@@ -822,13 +822,17 @@ impl Shared {
         &self,
         cmd: &CommandMessage,
         outcome: ReplyOutcome,
+        traceparent: Option<&str>,
     ) -> Result<(), async_nats::Error> {
         let reply = ReplyMessage::to(cmd, outcome);
         let payload = self.codec.encode(&reply)?;
-        let msg = PublishMessage::build()
+        let mut msg = PublishMessage::build()
             .message_id(format!("r.{}", cmd.command_id).as_str())
             .header(headers::SAGA_ID, cmd.saga_id.as_str())
             .payload(Bytes::from(payload));
+        if let Some(tp) = traceparent {
+            msg = msg.header(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
+        }
         self.js.send_publish(subjects::input(&cmd.saga_id, InputKind::Reply), msg).await?.await?;
         Ok(())
     }

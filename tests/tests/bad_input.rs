@@ -809,8 +809,8 @@ async fn provision_without_jetstream_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Unregistered definitions, large inputs and outputs, forged commands. Tests named `bug_*`
-// fail until saga-nats is fixed (the doc comment of each says how).
+// Unregistered definitions, large inputs and outputs, forged commands: each was a bug in
+// saga-nats when these tests were written (the doc comment of each says what it was).
 // ---------------------------------------------------------------------------------------------
 
 /// How long something the coordinator or a participant should do at once may take here.
@@ -915,14 +915,12 @@ fn input_of_start_size(digest: &str, size: usize) -> TestInput {
     input
 }
 
-/// BUG: an input whose start message fits the limit and nats-server's `max_payload` (with its
-/// headers), but leaves no room for the rest of the saga's state record, is accepted by the
-/// client (`start` returns the id), then the coordinator cannot save the state ("saga state:
-/// 1048808 bytes exceeds the limit of 1048576 bytes") and dead-letters the start: the saga
-/// never exists and the caller is not told. Expected: the client refuses it
-/// (`InvalidInput`), or the saga runs to an end.
+/// An input whose start message fits the limit and nats-server's `max_payload`, but would leave
+/// no room for the rest of the saga's state record, is refused by the client (or runs to an
+/// end). (Found as a bug: `start` returned the id, then the coordinator could not save the
+/// state and dead-lettered the start; the saga never existed and the caller was not told.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_input_near_the_limit_is_refused_or_runs() {
+async fn input_near_the_limit_is_refused_or_runs() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -949,12 +947,11 @@ async fn bug_input_near_the_limit_is_refused_or_runs() {
     }
 }
 
-/// BUG: an input whose start message fits the codec limit (1 MiB) but not nats-server's
-/// `max_payload` once its headers (`Nats-Msg-Id`, `Saga-Id`, `traceparent`) are added is
-/// reported as `ErrorKind::Nats` ("max payload size exceeded"), which reads as a transient
-/// failure worth retrying, instead of `ErrorKind::InvalidInput`.
+/// An input whose start message fits the codec limit (1 MiB) but not nats-server's
+/// `max_payload` once its headers are added is `InvalidInput`. (Found as a bug: it was
+/// `ErrorKind::Nats`, "max payload size exceeded", which reads as worth retrying.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_start_just_under_the_codec_limit_is_invalid_input() {
+async fn start_just_under_the_codec_limit_is_invalid_input() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
@@ -968,13 +965,12 @@ async fn bug_start_just_under_the_codec_limit_is_invalid_input() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
 
-/// BUG: a handler whose output is over the limit (here 2 MiB) succeeds, but neither its
-/// effect record nor its reply can be sent: the participant keeps retrying to record it and
-/// naks the command, and the step only ends when every attempt has timed out, with nothing in
-/// the saga's history saying why. Expected: the step fails at once (not transient) with a
-/// reason naming the size, and the handler runs once.
+/// A handler whose output is over the limit (here 2 MiB) fails the step at once, with a reason
+/// naming the size, and runs once. (Found as a bug: neither its effect record nor its reply
+/// could be sent; the participant kept retrying and naking, and the step only ended when every
+/// attempt had timed out, with nothing in the history saying why.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_handler_output_over_the_limit_fails_the_step() {
+async fn handler_output_over_the_limit_fails_the_step() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
