@@ -537,10 +537,10 @@ impl Shared {
             return Ok(Some(ReplyOutcome::Failure { reason, transient: false }));
         };
         let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, cmd.phase);
-        // One delivery of an effect at a time in this process, whatever the leases say.
-        let Some(_guard) = InFlight::enter(&self.in_flight, &key) else {
-            return Err(Retry(Duration::from_secs(1), "this process is already running it".into()));
-        };
+        // An effect that ran here and is still being recorded must not run again.
+        if self.in_flight.lock().expect("lock").contains(&key) {
+            return Err(Retry(Duration::from_secs(1), "its effect is still being recorded".into()));
+        }
         let rev = match self.claim(&key).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
@@ -578,6 +578,7 @@ impl Shared {
         };
         match &outcome {
             ReplyOutcome::Success { .. } | ReplyOutcome::Failure { transient: false, .. } => {
+                let _recording = InFlight::enter(&self.in_flight, &key);
                 self.record_done(&key, rev, &outcome).await;
             }
             ReplyOutcome::Failure { transient: true, .. } => self.release(&key, rev).await,
