@@ -136,7 +136,7 @@ pub struct SagaClient {
 }
 
 impl SagaClient {
-    /// Connects to the saga streams (a coordinator, or [`crate::provision`], must have created
+    /// Connects to the saga streams (a coordinator, or [`crate::provision()`], must have created
     /// them).
     ///
     /// # Examples

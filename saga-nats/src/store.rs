@@ -77,7 +77,7 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens the store (the stream must exist: see [`crate::provision`]).
+    /// Opens the store (the stream must exist: see [`crate::provision()`]).
     pub async fn open(
         js: jetstream::Context,
         codec: Codec,
@@ -189,7 +189,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the registry (the bucket must exist: see [`crate::provision`]).
+    /// Opens the registry (the bucket must exist: see [`crate::provision()`]).
     pub async fn open(js: &jetstream::Context) -> Result<Registry, RegistryError> {
         let kv = js
             .get_key_value(subjects::DEFINITIONS_BUCKET)
