@@ -162,7 +162,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let coordinator = Coordinator::start(client, config).await?;
-    wait_for_signal().await;
+    shutdown_signal().await;
     info!("signal received: finishing in-flight work");
     coordinator.shutdown().await;
     Ok(())
@@ -213,7 +213,9 @@ async fn connect(args: &Args, url: &str) -> Result<async_nats::Client, Box<dyn s
     opts.connect(url).await.map_err(|e| format!("cannot connect to NATS at {url}: {e}").into())
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or Ctrl-C (SIGINT): what a service waits for before it drains and
+/// exits.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -190,9 +190,22 @@ impl SagaClient {
         key: &str,
         input: &T,
     ) -> Result<SagaId, SagaClientError> {
+        self.start_as(saga, SagaClient::id_for_key(saga, key), Some(key.to_owned()), input).await
+    }
+
+    /// The id [`SagaClient::start_with_key`] gives the saga of definition `saga` started with
+    /// `key`: a service can find its saga again from its own key (an order id, say).
+    ///
+    /// ```
+    /// use saga_nats::SagaClient;
+    ///
+    /// let id = SagaClient::id_for_key("place-order", "order-42");
+    /// assert_eq!(id, SagaClient::id_for_key("place-order", "order-42"));
+    /// assert_ne!(id, SagaClient::id_for_key("place-order", "order-43"));
+    /// ```
+    pub fn id_for_key(saga: &str, key: &str) -> SagaId {
         let hash = Sha256::digest(format!("{saga}\u{0}{key}").as_bytes());
-        let id: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
-        self.start_as(saga, SagaId::new_unchecked(id), Some(key.to_owned()), input).await
+        SagaId::new_unchecked(hash[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 
     async fn start_as<T: Serialize + ?Sized>(

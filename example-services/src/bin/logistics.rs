@@ -1,0 +1,35 @@
+//! `logistics`: the Logistics service (step `schedule-shipment`: `schedule`, compensation
+//! `cancel`).
+
+use clap::Parser;
+use example_services::logistics::{self, LogisticsConfig};
+use example_services::NatsArgs;
+use tracing::info;
+
+/// The Logistics service of the saga demo: schedules shipments and cancels them when a saga
+/// compensates. Its latency, failure rate and timeout rate are settable, so retries,
+/// timeouts and compensations show.
+#[derive(Debug, Parser)]
+#[command(name = "logistics", version, about, long_about)]
+struct Args {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    behaviour: LogisticsConfig,
+    /// Commands handled at once.
+    #[arg(long, env = "LOGISTICS_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    saga_nats::telemetry::init_logging("info");
+    let args = Args::parse();
+    let nats = args.nats.connect("logistics").await?;
+    let participant = logistics::run(nats, args.behaviour, args.concurrency).await?;
+    info!("logistics ready");
+    saga_nats::cli::shutdown_signal().await;
+    participant.shutdown().await;
+    info!("logistics stopped");
+    Ok(())
+}

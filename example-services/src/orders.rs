@@ -1,0 +1,277 @@
+//! Orders: places orders, each one starting the `place-order` saga with the order id as its
+//! idempotency key (placing the same order twice starts one saga), and shows an order's saga:
+//! its status and its history as a timeline. Served over HTTP by [`router`]:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /orders` with `{"customer": "ada", "sku": "apple", "quantity": 2}` (and optionally `"id"`) | `202` `{"order_id": …, "saga_id": …, "status_url": "/orders/…"}` |
+//! | `GET /orders/{id}` | `200` the order, its saga's status, and the timeline; `404` if there is no such order |
+//!
+//! Errors are `{"error": "…"}` naming what was wrong, with status 400, 404, 413 or 503.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use saga_core::{HistoryKind, SagaState, SagaStatus};
+use saga_nats::{ErrorKind, SagaClient, SagaClientError};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::model::Order;
+use crate::PLACE_ORDER;
+
+/// The Orders service.
+#[derive(Debug, Clone)]
+pub struct Orders {
+    client: SagaClient,
+}
+
+/// Why an order could not be placed or shown.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// The request is wrong; the text says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such order.
+    #[error("no order {0:?}")]
+    NotFound(String),
+    /// The saga system failed.
+    #[error(transparent)]
+    Saga(#[from] SagaClientError),
+}
+
+/// An order and its saga, as `GET /orders/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderView {
+    /// The order's id.
+    pub order_id: String,
+    /// Its saga's id.
+    pub saga_id: String,
+    /// The saga's status: `running`, `compensating`, `completed`, `compensated`, …
+    pub status: SagaStatus,
+    /// The order, as placed.
+    pub order: Option<Order>,
+    /// Why it did not complete, if it did not.
+    pub reason: Option<String>,
+    /// Milliseconds from the saga's start to its end (or to now, while it runs).
+    pub elapsed_ms: u64,
+    /// What happened, in order.
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One line of a saga's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Milliseconds since the saga started.
+    pub offset_ms: u64,
+    /// What happened, in words.
+    pub what: String,
+}
+
+impl Orders {
+    /// Connects the service to the saga system.
+    pub async fn new(nats: async_nats::Client) -> Result<Orders, OrderError> {
+        Ok(Orders { client: SagaClient::new(nats).await? })
+    }
+
+    /// The saga client underneath.
+    pub fn client(&self) -> &SagaClient {
+        &self.client
+    }
+
+    /// Places `order`: starts its `place-order` saga (once, however often it is placed).
+    pub async fn place(&self, order: &Order) -> Result<saga_core::SagaId, OrderError> {
+        order.validate().map_err(OrderError::Invalid)?;
+        let id = self.client.start_with_key(PLACE_ORDER, &order.id, order).await?;
+        info!(order = %order.id, saga = %id, "order placed");
+        Ok(id)
+    }
+
+    /// The order `order_id` and its saga.
+    pub async fn view(&self, order_id: &str) -> Result<OrderView, OrderError> {
+        let saga_id = SagaClient::id_for_key(PLACE_ORDER, order_id);
+        let saga = self
+            .client
+            .get(&saga_id)
+            .await?
+            .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
+        Ok(OrderView::of(order_id, &saga.state))
+    }
+}
+
+impl OrderView {
+    /// The view of order `order_id` whose saga is `state`.
+    pub fn of(order_id: &str, state: &SagaState) -> OrderView {
+        let reason = match &state.cause {
+            Some(saga_core::Cause::StepFailed { step, reason }) => {
+                Some(format!("step {step} failed: {reason}"))
+            }
+            Some(saga_core::Cause::Cancelled { reason }) => Some(format!("cancelled: {reason}")),
+            None => None,
+        };
+        OrderView {
+            order_id: order_id.to_owned(),
+            saga_id: state.id.to_string(),
+            status: state.status,
+            order: saga_core::Codec::default()
+                .decode_value("saga input", state.input.as_bytes())
+                .ok(),
+            reason,
+            elapsed_ms: state.updated_at.0.saturating_sub(state.started_at.0),
+            timeline: timeline(state),
+        }
+    }
+}
+
+/// A saga's history as readable lines.
+pub fn timeline(state: &SagaState) -> Vec<TimelineEntry> {
+    state
+        .history
+        .iter()
+        .map(|h| {
+            let kind = serde_json::to_value(h.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+                .replace('_', " ");
+            let mut what = kind;
+            if let Some(step) = &h.step {
+                what.push_str(&format!(" {step}"));
+                if let Some(phase) = h.phase {
+                    what.push_str(&format!(" ({phase}"));
+                    if h.attempt > 0 {
+                        what.push_str(&format!(", attempt {}", h.attempt));
+                    }
+                    what.push(')');
+                }
+            }
+            let at = |ms: u64| ms.saturating_sub(state.started_at.0);
+            match (&h.command, h.detail.as_deref()) {
+                // "to seller, id <command id>" → "→ seller.reserve"
+                (Some(command), Some(detail)) if h.kind == HistoryKind::Dispatched => {
+                    let service =
+                        detail.strip_prefix("to ").and_then(|d| d.split(',').next()).unwrap_or("?");
+                    what.push_str(&format!(" → {service}.{command}"));
+                }
+                (_, Some(detail)) if h.kind == HistoryKind::RetryScheduled => {
+                    match detail.strip_prefix("at ").and_then(|t| t.parse::<u64>().ok()) {
+                        Some(t) => what.push_str(&format!(" at +{} ms", at(t))),
+                        None => what.push_str(&format!(": {detail}")),
+                    }
+                }
+                (command, detail) => {
+                    if let Some(command) = command {
+                        what.push_str(&format!(" → {command}"));
+                    }
+                    if let Some(detail) = detail {
+                        what.push_str(&format!(": {detail}"));
+                    }
+                }
+            }
+            TimelineEntry { offset_ms: at(h.at.0), what }
+        })
+        .collect()
+}
+
+/// What `POST /orders` takes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    /// The order's id; one is made up when absent.
+    pub id: Option<String>,
+    /// Who orders.
+    pub customer: String,
+    /// What.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+}
+
+#[derive(Serialize)]
+struct Placed {
+    order_id: String,
+    saga_id: String,
+    status_url: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: message.into() })).into_response()
+}
+
+impl IntoResponse for OrderError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            OrderError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OrderError::NotFound(_) => StatusCode::NOT_FOUND,
+            OrderError::Saga(e) => match e.kind() {
+                ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        };
+        error(status, self.to_string())
+    }
+}
+
+/// The largest request body accepted.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The HTTP API of [`Orders`].
+pub fn router(orders: Arc<Orders>) -> Router {
+    Router::new()
+        .route("/orders", post(post_order))
+        .route("/orders/{id}", get(get_order))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(orders)
+}
+
+async fn post_order(
+    State(orders): State<Arc<Orders>>,
+    body: Result<Json<NewOrder>, JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let status = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return error(status, rejection.body_text());
+        }
+    };
+    let order = Order {
+        id: new.id.unwrap_or_else(|| format!("o-{}", uuid::Uuid::now_v7().simple())),
+        customer: new.customer,
+        sku: new.sku,
+        quantity: new.quantity,
+    };
+    match orders.place(&order).await {
+        Ok(saga) => (
+            StatusCode::ACCEPTED,
+            Json(Placed {
+                status_url: format!("/orders/{}", order.id),
+                order_id: order.id,
+                saga_id: saga.to_string(),
+            }),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn get_order(State(orders): State<Arc<Orders>>, Path(id): Path<String>) -> Response {
+    match orders.view(&id).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
