@@ -23,13 +23,25 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::model::Order;
+use crate::seller::open_bucket;
 use crate::PLACE_ORDER;
+use async_nats::jetstream::{self, kv};
 
 /// The Orders service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Orders {
     client: SagaClient,
+    placed: kv::Store,
 }
+
+impl std::fmt::Debug for Orders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orders").field("bucket", &ORDER_BUCKET).finish_non_exhaustive()
+    }
+}
+
+/// The key-value bucket of placed orders, by order id.
+pub const ORDER_BUCKET: &str = "demo_orders";
 
 /// Why an order could not be placed or shown.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +55,9 @@ pub enum OrderError {
     /// The saga system failed.
     #[error(transparent)]
     Saga(#[from] SagaClientError),
+    /// NATS failed; the text says what could not be done.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// An order and its saga, as `GET /orders/{id}` shows it.
@@ -52,7 +67,8 @@ pub struct OrderView {
     pub order_id: String,
     /// Its saga's id.
     pub saga_id: String,
-    /// The saga's status: `running`, `compensating`, `completed`, `compensated`, …
+    /// The saga's status: `new` (accepted, not started yet), `running`, `compensating`,
+    /// `completed`, `compensated`, …
     pub status: SagaStatus,
     /// The order, as placed.
     pub order: Option<Order>,
@@ -75,8 +91,9 @@ pub struct TimelineEntry {
 
 impl Orders {
     /// Connects the service to the saga system.
-    pub async fn new(nats: async_nats::Client) -> Result<Orders, OrderError> {
-        Ok(Orders { client: SagaClient::new(nats).await? })
+    pub async fn new(nats: async_nats::Client) -> anyhow::Result<Orders> {
+        let placed = open_bucket(&jetstream::new(nats.clone()), ORDER_BUCKET).await?;
+        Ok(Orders { client: SagaClient::new(nats).await?, placed })
     }
 
     /// The saga client underneath.
@@ -87,6 +104,11 @@ impl Orders {
     /// Places `order`: starts its `place-order` saga (once, however often it is placed).
     pub async fn place(&self, order: &Order) -> Result<saga_core::SagaId, OrderError> {
         order.validate().map_err(OrderError::Invalid)?;
+        // Recorded first, so the order can be shown from the moment it is accepted.
+        let record = serde_json::to_vec(order).map_err(|e| OrderError::Invalid(e.to_string()))?;
+        self.placed.put(&order.id, record.into()).await.map_err(|e| {
+            OrderError::Unavailable(format!("cannot record order {}: {e}", order.id))
+        })?;
         let id = self.client.start_with_key(PLACE_ORDER, &order.id, order).await?;
         info!(order = %order.id, saga = %id, "order placed");
         Ok(id)
@@ -95,12 +117,31 @@ impl Orders {
     /// The order `order_id` and its saga.
     pub async fn view(&self, order_id: &str) -> Result<OrderView, OrderError> {
         let saga_id = SagaClient::id_for_key(PLACE_ORDER, order_id);
-        let saga = self
-            .client
-            .get(&saga_id)
-            .await?
-            .ok_or_else(|| OrderError::NotFound(order_id.to_owned()))?;
-        Ok(OrderView::of(order_id, &saga.state))
+        if let Some(saga) = self.client.get(&saga_id).await? {
+            return Ok(OrderView::of(order_id, &saga.state));
+        }
+        // Accepted, but the coordinator has not started its saga yet.
+        let placed = match self.placed.get(order_id).await {
+            Ok(Some(bytes)) => serde_json::from_slice::<Order>(&bytes).ok(),
+            Ok(None) => None,
+            // Not a valid key: no such order.
+            Err(e) if e.kind() == kv::EntryErrorKind::InvalidKey => None,
+            Err(e) => {
+                return Err(OrderError::Unavailable(format!("cannot read order {order_id}: {e}")))
+            }
+        };
+        match placed {
+            Some(order) => Ok(OrderView {
+                order_id: order_id.to_owned(),
+                saga_id: saga_id.to_string(),
+                status: SagaStatus::New,
+                order: Some(order),
+                reason: None,
+                elapsed_ms: 0,
+                timeline: Vec::new(),
+            }),
+            None => Err(OrderError::NotFound(order_id.to_owned())),
+        }
     }
 }
 
@@ -213,6 +254,7 @@ impl IntoResponse for OrderError {
         let status = match &self {
             OrderError::Invalid(_) => StatusCode::BAD_REQUEST,
             OrderError::NotFound(_) => StatusCode::NOT_FOUND,
+            OrderError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrderError::Saga(e) => match e.kind() {
                 ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
                 ErrorKind::NotFound => StatusCode::NOT_FOUND,
