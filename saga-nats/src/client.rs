@@ -1,6 +1,7 @@
 //! The saga client: register definitions, start sagas, wait for them, inspect and list them,
 //! cancel them, and act on sagas that need intervention.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -8,7 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use saga_core::envelope::{OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
 use saga_core::{
-    Codec, HistoryEntry, Payload, SagaDefinition, SagaId, SagaName, SagaState, SagaStatus,
+    Codec, HistoryEntry, Payload, Plan, SagaDefinition, SagaId, SagaName, SagaState, SagaStatus,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -168,6 +169,12 @@ impl SagaClient {
     /// Returns its digest. Sagas already running keep the version they started with.
     pub async fn register(&self, def: &SagaDefinition) -> Result<String, SagaClientError> {
         Ok(self.registry.register(def).await?.digest().to_owned())
+    }
+
+    /// The latest registered version of definition `saga`; an error of kind
+    /// [`ErrorKind::UnknownSaga`] if none is registered (yet).
+    pub async fn definition(&self, saga: &str) -> Result<Arc<Plan>, SagaClientError> {
+        Ok(self.registry.latest(saga).await?)
     }
 
     /// Starts a saga of the latest version of definition `saga` with `input`. Returns once

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use example_services::orders::{router, Orders};
 use example_services::scenario::{self, ScenarioConfig};
 use example_services::NatsArgs;
+use saga_nats::ErrorKind;
 use tracing::info;
 
 /// The Orders service of the saga demo: places orders, each starting a `place-order` saga.
@@ -92,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 skus,
                 ..defaults
             };
+            wait_for_definition(&orders).await?;
             eprintln!("placing {count} orders ({concurrency} at a time), run {}", config.run_id);
             let report = scenario::run(nats, &orders, &config).await?;
             report.print(&mut std::io::stdout().lock())?;
@@ -107,6 +109,31 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
                 Ok(ExitCode::FAILURE)
             }
+        }
+    }
+}
+
+/// The coordinator registers `place-order` when it starts; a batch started alongside it (as
+/// under docker compose) waits for that rather than failing.
+async fn wait_for_definition(orders: &Orders) -> anyhow::Result<()> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut said = false;
+    loop {
+        match orders.client().definition(example_services::PLACE_ORDER).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.kind() == ErrorKind::UnknownSaga && tokio::time::Instant::now() < give_up =>
+            {
+                if !said {
+                    eprintln!(
+                        "waiting for a coordinator to register {}",
+                        example_services::PLACE_ORDER
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("{e} (is the coordinator running with --definitions?)"),
         }
     }
 }

@@ -1,0 +1,130 @@
+//! docker-compose.yml cannot be run here (no Docker), so this checks that everything it names
+//! exists: each service's image or build (and the Dockerfile), each command's binary (built
+//! into the image, and accepting the command's subcommand and flags), and each environment
+//! variable (read by the program it is given to).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml_ng::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn compose() -> Value {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let mut value: Value = serde_yaml_ng::from_str(&text).expect("docker-compose.yml parses");
+    value.apply_merge().expect("merge keys resolve");
+    value
+}
+
+/// The demo binaries built in this package, by name.
+fn binary(name: &str) -> Option<PathBuf> {
+    let path = match name {
+        "orders" => env!("CARGO_BIN_EXE_orders"),
+        "seller" => env!("CARGO_BIN_EXE_seller"),
+        "logistics" => env!("CARGO_BIN_EXE_logistics"),
+        "notification" => env!("CARGO_BIN_EXE_notification"),
+        _ => return None,
+    };
+    Some(PathBuf::from(path))
+}
+
+/// Every `env = "NAME"` a program in `dirs` declares.
+fn declared_env(dirs: &[&str]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| repo().join(d)).collect();
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for part in text.split("env = \"").skip(1) {
+                names.insert(part.split('"').next().unwrap().to_owned());
+            }
+        }
+    }
+    names
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().map(|x| x.as_str().expect("a string").to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_service_image_command_and_variable_named_exists() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+    let want: BTreeSet<&str> =
+        ["nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"].into();
+    assert_eq!(names, want);
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let coordinator_env = declared_env(&["saga-nats/src"]);
+    let services_env = declared_env(&["example-services/src"]);
+
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        for dep in strings(&service["depends_on"]) {
+            assert!(names.contains(dep.as_str()), "{name} depends on unknown service {dep}");
+        }
+        let command = strings(&service["command"]);
+        if name == "nats" {
+            let image = service["image"].as_str().expect("nats has an image");
+            assert!(image.starts_with("nats:2."), "the official nats image: {image}");
+            assert!(command.contains(&"--jetstream".to_owned()), "JetStream on: {command:?}");
+            continue;
+        }
+        let build = service["build"].as_str().expect("built from the repo");
+        assert!(
+            repo().join(build).join("Dockerfile").is_file(),
+            "{name}: no Dockerfile in {build}"
+        );
+        let program = command.first().unwrap_or_else(|| panic!("{name} has a command"));
+        assert!(
+            dockerfile.contains(&format!("/src/target/release/{program}")),
+            "{name}: the image does not contain {program}"
+        );
+        let declared = if program == "saga-coordinator" {
+            assert!(repo().join("saga-nats/src/bin/saga-coordinator.rs").is_file());
+            &coordinator_env
+        } else {
+            // The binary accepts the subcommand and flags the compose file gives it.
+            let exe = binary(program).unwrap_or_else(|| panic!("{name}: no program {program}"));
+            let out = Command::new(&exe).args(&command[1..]).arg("--help").output().unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: `{} --help` fails: {}",
+                command.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            &services_env
+        };
+        let env = service["environment"].as_mapping().expect("environment");
+        for key in env.keys() {
+            let key = key.as_str().unwrap();
+            assert!(
+                key == "RUST_LOG" || declared.contains(key),
+                "{name}: {program} reads no variable {key}"
+            );
+        }
+    }
+    // Paths the image copies exist.
+    assert!(repo().join("example-services/sagas/place-order.yaml").is_file());
+    assert!(dockerfile.contains("COPY example-services/sagas /etc/sagas"));
+    let coordinator = strings(&services["coordinator"]["command"]);
+    assert_eq!(coordinator[1..], ["--definitions".to_owned(), "/etc/sagas".to_owned()]);
+}
+
+#[test]
+fn the_services_read_the_variables_compose_sets() {
+    // A mistyped variable in the source would make the test above vacuous; pin the names.
+    let env = declared_env(&["example-services/src"]);
+    for name in ["NATS_URL", "SELLER_STOCK", "LOGISTICS_FAILURE_RATE", "ORDERS_LISTEN"] {
+        assert!(env.contains(name), "{name} not declared: {env:?}");
+    }
+}
