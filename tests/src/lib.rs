@@ -131,6 +131,12 @@ impl NatsServer {
         self.port
     }
 
+    /// The process id of the running server (`None` once it was killed), e.g. to read its
+    /// CPU time from `/proc/<pid>/stat`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's private directory: holds the config file, the server log
     /// and the JetStream store (stable across restarts).
     pub fn store_dir(&self) -> &Path {

@@ -1,0 +1,321 @@
+//! Ours: saga-nats as a user runs it, all in this process. Coordinator replicas
+//! ([`Coordinator`], each on its own connection, default settings), one echo
+//! [`Participant`] per step service (each on its own connection), and one [`SagaClient`]
+//! that starts sagas.
+//!
+//! A saga is done when its terminal lifecycle event arrives. Rather than one
+//! [`SagaClient::wait`] per saga (a subscription and a state read each, and a read per event),
+//! one core NATS subscription to the terminal events dispatches them to the waiting sagas.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use saga_core::SagaDefinition;
+use saga_nats::{Command, Coordinator, CoordinatorConfig, Participant, SagaClient, StepError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::load::{planned_failure, SagaFuture, System};
+use crate::measure::MessageCounter;
+
+/// The benchmark saga's definition name.
+const SAGA: &str = "bench";
+/// Handlers a participant runs at once: enough for the largest closed loop.
+const PARTICIPANT_CONCURRENCY: usize = 256;
+
+/// The saga's input: what the participants need, and the payload.
+#[derive(Debug, Serialize)]
+struct BenchInput<'a> {
+    n: u64,
+    fail: bool,
+    pad: &'a str,
+}
+
+/// What a participant reads of the input (the payload is skipped).
+#[derive(Debug, Deserialize)]
+struct StepInput {
+    n: u64,
+    fail: bool,
+}
+
+/// How a saga ended, from its terminal lifecycle event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    Completed,
+    Compensated,
+    Other(String),
+}
+
+impl Ended {
+    fn from_kind(kind: &str) -> Ended {
+        match kind {
+            "completed" => Ended::Completed,
+            "compensated" => Ended::Compensated,
+            other => Ended::Other(other.to_owned()),
+        }
+    }
+}
+
+/// Sagas waiting for their end, and ends that arrived before anyone waited.
+#[derive(Default)]
+struct Waiters {
+    inner: Mutex<WaitMap>,
+}
+
+#[derive(Default)]
+struct WaitMap {
+    waiting: HashMap<String, oneshot::Sender<Ended>>,
+    early: HashMap<String, Ended>,
+}
+
+impl Waiters {
+    fn ended(&self, id: &str, how: Ended) {
+        let mut map = self.inner.lock().expect("lock");
+        match map.waiting.remove(id) {
+            Some(tx) => {
+                let _ = tx.send(how);
+            }
+            None => {
+                map.early.insert(id.to_owned(), how);
+            }
+        }
+    }
+
+    async fn wait(&self, id: &str) -> anyhow::Result<Ended> {
+        let rx = {
+            let mut map = self.inner.lock().expect("lock");
+            if let Some(how) = map.early.remove(id) {
+                return Ok(how);
+            }
+            let (tx, rx) = oneshot::channel();
+            map.waiting.insert(id.to_owned(), tx);
+            rx
+        };
+        let _forget = Forget { waiters: self, id };
+        rx.await.context("event dispatcher stopped")
+    }
+}
+
+/// Removes a waiter that gave up (timed out) so that the map does not grow.
+struct Forget<'a> {
+    waiters: &'a Waiters,
+    id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiters.inner.lock().expect("lock").waiting.remove(self.id);
+    }
+}
+
+/// The id and kind of a lifecycle event subject `saga.event.<saga>.<kind>.<id>`.
+fn parse_event_subject(subject: &str) -> Option<(&str, &str)> {
+    let mut parts = subject.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("saga"), Some("event"), Some(_), Some(kind), Some(id), None) => Some((id, kind)),
+        _ => None,
+    }
+}
+
+/// The benchmark saga: `steps` compensatable steps `s0..`, step `i` on service `p<i>`.
+pub(crate) fn definition(steps: usize) -> SagaDefinition {
+    let mut b = SagaDefinition::builder(SAGA);
+    for i in 0..steps {
+        b = b.step(&format!("s{i}"), &format!("p{i}"), "do", |s| s.compensation("undo"));
+    }
+    b.build()
+}
+
+/// The coordinators, participants and client of one run.
+pub(crate) struct Ours {
+    url: String,
+    def: SagaDefinition,
+    client: SagaClient,
+    waiters: Arc<Waiters>,
+    coordinators: Mutex<Vec<Coordinator>>,
+    participants: Vec<Participant>,
+    counter: Mutex<MessageCounter>,
+    dispatcher: tokio::task::JoinHandle<()>,
+    failure_rate: f64,
+    pad: String,
+    next: AtomicU64,
+}
+
+impl Ours {
+    /// Starts `coordinators` replicas, the participants and the client.
+    pub(crate) async fn start(
+        url: &str,
+        steps: usize,
+        payload: usize,
+        failure_rate: f64,
+        coordinators: usize,
+    ) -> anyhow::Result<Arc<Ours>> {
+        let def = definition(steps);
+        let mut counter = MessageCounter::default();
+        let mut replicas = Vec::new();
+        for _ in 0..coordinators {
+            replicas.push(start_coordinator(url, &def, &mut counter).await?);
+        }
+        let mut participants = Vec::new();
+        for i in 0..steps {
+            let conn = async_nats::connect(url).await.context("connecting a participant")?;
+            counter.watch(&conn);
+            let last = i + 1 == steps;
+            let participant = Participant::builder(conn, &format!("p{i}"))
+                .action("do", move |cmd: Command<StepInput>| async move {
+                    if last && cmd.input.fail {
+                        return Err(StepError::business("planned failure"));
+                    }
+                    Ok(cmd.input.n)
+                })
+                .compensation("undo", |cmd: Command<StepInput>| async move { Ok(cmd.input.n) })
+                .concurrency(PARTICIPANT_CONCURRENCY)
+                .start()
+                .await
+                .with_context(|| format!("starting participant p{i}"))?;
+            participants.push(participant);
+        }
+        let conn = async_nats::connect(url).await.context("connecting the saga client")?;
+        counter.watch(&conn);
+        let client = SagaClient::new(conn.clone()).await.context("starting the saga client")?;
+        let waiters = Arc::new(Waiters::default());
+        let mut subs = Vec::new();
+        for kind in ["completed", "compensated", "needs_intervention"] {
+            subs.push(conn.subscribe(format!("saga.event.{SAGA}.{kind}.*")).await?);
+        }
+        conn.flush().await?;
+        let dispatcher = {
+            let waiters = waiters.clone();
+            let mut events = futures::stream::select_all(subs);
+            tokio::spawn(async move {
+                while let Some(msg) = events.next().await {
+                    if let Some((id, kind)) = parse_event_subject(&msg.subject) {
+                        waiters.ended(id, Ended::from_kind(kind));
+                    }
+                }
+            })
+        };
+        Ok(Arc::new(Ours {
+            url: url.to_owned(),
+            def,
+            client,
+            waiters,
+            coordinators: Mutex::new(replicas),
+            participants,
+            counter: Mutex::new(counter),
+            dispatcher,
+            failure_rate,
+            pad: "x".repeat(payload),
+            next: AtomicU64::new(0),
+        }))
+    }
+
+    /// Starts one more coordinator replica.
+    pub(crate) async fn add_coordinator(&self) -> anyhow::Result<()> {
+        let mut counter = self.counter.lock().expect("lock").clone();
+        let replica = start_coordinator(&self.url, &self.def, &mut counter).await?;
+        *self.counter.lock().expect("lock") = counter;
+        self.coordinators.lock().expect("lock").push(replica);
+        Ok(())
+    }
+
+    /// Coordinator replicas running.
+    pub(crate) fn coordinators(&self) -> usize {
+        self.coordinators.lock().expect("lock").len()
+    }
+
+    /// Stops everything gracefully.
+    pub(crate) async fn stop(&self) {
+        for p in &self.participants {
+            p.shutdown().await;
+        }
+        let replicas = std::mem::take(&mut *self.coordinators.lock().expect("lock"));
+        for c in replicas {
+            c.shutdown().await;
+        }
+        self.dispatcher.abort();
+    }
+
+    async fn run(self: Arc<Self>, n: u64) -> anyhow::Result<()> {
+        let fail = planned_failure(n, self.failure_rate);
+        let input = BenchInput { n, fail, pad: &self.pad };
+        let id = self.client.start(SAGA, &input).await.context("starting a saga")?;
+        let how = self.waiters.wait(id.as_str()).await?;
+        let planned = if fail { Ended::Compensated } else { Ended::Completed };
+        if how != planned {
+            bail!("saga {id} (n = {n}) ended {how:?}, planned {planned:?}");
+        }
+        Ok(())
+    }
+}
+
+async fn start_coordinator(
+    url: &str,
+    def: &SagaDefinition,
+    counter: &mut MessageCounter,
+) -> anyhow::Result<Coordinator> {
+    let conn = async_nats::connect(url).await.context("connecting a coordinator")?;
+    counter.watch(&conn);
+    let config = CoordinatorConfig { definitions: vec![def.clone()], ..Default::default() };
+    Coordinator::start(conn, config).await.context("starting a coordinator")
+}
+
+impl System for Ours {
+    fn saga(self: Arc<Self>) -> SagaFuture {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Box::pin(self.run(n))
+    }
+
+    fn messages(&self) -> u64 {
+        self.counter.lock().expect("lock").total()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_subjects_parse_into_id_and_kind() {
+        assert_eq!(
+            parse_event_subject("saga.event.bench.completed.0191abc"),
+            Some(("0191abc", "completed"))
+        );
+        assert_eq!(parse_event_subject("saga.event.bench.completed"), None);
+        assert_eq!(parse_event_subject("saga.in.x.reply"), None);
+        assert_eq!(parse_event_subject("saga.event.bench.completed.a.b"), None);
+    }
+
+    #[tokio::test]
+    async fn an_end_that_arrives_before_its_waiter_is_kept() {
+        let w = Waiters::default();
+        w.ended("a", Ended::Compensated);
+        assert_eq!(w.wait("a").await.unwrap(), Ended::Compensated);
+        assert!(w.inner.lock().unwrap().early.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_its_own_end() {
+        let w = Arc::new(Waiters::default());
+        let waiting = tokio::spawn({
+            let w = w.clone();
+            async move { w.wait("b").await.unwrap() }
+        });
+        while !w.inner.lock().unwrap().waiting.contains_key("b") {
+            tokio::task::yield_now().await;
+        }
+        w.ended("other", Ended::Completed);
+        w.ended("b", Ended::Other("needs_intervention".into()));
+        assert_eq!(waiting.await.unwrap(), Ended::Other("needs_intervention".into()));
+        assert!(w.inner.lock().unwrap().waiting.is_empty());
+    }
+
+    #[test]
+    fn the_definition_is_valid() {
+        let plan = definition(3).validate().expect("valid");
+        assert_eq!(plan.steps().len(), 3);
+    }
+}
