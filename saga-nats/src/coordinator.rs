@@ -347,9 +347,16 @@ impl Worker {
         delivered: i64,
     ) -> Result<(), HandleError> {
         let mut fresh = false;
+        // A start delivered for the first time is almost always for a new saga: write it
+        // without reading first (the write is fenced on "no record yet"; a conflict reloads).
+        let mut assume_new = input.start.is_some() && delivered <= 1;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let current = match self.cache.get(id) {
                 Some(v) => Some(v.clone()),
+                None if assume_new => {
+                    assume_new = false;
+                    None
+                }
                 None => {
                     fresh = true;
                     self.shared.store.load(id).await?

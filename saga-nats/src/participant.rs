@@ -510,23 +510,44 @@ impl Shared {
         cmd: Arc<CommandMessage>,
         traceparent: Option<String>,
     ) -> Result<Option<ReplyOutcome>, Retry> {
-        if self.config.verify_commands {
-            match self.verify(&cmd).await {
-                Ok(()) => {}
-                Err(Verdict::Forged(reason)) => {
+        let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, cmd.phase);
+        // An effect that ran here and is still being recorded must not run again.
+        if self.in_flight.lock().expect("lock").contains(&key) {
+            return Err(Retry(Duration::from_secs(1), "its effect is still being recorded".into()));
+        }
+        // Checking the command against the saga and claiming its effect are independent
+        // reads and writes: do both at once. A claim taken for a command that fails the
+        // check is released before anything runs.
+        let (verdict, claim) = if self.config.verify_commands {
+            let (verdict, claim) = tokio::join!(self.verify(&cmd), self.claim(&key));
+            (verdict, claim)
+        } else {
+            (Ok(()), self.claim(&key).await)
+        };
+        let refuse = |claim: &Result<Claim, Retry>| match claim {
+            Ok(Claim::Run(rev)) => Some(*rev),
+            _ => None,
+        };
+        if let Err(verdict) = verdict {
+            if let Some(rev) = refuse(&claim) {
+                self.release(&key, rev).await;
+            }
+            match verdict {
+                Verdict::Forged(reason) => {
                     self.dead_letter_no_ack(msg, &reason).await?;
                     return Ok(None);
                 }
-                Err(Verdict::Stale(reason)) => {
+                Verdict::Stale(reason) => {
                     info!(%reason, "stale command dropped");
                     return Ok(None);
                 }
-                Err(Verdict::Unavailable(reason)) => {
-                    return Err(Retry(Duration::from_secs(1), reason))
-                }
+                Verdict::Unavailable(reason) => return Err(Retry(Duration::from_secs(1), reason)),
             }
         }
         let Some(handler) = self.handlers.get(&(cmd.phase, cmd.command.clone())).cloned() else {
+            if let Some(rev) = refuse(&claim) {
+                self.release(&key, rev).await;
+            }
             let reason = format!(
                 "service {} has no {} handler for command {:?}",
                 self.service,
@@ -536,12 +557,7 @@ impl Shared {
             error!(%reason);
             return Ok(Some(ReplyOutcome::Failure { reason, transient: false }));
         };
-        let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, cmd.phase);
-        // An effect that ran here and is still being recorded must not run again.
-        if self.in_flight.lock().expect("lock").contains(&key) {
-            return Err(Retry(Duration::from_secs(1), "its effect is still being recorded".into()));
-        }
-        let rev = match self.claim(&key).await? {
+        let rev = match claim? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
                 return Ok(Some(outcome));
@@ -709,6 +725,13 @@ impl Shared {
     async fn claim(&self, key: &str) -> Result<Claim, Retry> {
         let lease = self.config.lease;
         let until = now().after(lease).0;
+        // The common case: nothing is recorded for this effect yet. Claim it straight away
+        // and read the record only if one exists.
+        match self.effects.create(key, self.encode(&EffectRecord::InProgress { until })).await {
+            Ok(rev) => return Ok(Claim::Run(rev)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unavailable(e)),
+        }
         for _ in 0..8 {
             let entry = self.effects.entry(key).await.map_err(unavailable)?;
             match entry {
@@ -794,8 +817,18 @@ impl Shared {
             match self.effects.update(key, record.clone(), rev).await {
                 Ok(_) => return,
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    warn!(key, "could not record the effect: another delivery took the key over");
-                    return;
+                    // Our claim is no longer the latest record: an earlier try of this write
+                    // landed (its answer was lost), or the server lost the claim in a crash,
+                    // or another delivery took the key over. The effect has run here either
+                    // way: make sure it is recorded, unless another delivery holds it now.
+                    match self.record_over(key, rev, &record).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            warn!(key, error = %e, "recording the effect failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(2));
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!(key, error = %e, "recording the effect failed; retrying");
@@ -805,6 +838,44 @@ impl Shared {
             }
         }
         error!(key, "gave up recording the effect; a redelivered command may run it again");
+    }
+
+    /// Records `record` (a done effect) over whatever the key holds now, unless it is done
+    /// already or another delivery holds a live claim on it.
+    async fn record_over(&self, key: &str, ours: u64, record: &Bytes) -> Result<(), String> {
+        let entry = self.effects.entry(key).await.map_err(|e| e.to_string())?;
+        let written = match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
+                    Some(EffectRecord::Done { .. }) => return Ok(()),
+                    Some(EffectRecord::InProgress { until })
+                        if e.revision != ours && until > now().0 =>
+                    {
+                        warn!(
+                            key,
+                            "could not record the effect: another delivery took the key over"
+                        );
+                        return Ok(());
+                    }
+                    _ => self
+                        .effects
+                        .update(key, record.clone(), e.revision)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                }
+            }
+            _ => self
+                .effects
+                .create(key, record.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        if written.is_ok() {
+            warn!(key, "the effect's claim was lost (server restart?); recorded it over the current record");
+        }
+        written
     }
 
     /// Gives up a claim so that the next attempt runs the handler.

@@ -182,11 +182,22 @@ pub enum RegistryError {
 
 /// Saga definitions, stored in a key-value bucket under `<name>` (the latest digest) and
 /// `<name>.<digest>` (the definition, as JSON), with a local cache of validated plans.
+///
+/// Which digest is the latest is cached for [`LATEST_TTL`]: a version registered elsewhere is
+/// started by this process at most that long after it was registered (sagas keep the version
+/// they started with either way).
 #[derive(Debug, Clone)]
 pub struct Registry {
     kv: jetstream::kv::Store,
     plans: Arc<RwLock<HashMap<String, Arc<Plan>>>>,
+    latest: Arc<RwLock<HashMap<String, LatestRead>>>,
 }
+
+/// A latest plan, and when it was read.
+type LatestRead = (Arc<Plan>, std::time::Instant);
+
+/// How long [`Registry::latest`] trusts the latest digest it last read.
+pub const LATEST_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Registry {
     /// Opens the registry (the bucket must exist: see [`crate::provision()`]).
@@ -195,7 +206,7 @@ impl Registry {
             .get_key_value(subjects::DEFINITIONS_BUCKET)
             .await
             .map_err(|e| RegistryError::Nats(e.into()))?;
-        Ok(Registry { kv, plans: Arc::default() })
+        Ok(Registry { kv, plans: Arc::default(), latest: Arc::default() })
     }
 
     /// Validates and stores a definition, making it the latest version of its name. Returns
@@ -213,11 +224,20 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::Nats(e.into()))?;
         self.plans.write().expect("lock").insert(plan.digest().to_owned(), plan.clone());
+        self.latest
+            .write()
+            .expect("lock")
+            .insert(plan.name().to_string(), (plan.clone(), std::time::Instant::now()));
         Ok(plan)
     }
 
     /// The latest version of the saga named `name`.
     pub async fn latest(&self, name: &str) -> Result<Arc<Plan>, RegistryError> {
+        if let Some((plan, read)) = self.latest.read().expect("lock").get(name) {
+            if read.elapsed() < LATEST_TTL {
+                return Ok(plan.clone());
+            }
+        }
         let digest = self
             .kv
             .get(name)
@@ -225,7 +245,12 @@ impl Registry {
             .map_err(|e| RegistryError::Nats(e.into()))?
             .ok_or_else(|| RegistryError::UnknownSaga { name: name.to_owned() })?;
         let digest = String::from_utf8_lossy(&digest).into_owned();
-        self.version(&SagaName::new_unchecked(name), &digest).await
+        let plan = self.version(&SagaName::new_unchecked(name), &digest).await?;
+        self.latest
+            .write()
+            .expect("lock")
+            .insert(name.to_owned(), (plan.clone(), std::time::Instant::now()));
+        Ok(plan)
     }
 
     /// The version `digest` of the saga named `name`.

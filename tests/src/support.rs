@@ -82,15 +82,30 @@ fn attempts_for(list: &[(String, u32)], step: &str) -> u32 {
 }
 
 /// Starts an echo participant for `service` handling `steps` (each step `s` has action `s`
-/// and compensation `undo-s`).
+/// and compensation `undo-s`), with a short lease (2 s) so that hung handlers are taken over
+/// quickly.
 pub async fn echo_participant(
     client: async_nats::Client,
     service: &str,
     steps: &[&str],
     effects: Effects,
 ) -> Participant {
+    echo_participant_with_lease(client, service, steps, effects, Duration::from_secs(2)).await
+}
+
+/// [`echo_participant`] with a given lease: a claim on an effect lapses after `lease`, and
+/// another delivery may then run it again. An outage longer than the lease (a NATS server
+/// down while an effect is being recorded) therefore allows a second run; tests that demand
+/// exactly-once effects across an outage use a lease longer than the outage.
+pub async fn echo_participant_with_lease(
+    client: async_nats::Client,
+    service: &str,
+    steps: &[&str],
+    effects: Effects,
+    lease: Duration,
+) -> Participant {
     let mut builder = Participant::builder(client, service)
-        .config(ParticipantConfig { lease: Duration::from_secs(2), ..Default::default() });
+        .config(ParticipantConfig { lease, ..Default::default() });
     for step in steps {
         let name = step.to_string();
         let fx = effects.clone();

@@ -229,7 +229,17 @@ async fn nats_server_restart_mid_run_loses_nothing() {
     .await
     .unwrap();
     let fx = Effects::default();
-    let _p = echo_participant(server.connect().await, "svc", &["a", "b", "c"], fx.clone()).await;
+    // The server is down for about 2 s (kill, 1 s, restart, reconnect): a lease well beyond
+    // that keeps every effect exactly-once (see `echo_participant_with_lease`).
+    let lease = Duration::from_secs(30);
+    let _p = echo_participant_with_lease(
+        server.connect().await,
+        "svc",
+        &["a", "b", "c"],
+        fx.clone(),
+        lease,
+    )
+    .await;
     let client = client(nats.clone()).await;
     let finished = count_events(&nats, "saga.event.rs.*.*").await;
 
