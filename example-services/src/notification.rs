@@ -86,7 +86,14 @@ pub async fn run(nats: async_nats::Client) -> anyhow::Result<Following> {
         move |event| {
             let sent = sent.clone();
             async move {
-                let notice = Notice::for_event(&event)?;
+                let notice = match Notice::for_event(&event) {
+                    Ok(notice) => notice,
+                    // Redelivering will not fix it: say so once and move on.
+                    Err(e) => {
+                        tracing::error!("cannot notify: {e}");
+                        return Ok(());
+                    }
+                };
                 let record = serde_json::to_vec(&notice).map_err(|e| e.to_string())?;
                 match sent.create(&notice.saga_id, record.into()).await {
                     Ok(_) => {

@@ -69,7 +69,15 @@ fn every_service_image_command_and_variable_named_exists() {
 
     for (name, service) in services {
         let name = name.as_str().unwrap();
-        for dep in strings(&service["depends_on"]) {
+        let deps: Vec<String> = match &service["depends_on"] {
+            Value::Mapping(m) => m.keys().map(|k| k.as_str().unwrap().to_owned()).collect(),
+            other => strings(other),
+        };
+        if name != "nats" {
+            let nats = &service["depends_on"]["nats"]["condition"];
+            assert_eq!(nats.as_str(), Some("service_healthy"), "{name} waits for a healthy NATS");
+        }
+        for dep in deps {
             assert!(names.contains(dep.as_str()), "{name} depends on unknown service {dep}");
         }
         let command = strings(&service["command"]);
@@ -77,6 +85,12 @@ fn every_service_image_command_and_variable_named_exists() {
             let image = service["image"].as_str().expect("nats has an image");
             assert!(image.starts_with("nats:2."), "the official nats image: {image}");
             assert!(command.contains(&"--jetstream".to_owned()), "JetStream on: {command:?}");
+            let probe = strings(&service["healthcheck"]["test"]).join(" ");
+            assert!(
+                probe.contains("8222/healthz"),
+                "a health check on the monitoring port: {probe}"
+            );
+            assert!(command.contains(&"8222".to_owned()), "the monitoring port is on: {command:?}");
             continue;
         }
         let build = service["build"].as_str().expect("built from the repo");

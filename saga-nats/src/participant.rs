@@ -515,39 +515,26 @@ impl Shared {
         if self.in_flight.lock().expect("lock").contains(&key) {
             return Err(Retry(Duration::from_secs(1), "its effect is still being recorded".into()));
         }
-        // Checking the command against the saga and claiming its effect are independent
-        // reads and writes: do both at once. A claim taken for a command that fails the
-        // check is released before anything runs.
-        let (verdict, claim) = if self.config.verify_commands {
-            let (verdict, claim) = tokio::join!(self.verify(&cmd), self.claim(&key));
-            (verdict, claim)
-        } else {
-            (Ok(()), self.claim(&key).await)
-        };
-        let refuse = |claim: &Result<Claim, Retry>| match claim {
-            Ok(Claim::Run(rev)) => Some(*rev),
-            _ => None,
-        };
-        if let Err(verdict) = verdict {
-            if let Some(rev) = refuse(&claim) {
-                self.release(&key, rev).await;
-            }
-            match verdict {
-                Verdict::Forged(reason) => {
+        // Verify before claiming: a command that fails verification must leave no trace in
+        // the effects bucket (a released claim would read as "the action may have run" to the
+        // barrier of a later compensation).
+        if self.config.verify_commands {
+            match self.verify(&cmd).await {
+                Ok(()) => {}
+                Err(Verdict::Forged(reason)) => {
                     self.dead_letter_no_ack(msg, &reason).await?;
                     return Ok(None);
                 }
-                Verdict::Stale(reason) => {
+                Err(Verdict::Stale(reason)) => {
                     info!(%reason, "stale command dropped");
                     return Ok(None);
                 }
-                Verdict::Unavailable(reason) => return Err(Retry(Duration::from_secs(1), reason)),
+                Err(Verdict::Unavailable(reason)) => {
+                    return Err(Retry(Duration::from_secs(1), reason))
+                }
             }
         }
         let Some(handler) = self.handlers.get(&(cmd.phase, cmd.command.clone())).cloned() else {
-            if let Some(rev) = refuse(&claim) {
-                self.release(&key, rev).await;
-            }
             let reason = format!(
                 "service {} has no {} handler for command {:?}",
                 self.service,
@@ -557,7 +544,7 @@ impl Shared {
             error!(%reason);
             return Ok(Some(ReplyOutcome::Failure { reason, transient: false }));
         };
-        let rev = match claim? {
+        let rev = match self.claim(&key).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
                 return Ok(Some(outcome));
@@ -727,9 +714,10 @@ impl Shared {
         let until = now().after(lease).0;
         // The common case: nothing is recorded for this effect yet. Claim it straight away
         // and read the record only if one exists.
-        match self.effects.create(key, self.encode(&EffectRecord::InProgress { until })).await {
+        // (An update expecting revision 0 is a create that does not read back on failure.)
+        match self.effects.update(key, self.encode(&EffectRecord::InProgress { until }), 0).await {
             Ok(rev) => return Ok(Claim::Run(rev)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
             Err(e) => return Err(unavailable(e)),
         }
         for _ in 0..8 {
@@ -848,6 +836,12 @@ impl Shared {
             Some(e) if e.operation == kv::Operation::Put => {
                 match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
                     Some(EffectRecord::Done { .. }) => return Ok(()),
+                    Some(EffectRecord::Barrier) => {
+                        // The claim was lost and a compensation has since found no record: it
+                        // was recorded as a no-op, yet this action ran. An operator must look.
+                        error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
+                        return Ok(());
+                    }
                     Some(EffectRecord::InProgress { until })
                         if e.revision != ours && until > now().0 =>
                     {

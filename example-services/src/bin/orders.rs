@@ -94,6 +94,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ..defaults
             };
             wait_for_definition(&orders).await?;
+            wait_for_stock(nats.clone()).await?;
             eprintln!("placing {count} orders ({concurrency} at a time), run {}", config.run_id);
             let report = scenario::run(nats, &orders, &config).await?;
             report.print(&mut std::io::stdout().lock())?;
@@ -136,4 +137,22 @@ async fn wait_for_definition(orders: &Orders) -> anyhow::Result<()> {
             Err(e) => anyhow::bail!("{e} (is the coordinator running with --definitions?)"),
         }
     }
+}
+
+/// The scenario checks the stock before and after: wait until the seller has stocked it.
+async fn wait_for_stock(nats: async_nats::Client) -> anyhow::Result<()> {
+    let store = example_services::seller::StockStore::open(nats).await?;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut said = false;
+    while store.all().await?.is_empty() {
+        if tokio::time::Instant::now() > give_up {
+            anyhow::bail!("no stock after 60 s: is the seller running?");
+        }
+        if !said {
+            eprintln!("waiting for the seller to stock its shelves");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
 }
