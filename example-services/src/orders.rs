@@ -7,7 +7,9 @@
 //! | `POST /orders` with `{"customer": "ada", "sku": "apple", "quantity": 2}` (and optionally `"id"`) | `202` `{"order_id": …, "saga_id": …, "status_url": "/orders/…"}` |
 //! | `GET /orders/{id}` | `200` the order, its saga's status, and the timeline; `404` if there is no such order |
 //!
-//! Errors are `{"error": "…"}` naming what was wrong, with status 400, 404, 413 or 503.
+//! Placing an order again with the same contents is accepted (one saga); reusing an order id for
+//! other contents is refused with 409. Errors are `{"error": "…"}` naming what was wrong, with
+//! status 400, 404, 409, 413 or 503.
 
 use std::sync::Arc;
 
@@ -49,6 +51,9 @@ pub enum OrderError {
     /// The request is wrong; the text says how.
     #[error("{0}")]
     Invalid(String),
+    /// The order id is taken by another order.
+    #[error("{0}")]
+    Conflict(String),
     /// No such order.
     #[error("no order {0:?}")]
     NotFound(String),
@@ -104,11 +109,27 @@ impl Orders {
     /// Places `order`: starts its `place-order` saga (once, however often it is placed).
     pub async fn place(&self, order: &Order) -> Result<saga_core::SagaId, OrderError> {
         order.validate().map_err(OrderError::Invalid)?;
-        // Recorded first, so the order can be shown from the moment it is accepted.
+        // Recorded first, so the order can be shown from the moment it is accepted. Placing
+        // the same order again is fine; reusing its id for another order is not.
         let record = serde_json::to_vec(order).map_err(|e| OrderError::Invalid(e.to_string()))?;
-        self.placed.put(&order.id, record.into()).await.map_err(|e| {
-            OrderError::Unavailable(format!("cannot record order {}: {e}", order.id))
-        })?;
+        let unavailable =
+            |e: String| OrderError::Unavailable(format!("cannot record order {}: {e}", order.id));
+        match self.placed.create(&order.id, record.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let existing =
+                    self.placed.get(&order.id).await.map_err(|e| unavailable(e.to_string()))?;
+                let existing: Option<Order> =
+                    existing.and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                if existing.as_ref() != Some(order) {
+                    return Err(OrderError::Conflict(format!(
+                        "order {} exists with other contents: {existing:?}",
+                        order.id
+                    )));
+                }
+            }
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
         let id = self.client.start_with_key(PLACE_ORDER, &order.id, order).await?;
         info!(order = %order.id, saga = %id, "order placed");
         Ok(id)
@@ -254,6 +275,7 @@ impl IntoResponse for OrderError {
         let status = match &self {
             OrderError::Invalid(_) => StatusCode::BAD_REQUEST,
             OrderError::NotFound(_) => StatusCode::NOT_FOUND,
+            OrderError::Conflict(_) => StatusCode::CONFLICT,
             OrderError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             OrderError::Saga(e) => match e.kind() {
                 ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,

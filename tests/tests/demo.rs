@@ -159,6 +159,17 @@ async fn the_orders_api_places_and_shows_orders_and_names_what_is_wrong() {
     assert_eq!(placed["order_id"], "o-1");
     assert_eq!(placed["status_url"], "/orders/o-1");
 
+    // The same order again: accepted, the same saga. Another order under its id: refused.
+    let (status, again) =
+        call(&app, post(r#"{"id":"o-1","customer":"ada","sku":"apple","quantity":2}"#)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["saga_id"], placed["saga_id"]);
+    let (status, json) =
+        call(&app, post(r#"{"id":"o-1","customer":"ada","sku":"apple","quantity":3}"#)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{json}");
+    let message = json["error"].as_str().unwrap_or_default();
+    assert!(message.contains("order o-1 exists with other contents"), "{message}");
+
     let view = loop {
         let (status, json) =
             call(&app, Request::get("/orders/o-1").body(Body::empty()).unwrap()).await;
