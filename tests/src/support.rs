@@ -205,6 +205,35 @@ pub async fn coordinator(client: async_nats::Client, defs: Vec<SagaDefinition>) 
         .expect("coordinator starts")
 }
 
+/// The usual set-up of a test: a fresh server, a coordinator running the chain `name` of
+/// `steps` (each with `timeout`), an echo participant (service `svc`) for those steps, and a
+/// client. Keep it alive for the test: dropping it stops them and the server.
+pub struct EchoStack {
+    /// The server.
+    pub server: crate::NatsServer,
+    /// A connection to it.
+    pub nats: async_nats::Client,
+    /// The coordinator.
+    pub coordinator: Coordinator,
+    /// The echo participant.
+    pub participant: Participant,
+    /// What the participant's handlers ran.
+    pub effects: Effects,
+    /// A client.
+    pub client: SagaClient,
+}
+
+/// Starts an [`EchoStack`].
+pub async fn echo_stack(name: &str, steps: &[&str], timeout: Duration) -> EchoStack {
+    let server = crate::NatsServer::start();
+    let nats = server.connect().await;
+    let coordinator = coordinator(nats.clone(), vec![chain(name, steps, timeout)]).await;
+    let effects = Effects::default();
+    let participant = echo_participant(nats.clone(), "svc", steps, effects.clone()).await;
+    let client = client(nats.clone()).await;
+    EchoStack { server, nats, coordinator, participant, effects, client }
+}
+
 /// A client.
 pub async fn client(nats: async_nats::Client) -> SagaClient {
     SagaClient::new(nats).await.expect("client connects")

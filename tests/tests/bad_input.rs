@@ -511,14 +511,9 @@ async fn garbage_on_reply_subjects_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_command_subjects_is_dead_lettered() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
+    let stack = echo_stack("three", &["a", "b", "c"], Duration::from_secs(10)).await;
+    let (nats, fx, client) = (stack.nats.clone(), stack.effects.clone(), stack.client.clone());
     let js = jetstream::new(nats.clone());
-    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
-    let client = client(nats.clone()).await;
 
     let codec = Codec::default();
     let ghost = SagaId::from("ghost");
@@ -667,14 +662,9 @@ fn codec_too_large_names_the_sizes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_stale_commands() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
+    let stack = echo_stack("three", &["a", "b", "c"], Duration::from_secs(10)).await;
+    let (nats, fx, client) = (stack.nats.clone(), stack.effects.clone(), stack.client.clone());
     let js = jetstream::new(nats.clone());
-    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
-    let client = client(nats.clone()).await;
 
     let id = client.start("three", &TestInput { n: 1, ..Default::default() }).await.unwrap();
     let view = client.wait(&id, WAIT).await.unwrap();
@@ -821,14 +811,9 @@ const PROMPT: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_of_an_unregistered_definition_is_dead_lettered() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
+    let stack = echo_stack("one", &["a"], Duration::from_secs(10)).await;
+    let (nats, client) = (stack.nats.clone(), stack.client.clone());
     let js = jetstream::new(nats.clone());
-    let def = chain("one", &["a"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
-    let client = client(nats.clone()).await;
 
     let codec = Codec::default();
     let start = |id: &str, saga: &str, digest: &str| StartMessage {
@@ -870,13 +855,8 @@ async fn start_of_an_unregistered_definition_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_under_a_quarter_of_the_limit_runs() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("one", &["a"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("one", &["a"], Duration::from_secs(10)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     let too_big = TestInput { n: 1, fail: vec!["x".repeat(600 * 1024)], ..Default::default() };
     let err = client.start("one", &too_big).await.unwrap_err();

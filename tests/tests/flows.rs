@@ -12,13 +12,8 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_completes_and_records_history() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("three", &["a", "b", "c"], Duration::from_secs(10)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     let id = client.start("three", &TestInput { n: 7, ..Default::default() }).await.unwrap();
     let view = client.wait(&id, WAIT).await.unwrap();
@@ -42,13 +37,8 @@ async fn happy_path_completes_and_records_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_at_step_two_compensates_in_reverse() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("three", &["a", "b", "c"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("three", &["a", "b", "c"], Duration::from_secs(10)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     let input = TestInput { n: 1, fail: vec!["b".into()], ..Default::default() };
     let id = client.start("three", &input).await.unwrap();
@@ -112,13 +102,8 @@ async fn parallel_branches_fail_and_compensate_the_sibling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_retry_then_compensation() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("slow", &["a", "b"], Duration::from_secs(1));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("slow", &["a", "b"], Duration::from_secs(1)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     // b hangs on its first attempt, then succeeds: the timeout leads to a retry.
     let recovered = client
@@ -175,13 +160,8 @@ async fn pivot_then_retriable_steps_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_start_and_errors_callers_can_match() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("one", &["a"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("one", &["a"], Duration::from_secs(10)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     let input = TestInput { n: 5, ..Default::default() };
     let first = client.start_with_key("one", "order-5", &input).await.unwrap();
@@ -209,13 +189,8 @@ async fn idempotent_start_and_errors_callers_can_match() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_that_keeps_failing_parks_and_operators_act() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let def = chain("park", &["a", "b"], Duration::from_secs(10));
-    let _coord = coordinator(nats.clone(), vec![def]).await;
-    let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
-    let client = client(nats.clone()).await;
+    let stack = echo_stack("park", &["a", "b"], Duration::from_secs(10)).await;
+    let (fx, client) = (stack.effects.clone(), stack.client.clone());
 
     // a's compensation fails 3 times (its retry budget), then would succeed.
     let input = |n| TestInput {
