@@ -49,6 +49,29 @@ impl NatsArgs {
     }
 }
 
+/// Opens a key-value bucket, creating it (one value per key) if it does not exist.
+pub(crate) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let config = async_nats::jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        history: 1,
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another service created it meanwhile.
+        Err(first) => js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open bucket {bucket}: {first}; then: {e}")),
+    }
+}
+
 /// A deterministic fraction in `[0, 1)` for `key`: the same order always draws the same
 /// value, so a run can be repeated and a redelivered command decides the same way.
 pub fn draw(key: &str) -> f64 {

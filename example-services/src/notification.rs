@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::model::Order;
-use crate::seller::open_bucket;
+use crate::open_bucket;
 use crate::PLACE_ORDER;
 
 /// The key-value bucket of notifications sent, one per saga.

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::model::Order;
-use crate::seller::open_bucket;
+use crate::open_bucket;
 use crate::PLACE_ORDER;
 use async_nats::jetstream::{self, kv};
 

@@ -49,7 +49,7 @@ pub enum Reserved {
 impl StockStore {
     /// Opens the bucket, creating it on first use.
     pub async fn open(nats: async_nats::Client) -> anyhow::Result<StockStore> {
-        let kv = open_bucket(&jetstream::new(nats), STOCK_BUCKET).await?;
+        let kv = crate::open_bucket(&jetstream::new(nats), STOCK_BUCKET).await?;
         Ok(StockStore { kv })
     }
 
@@ -158,25 +158,6 @@ impl StockStore {
 
 fn key(sku: &str) -> String {
     format!("sku.{sku}")
-}
-
-/// Opens a key-value bucket, creating it (one value per key) if it does not exist.
-pub(crate) async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let config = kv::Config { bucket: bucket.to_owned(), history: 1, ..Default::default() };
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Another service created it meanwhile.
-        Err(first) => js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open bucket {bucket}: {first}; then: {e}")),
-    }
 }
 
 /// Parses a stock list such as `apple=100,pear=50`.

@@ -117,39 +117,41 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The coordinator registers `place-order` when it starts; a batch started alongside it (as
 /// under docker compose) waits for that rather than failing.
 async fn wait_for_definition(orders: &Orders) -> anyhow::Result<()> {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut said = false;
-    loop {
+    let what = format!("a coordinator to register {}", example_services::PLACE_ORDER);
+    wait_for(&what, "is the coordinator running with --definitions?", || async {
         match orders.client().definition(example_services::PLACE_ORDER).await {
-            Ok(_) => return Ok(()),
-            Err(e)
-                if e.kind() == ErrorKind::UnknownSaga && tokio::time::Instant::now() < give_up =>
-            {
-                if !said {
-                    eprintln!(
-                        "waiting for a coordinator to register {}",
-                        example_services::PLACE_ORDER
-                    );
-                    said = true;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => anyhow::bail!("{e} (is the coordinator running with --definitions?)"),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::UnknownSaga => Ok(false),
+            Err(e) => Err(e.into()),
         }
-    }
+    })
+    .await
 }
 
 /// The scenario checks the stock before and after: wait until the seller has stocked it.
 async fn wait_for_stock(nats: async_nats::Client) -> anyhow::Result<()> {
     let store = example_services::seller::StockStore::open(nats).await?;
+    wait_for("the seller to stock its shelves", "is the seller running?", || async {
+        Ok(!store.all().await?.is_empty())
+    })
+    .await
+}
+
+/// Polls `ready` every half second for up to a minute, saying once what it waits for; `hint`
+/// says what to check if it never comes.
+async fn wait_for<F, Fut>(what: &str, hint: &str, mut ready: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
     let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut said = false;
-    while store.all().await?.is_empty() {
+    while !ready().await? {
         if tokio::time::Instant::now() > give_up {
-            anyhow::bail!("no stock after 60 s: is the seller running?");
+            anyhow::bail!("waited 60 s for {what}; {hint}");
         }
         if !said {
-            eprintln!("waiting for the seller to stock its shelves");
+            eprintln!("waiting for {what}");
             said = true;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
