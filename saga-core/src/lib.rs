@@ -105,6 +105,7 @@
 
 mod definition;
 pub mod envelope;
+pub mod wire;
 mod ids;
 mod machine;
 mod retry;
