@@ -5,9 +5,8 @@
 
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
-use saga_core::envelope::LifecycleMessage;
 use saga_core::LifecycleKind;
-use saga_nats::follow::{follow_sagas, Following};
+use saga_nats::follow::{follow_sagas, Following, LifecycleEvent};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
@@ -37,13 +36,9 @@ pub struct Notice {
 
 impl Notice {
     /// The notice for a terminal lifecycle event of `place-order`.
-    pub fn for_event(event: &LifecycleMessage) -> Result<Notice, String> {
-        let input = event
-            .input
-            .as_ref()
-            .ok_or_else(|| format!("event for saga {} carries no input", event.saga_id))?;
+    pub fn for_event(event: &LifecycleEvent) -> Result<Notice, String> {
         let order: Order = saga_core::Codec::default()
-            .decode_value("saga input", input.as_bytes())
+            .decode_value("saga input", event.input.as_bytes())
             .map_err(|e| format!("saga {}: input is not an order: {e}", event.saga_id))?;
         let message = match event.kind {
             LifecycleKind::Completed => format!(

@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use saga_core::{HistoryKind, SagaState, SagaStatus};
+use saga_core::{SagaSnapshot, SagaStatus, TimelineEvent};
 use saga_nats::{ErrorKind, SagaClient, SagaClientError};
 use serde::{Deserialize, Serialize};
 use tracing::info;
@@ -139,7 +139,8 @@ impl Orders {
     pub async fn view(&self, order_id: &str) -> Result<OrderView, OrderError> {
         let saga_id = SagaClient::id_for_key(PLACE_ORDER, order_id);
         if let Some(saga) = self.client.get(&saga_id).await? {
-            return Ok(OrderView::of(order_id, &saga.state));
+            let entries = self.client.timeline(&saga_id).await?;
+            return Ok(OrderView::of(order_id, &saga.snapshot, &entries));
         }
         // Accepted, but the coordinator has not started its saga yet.
         let placed = match self.placed.get(order_id).await {
@@ -167,9 +168,13 @@ impl Orders {
 }
 
 impl OrderView {
-    /// The view of order `order_id` whose saga is `state`.
-    pub fn of(order_id: &str, state: &SagaState) -> OrderView {
-        let reason = match &state.cause {
+    /// The view of order `order_id` whose saga is `snap`, with its timeline `entries`.
+    pub fn of(
+        order_id: &str,
+        snap: &SagaSnapshot,
+        entries: &[saga_core::TimelineEntry],
+    ) -> OrderView {
+        let reason = match &snap.cause {
             Some(saga_core::Cause::StepFailed { step, reason }) => {
                 Some(format!("step {step} failed: {reason}"))
             }
@@ -178,66 +183,75 @@ impl OrderView {
         };
         OrderView {
             order_id: order_id.to_owned(),
-            saga_id: state.id.to_string(),
-            status: state.status,
+            saga_id: snap.id.to_string(),
+            status: snap.status,
             order: saga_core::Codec::default()
-                .decode_value("saga input", state.input.as_bytes())
+                .decode_value("saga input", snap.input.as_bytes())
                 .ok(),
             reason,
-            elapsed_ms: state.updated_at.0.saturating_sub(state.started_at.0),
-            timeline: timeline(state),
+            elapsed_ms: snap.updated_at.0.saturating_sub(snap.started_at.0),
+            timeline: timeline(snap, entries),
         }
     }
 }
 
-/// A saga's history as readable lines.
-pub fn timeline(state: &SagaState) -> Vec<TimelineEntry> {
-    state
-        .history
+/// A saga's typed timeline as readable lines, timed from the saga's start.
+pub fn timeline(snap: &SagaSnapshot, entries: &[saga_core::TimelineEntry]) -> Vec<TimelineEntry> {
+    let since = |ms: u64| ms.saturating_sub(snap.started_at.0);
+    entries
         .iter()
-        .map(|h| {
-            let kind = serde_json::to_value(h.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-                .replace('_', " ");
-            let mut what = kind;
-            if let Some(step) = &h.step {
-                what.push_str(&format!(" {step}"));
-                if let Some(phase) = h.phase {
-                    what.push_str(&format!(" ({phase}"));
-                    if h.attempt > 0 {
-                        what.push_str(&format!(", attempt {}", h.attempt));
-                    }
-                    what.push(')');
+        .map(|e| {
+            let what = match &e.event {
+                TimelineEvent::Started => "started".to_owned(),
+                TimelineEvent::Dispatched { step, phase, attempt, service, command, .. } => {
+                    format!("dispatched {step} ({phase}, attempt {attempt}) → {service}.{command}")
                 }
-            }
-            let at = |ms: u64| ms.saturating_sub(state.started_at.0);
-            match (&h.command, h.detail.as_deref()) {
-                // "to seller, id <command id>" → "→ seller.reserve"
-                (Some(command), Some(detail)) if h.kind == HistoryKind::Dispatched => {
-                    let service =
-                        detail.strip_prefix("to ").and_then(|d| d.split(',').next()).unwrap_or("?");
-                    what.push_str(&format!(" → {service}.{command}"));
+                TimelineEvent::Succeeded { step, phase, attempt } => {
+                    format!("succeeded {step} ({phase}, attempt {attempt})")
                 }
-                (_, Some(detail)) if h.kind == HistoryKind::RetryScheduled => {
-                    match detail.strip_prefix("at ").and_then(|t| t.parse::<u64>().ok()) {
-                        Some(t) => what.push_str(&format!(" at +{} ms", at(t))),
-                        None => what.push_str(&format!(": {detail}")),
-                    }
+                TimelineEvent::Failed { step, phase, attempt, reason, transient } => {
+                    let what = if *transient { "transient error" } else { "business failure" };
+                    format!("failed {step} ({phase}, attempt {attempt}): {what}: {reason}")
                 }
-                (command, detail) => {
-                    if let Some(command) = command {
-                        what.push_str(&format!(" → {command}"));
-                    }
-                    if let Some(detail) = detail {
-                        what.push_str(&format!(": {detail}"));
-                    }
+                TimelineEvent::TimedOut { step, phase, attempt } => {
+                    format!("timed out {step} ({phase}, attempt {attempt})")
                 }
-            }
-            TimelineEntry { offset_ms: at(h.at.0), what }
+                TimelineEvent::NotDelivered { step, phase, attempt, retry_at } => format!(
+                    "not delivered {step} ({phase}, attempt {attempt}): no responders, again at +{} ms",
+                    since(retry_at.0)
+                ),
+                TimelineEvent::RetryScheduled { step, phase, next_attempt, at } => format!(
+                    "retry scheduled {step} ({phase}, attempt {next_attempt}) at +{} ms",
+                    since(at.0)
+                ),
+                TimelineEvent::CompensationStarted { cause } => match cause {
+                    saga_core::Cause::StepFailed { step, reason } => {
+                        format!("compensation started: step {step} failed: {reason}")
+                    }
+                    saga_core::Cause::Cancelled { reason } => {
+                        format!("compensation started: cancelled: {reason}")
+                    }
+                },
+                TimelineEvent::CancelRequested { reason, by } => with_by("cancel requested", reason, by),
+                TimelineEvent::Parked { step, reason } => format!("parked at {step}: {reason}"),
+                TimelineEvent::OperatorRetry { reason, by } => with_by("operator retry", reason, by),
+                TimelineEvent::OperatorSkip { reason, by } => with_by("operator skip", reason, by),
+                TimelineEvent::OperatorResolve { reason, by } => {
+                    with_by("operator resolve", reason, by)
+                }
+                TimelineEvent::Finished { status } => format!("finished: {status}"),
+                other => other.name().replace('_', " "),
+            };
+            TimelineEntry { offset_ms: since(e.at.0), what }
         })
         .collect()
+}
+
+fn with_by(what: &str, reason: &str, by: &Option<String>) -> String {
+    match by {
+        Some(by) => format!("{what}: {reason} (by {by})"),
+        None => format!("{what}: {reason}"),
+    }
 }
 
 /// What `POST /orders` takes.

@@ -143,7 +143,12 @@ pub async fn run(
                 Ok(_) => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     match orders.client().wait(&saga_id, left).await {
-                        Ok(saga) => (Some(OrderView::of(&order.id, &saga.state)), None),
+                        Ok(saga) => match orders.client().timeline(&saga_id).await {
+                            Ok(entries) => {
+                                (Some(OrderView::of(&order.id, &saga.snapshot, &entries)), None)
+                            }
+                            Err(e) => (None, Some(e.to_string())),
+                        },
                         Err(e) => (None, Some(e.to_string())),
                     }
                 }

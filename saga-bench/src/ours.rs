@@ -111,11 +111,11 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// The id and kind of a lifecycle event subject `saga.event.<saga>.<kind>.<id>`.
+/// The id and event of a saga log subject `saga.log.<id>.<saga>.<event>`.
 fn parse_event_subject(subject: &str) -> Option<(&str, &str)> {
     let mut parts = subject.split('.');
     match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("saga"), Some("event"), Some(_), Some(kind), Some(id), None) => Some((id, kind)),
+        (Some("saga"), Some("log"), Some(id), Some(_), Some(kind), None) => Some((id, kind)),
         _ => None,
     }
 }
@@ -184,7 +184,7 @@ impl Ours {
         let waiters = Arc::new(Waiters::default());
         let mut subs = Vec::new();
         for kind in ["completed", "compensated", "needs_intervention"] {
-            subs.push(conn.subscribe(format!("saga.event.{SAGA}.{kind}.*")).await?);
+            subs.push(conn.subscribe(format!("saga.log.*.{SAGA}.{kind}")).await?);
         }
         conn.flush().await?;
         let dispatcher = {
@@ -281,12 +281,12 @@ mod tests {
     #[test]
     fn event_subjects_parse_into_id_and_kind() {
         assert_eq!(
-            parse_event_subject("saga.event.bench.completed.0191abc"),
+            parse_event_subject("saga.log.0191abc.bench.completed"),
             Some(("0191abc", "completed"))
         );
-        assert_eq!(parse_event_subject("saga.event.bench.completed"), None);
+        assert_eq!(parse_event_subject("saga.log.x.bench"), None);
         assert_eq!(parse_event_subject("saga.in.x.reply"), None);
-        assert_eq!(parse_event_subject("saga.event.bench.completed.a.b"), None);
+        assert_eq!(parse_event_subject("saga.log.a.bench.completed.b"), None);
     }
 
     #[tokio::test]

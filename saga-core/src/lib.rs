@@ -91,6 +91,48 @@
 //! failed) or `cancelled` (on request); a compensation that exhausts its retries parks the saga
 //! in `needs_intervention`, from where an operator retries, skips or resolves it.
 //!
+//! A command that finds no responder is reported with [`Event::Undelivered`]. That is not an
+//! attempt: the same attempt (same command id) is sent again after 500 ms, doubling up to 30 s
+//! ([`TimerKind::Redeliver`]), and the step's retry budget is untouched.
+//!
+//! ## Snapshots and the timeline
+//!
+//! The machine's fields are private, so that it can change without breaking its readers.
+//! What clients, tools and other languages read — and what the coordinator stores — is a
+//! [`SagaSnapshot`]: named fields, a view version ([`VIEW_VERSION`]), the saga's status and
+//! each step's ([`StepSnapshot`]). [`SagaState::from_snapshot`] turns a stored snapshot back
+//! into the machine, refusing one of another view version, definition or definition version
+//! ([`SnapshotError`]).
+//!
+//! What happened is not kept in the state: each transition returns the typed
+//! [`TimelineEntry`]s it wrote in [`Handled::timeline`] — a command dispatched (to which
+//! service, which command, until when), an attempt that succeeded, failed (why, transient or
+//! not), timed out or found no responder, a retry scheduled, compensation started (and why), a
+//! cancel or operator action (and who asked), the saga parked or finished. The driver appends
+//! them to the saga's timeline.
+//!
+//! ```
+//! use saga_core::{Event, Payload, SagaDefinition, SagaId, SagaState, TimelineEvent, Timestamp};
+//!
+//! let plan = SagaDefinition::builder("s")
+//!     .step("only", "svc", "do-it", |s| s)
+//!     .build()
+//!     .validate()?;
+//! let mut saga = SagaState::new(SagaId::new("id1")?, &plan);
+//! let handled = saga.handle(&plan, Timestamp(0), &Event::Start { input: Payload::new(vec![1]) });
+//! let kinds: Vec<&str> = handled.timeline.iter().map(|e| e.event.name()).collect();
+//! assert_eq!(kinds, ["started", "dispatched"]);
+//! assert!(matches!(
+//!     &handled.timeline[1].event,
+//!     TimelineEvent::Dispatched { service, attempt: 1, .. } if service.as_str() == "svc"
+//! ));
+//!
+//! let stored = saga.snapshot();
+//! assert_eq!(stored.steps[0].attempt, 1);
+//! assert_eq!(SagaState::from_snapshot(&plan, &stored)?, saga);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! ## Data flow
 //!
 //! Every command carries the saga's input and the outputs of the steps it runs `after`, keyed
@@ -100,29 +142,31 @@
 //!
 //! ## Wire messages
 //!
-//! [`envelope`] defines commands, replies and lifecycle events as named-field MessagePack with
-//! a protocol version, and a [`Codec`] with a size limit and typed errors.
+//! [`wire`] defines protocol v2: commands, replies, starts, operator actions, the saga log
+//! record and the participant's effect record, as named-field MessagePack with a protocol
+//! version, and a [`Codec`] with a size limit, typed errors and checked identifiers.
 
 mod definition;
-pub mod envelope;
-pub mod wire;
 mod ids;
 mod machine;
 mod retry;
 mod validate;
+pub mod view;
+pub mod wire;
 
 pub use definition::{
     LoadError, SagaBuilder, SagaDefinition, StepBuilder, StepDefinition, StepKind,
     DEFAULT_STEP_TIMEOUT,
 };
-pub use envelope::{Codec, CodecError};
 pub use ids::{
     check_token, CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp,
     TokenError, MAX_TOKEN_LEN,
 };
 pub use machine::{
-    Cause, Dispatch, Effect, Event, Handled, HistoryEntry, HistoryKind, LifecycleKind, Payload,
-    Rejection, Rule, SagaState, SagaStatus, StepState, StepStatus, Timer, TimerKind,
+    Cause, Dispatch, Effect, Event, Handled, LifecycleKind, Payload, Rejection, Rule, SagaState,
+    SagaStatus, SnapshotError, StepStatus, Timer, TimerKind,
 };
 pub use retry::RetryPolicy;
 pub use validate::{Plan, ValidationError, MAX_STEPS, MAX_TIMEOUT};
+pub use view::{SagaSnapshot, StepSnapshot, TimelineEntry, TimelineEvent, VIEW_VERSION};
+pub use wire::{Codec, CodecError};

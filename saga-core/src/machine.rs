@@ -1,21 +1,25 @@
 //! The saga instance state machine: events in, effects out, no I/O.
 //!
 //! [`SagaState::handle`] takes the time and one [`Event`] and either accepts it, changing the
-//! state and returning the [`Effect`]s the driver must carry out, or rejects it with a
-//! [`Rejection`] that says why and changes nothing. The state is a plain serializable value,
-//! and it equals the fold of the accepted events: [`SagaState::replay`] rebuilds it.
+//! state and returning the [`Effect`]s the driver must carry out and the [`TimelineEntry`]s it
+//! wrote, or rejects it with a [`Rejection`] that says why and changes nothing. The state is a
+//! plain value with private fields; it equals the fold of the accepted events
+//! ([`SagaState::replay`]) and comes back from its [`SagaSnapshot`]
+//! ([`SagaState::from_snapshot`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::definition::StepKind;
 use crate::ids::{
-    CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp,
+    CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp, TokenError,
 };
 use crate::retry::fnv1a;
 use crate::validate::Plan;
+use crate::view::{SagaSnapshot, StepSnapshot, TimelineEntry, TimelineEvent, VIEW_VERSION};
 
 /// Opaque bytes: a saga's input or a step's output, MessagePack-encoded by the SDK.
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,85 +162,62 @@ pub enum Cause {
     },
 }
 
-/// One step's state inside a [`SagaState`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepState {
-    /// The step's name.
-    pub name: StepName,
-    /// Where it is.
-    pub status: StepStatus,
+/// One step's state inside a [`SagaState`]; clients read it as a [`StepSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StepState {
+    name: StepName,
+    status: StepStatus,
     /// The action's latest attempt number (0: never dispatched).
-    pub attempt: u32,
+    attempt: u32,
     /// The compensation's latest attempt number (0: never dispatched).
-    pub comp_attempt: u32,
+    comp_attempt: u32,
     /// Compensation attempts before this number were made before an operator's retry; the
     /// retry budget counts from here.
-    pub comp_budget_from: u32,
-    /// The latest action attempt timed out (its outcome is unknown).
-    pub timed_out: bool,
-    /// When the step's pending timer (timeout or backoff) fires, if it has one.
-    pub timer_at: Option<Timestamp>,
-    /// The action's output, once it succeeded.
-    pub output: Option<Payload>,
-    /// The latest failure reason.
-    pub last_error: Option<String>,
+    comp_budget_from: u32,
+    /// Some action attempt timed out (its outcome is unknown).
+    timed_out: bool,
+    /// When the step's pending timer (timeout, backoff or redelivery) fires, if it has one.
+    timer_at: Option<Timestamp>,
+    output: Option<Payload>,
+    last_error: Option<String>,
+    /// Consecutive sends of the current attempt that found no responder.
+    undelivered: u32,
+    /// The current attempt found no responder and waits for its redelivery timer.
+    awaiting_redelivery: bool,
 }
 
-/// What happened, as recorded in a saga's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HistoryKind {
-    /// The saga started.
-    Started,
-    /// A command was sent.
-    Dispatched,
-    /// A command succeeded.
-    Succeeded,
-    /// A command failed.
-    Failed,
-    /// A command timed out.
-    TimedOut,
-    /// A retry was scheduled.
-    RetryScheduled,
-    /// Compensation began.
-    CompensationStarted,
-    /// Cancellation was requested.
-    CancelRequested,
-    /// The saga parked in needs-intervention.
-    Parked,
-    /// An operator retried stuck compensations.
-    OperatorRetry,
-    /// An operator skipped stuck compensations.
-    OperatorSkip,
-    /// An operator marked the saga resolved.
-    OperatorResolve,
-    /// The saga ended.
-    Finished,
-}
+impl StepState {
+    /// The current attempt of `phase`.
+    fn attempt_of(&self, phase: Phase) -> u32 {
+        match phase {
+            Phase::Action => self.attempt,
+            Phase::Compensation => self.comp_attempt,
+        }
+    }
 
-/// One entry of a saga's history: every attempt of every step, when, which command, and how it
-/// ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// When.
-    pub at: Timestamp,
-    /// What.
-    pub kind: HistoryKind,
-    /// The step concerned, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<StepName>,
-    /// Action or compensation, when a step is concerned.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<Phase>,
-    /// The attempt concerned (0 when none).
-    #[serde(default)]
-    pub attempt: u32,
-    /// The command sent, for dispatches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub command: Option<CommandName>,
-    /// A reason, a status or a time, in words.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+    /// Whether `attempt` of `phase` is the one in flight (sent, or waiting to be re-sent).
+    fn in_flight(&self, phase: Phase, attempt: u32) -> bool {
+        let status = match phase {
+            Phase::Action => StepStatus::Running,
+            Phase::Compensation => StepStatus::Compensating,
+        };
+        self.status == status && self.attempt_of(phase) == attempt
+    }
+
+    /// The timer armed for the attempt in flight: its timeout, or its redelivery.
+    fn in_flight_timer(&self) -> TimerKind {
+        if self.awaiting_redelivery {
+            TimerKind::Redeliver
+        } else {
+            TimerKind::Timeout
+        }
+    }
+
+    /// The attempt in flight has an answer (or is abandoned): no redelivery is pending.
+    fn attempt_settled(&mut self) {
+        self.undelivered = 0;
+        self.awaiting_redelivery = false;
+    }
 }
 
 /// A timer the state machine asks for. At most one is pending per step: a step's timer is
@@ -249,7 +230,7 @@ pub struct Timer {
     pub phase: Phase,
     /// The attempt it belongs to.
     pub attempt: u32,
-    /// Timeout of the attempt, or end of the backoff before the next one.
+    /// Timeout of the attempt, end of the backoff before the next one, or redelivery.
     pub kind: TimerKind,
 }
 
@@ -261,6 +242,8 @@ pub enum TimerKind {
     Timeout,
     /// The backoff after a failed attempt is over: send the next one.
     Backoff,
+    /// The attempt's command found no responder; send the same attempt again.
+    Redeliver,
 }
 
 /// An input to the state machine.
@@ -309,27 +292,50 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// A timer fired: a timeout or the end of a backoff.
+    /// The driver sent `attempt` of `step`'s `phase` and nobody was listening (NATS "no
+    /// responders"). Not an attempt: the same attempt is sent again after a growing delay
+    /// ([`TimerKind::Redeliver`]).
+    Undelivered {
+        /// The step.
+        step: StepName,
+        /// Action or compensation.
+        phase: Phase,
+        /// The attempt that was not delivered.
+        attempt: u32,
+    },
+    /// A timer fired: a timeout, the end of a backoff, or a redelivery.
     TimerFired(Timer),
     /// Cancel the saga: compensate what is done. Refused once the pivot succeeded.
     Cancel {
-        /// Why.
+        /// Why (recorded in the timeline).
         reason: String,
+        /// Who asked (recorded in the timeline).
+        #[serde(default)]
+        by: Option<String>,
     },
     /// Operator: retry the stuck compensations.
     OperatorRetry {
-        /// Why (recorded in the history).
+        /// Why (recorded in the timeline).
         reason: String,
+        /// Who asked (recorded in the timeline).
+        #[serde(default)]
+        by: Option<String>,
     },
     /// Operator: skip the stuck compensations and go on.
     OperatorSkip {
-        /// Why (recorded in the history).
+        /// Why (recorded in the timeline).
         reason: String,
+        /// Who asked (recorded in the timeline).
+        #[serde(default)]
+        by: Option<String>,
     },
     /// Operator: mark the saga resolved (ends it).
     OperatorResolve {
-        /// Why (recorded in the history).
+        /// Why (recorded in the timeline).
         reason: String,
+        /// Who asked (recorded in the timeline).
+        #[serde(default)]
+        by: Option<String>,
     },
 }
 
@@ -342,6 +348,7 @@ impl Event {
             Event::StepFailed { .. } => "step_failed",
             Event::CompensationSucceeded { .. } => "compensation_succeeded",
             Event::CompensationFailed { .. } => "compensation_failed",
+            Event::Undelivered { .. } => "undelivered",
             Event::TimerFired(_) => "timer_fired",
             Event::Cancel { .. } => "cancel",
             Event::OperatorRetry { .. } => "operator_retry",
@@ -568,11 +575,13 @@ pub enum Rule {
     OperatorSkip,
     /// (needs-intervention, operator resolve)
     OperatorResolve,
+    /// (running, compensating or needs-intervention, undelivered)
+    Undelivered,
 }
 
 impl Rule {
     /// Every row of the table.
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
         Rule::Start,
         Rule::NotStarted,
         Rule::AlreadyStarted,
@@ -592,6 +601,7 @@ impl Rule {
         Rule::OperatorRetry,
         Rule::OperatorSkip,
         Rule::OperatorResolve,
+        Rule::Undelivered,
     ];
 }
 
@@ -602,33 +612,129 @@ pub struct Handled {
     pub rule: Rule,
     /// What the driver must do, or why the event changed nothing.
     pub result: Result<Vec<Effect>, Rejection>,
+    /// The entries this transition appended to the saga's timeline, in order (empty when the
+    /// event was rejected).
+    pub timeline: Vec<TimelineEntry>,
 }
 
-/// A saga instance: a serializable value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What one transition produces besides the new state.
+#[derive(Default)]
+struct Out {
+    fx: Vec<Effect>,
+    timeline: Vec<TimelineEntry>,
+}
+
+impl Out {
+    fn record(&mut self, at: Timestamp, event: TimelineEvent) {
+        self.timeline.push(TimelineEntry { at, event });
+    }
+}
+
+/// A saga instance: the state machine. Its fields are private; read it through its accessors
+/// or a [`SagaSnapshot`] ([`snapshot`](SagaState::snapshot)), and rebuild it from a snapshot
+/// ([`from_snapshot`](SagaState::from_snapshot)) or from its accepted events
+/// ([`replay`](SagaState::replay)).
+#[derive(Debug, Clone, PartialEq)]
 pub struct SagaState {
-    /// The instance id.
-    pub id: SagaId,
-    /// The definition's name.
-    pub saga: SagaName,
-    /// The definition version (digest) the instance runs.
-    pub digest: String,
-    /// Where it is.
-    pub status: SagaStatus,
-    /// Its input.
-    pub input: Payload,
+    id: SagaId,
+    saga: SagaName,
+    digest: String,
+    status: SagaStatus,
+    input: Payload,
     /// Each step's state, in definition order.
-    pub steps: Vec<StepState>,
-    /// Why it is compensating, once it is.
-    pub cause: Option<Cause>,
-    /// Everything that happened.
-    pub history: Vec<HistoryEntry>,
-    /// When it started.
-    pub started_at: Timestamp,
-    /// When it last changed.
-    pub updated_at: Timestamp,
+    steps: Vec<StepState>,
+    cause: Option<Cause>,
+    started_at: Timestamp,
+    updated_at: Timestamp,
     /// How many events it accepted.
-    pub events: u64,
+    events: u64,
+}
+
+/// Why a [`SagaSnapshot`] cannot be turned back into a [`SagaState`] for a plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The snapshot has a view version this build does not read.
+    #[error(
+        "snapshot of saga {id}: view version {found} is not supported (this build reads version \
+         {supported}); convert it with a build that reads version {found}"
+    )]
+    UnsupportedVersion {
+        /// The saga id in the snapshot.
+        id: SagaId,
+        /// The version found.
+        found: u16,
+        /// The version this build reads.
+        supported: u16,
+    },
+    /// The snapshot's saga id is not a valid token.
+    #[error("snapshot saga id {id:?} {source}; saga ids are tokens of `A-Z a-z 0-9 _ -`")]
+    InvalidId {
+        /// The id found.
+        id: SagaId,
+        /// What is wrong with it.
+        source: TokenError,
+    },
+    /// The snapshot is of another saga definition than the plan.
+    #[error(
+        "snapshot of saga {id} is of definition {found:?}, not {expected:?}; load it with the \
+         plan of {found:?}"
+    )]
+    WrongSaga {
+        /// The saga id.
+        id: SagaId,
+        /// The plan's definition name.
+        expected: SagaName,
+        /// The snapshot's definition name.
+        found: SagaName,
+    },
+    /// The snapshot runs another version of the definition than the plan.
+    #[error(
+        "snapshot of saga {id} runs definition {saga:?} version {found}, but the plan is version \
+         {expected}; load it with the plan of digest {found}"
+    )]
+    WrongDigest {
+        /// The saga id.
+        id: SagaId,
+        /// The definition name.
+        saga: SagaName,
+        /// The plan's digest.
+        expected: String,
+        /// The snapshot's digest.
+        found: String,
+    },
+    /// The snapshot has another number of steps than the plan.
+    #[error(
+        "snapshot of saga {id} has {found} steps, but definition {saga:?} has {expected}; the \
+         snapshot does not match its digest"
+    )]
+    StepCount {
+        /// The saga id.
+        id: SagaId,
+        /// The definition name.
+        saga: SagaName,
+        /// The plan's number of steps.
+        expected: usize,
+        /// The snapshot's number of steps.
+        found: usize,
+    },
+    /// A step of the snapshot is not the plan's step at that position.
+    #[error(
+        "snapshot of saga {id}: step #{index} is {found:?}, but definition {saga:?} has \
+         {expected:?} there; the snapshot does not match its digest"
+    )]
+    StepName {
+        /// The saga id.
+        id: SagaId,
+        /// The definition name.
+        saga: SagaName,
+        /// The step's position (from 0).
+        index: usize,
+        /// The plan's step name at that position.
+        expected: StepName,
+        /// The snapshot's step name at that position.
+        found: StepName,
+    },
 }
 
 impl SagaState {
@@ -653,14 +759,200 @@ impl SagaState {
                     timer_at: None,
                     output: None,
                     last_error: None,
+                    undelivered: 0,
+                    awaiting_redelivery: false,
                 })
                 .collect(),
             cause: None,
-            history: Vec::new(),
             started_at: Timestamp(0),
             updated_at: Timestamp(0),
             events: 0,
         }
+    }
+
+    /// The instance id.
+    pub fn id(&self) -> &SagaId {
+        &self.id
+    }
+
+    /// The definition's name.
+    pub fn saga(&self) -> &SagaName {
+        &self.saga
+    }
+
+    /// The definition version (digest) the instance runs.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Where the saga is.
+    pub fn status(&self) -> SagaStatus {
+        self.status
+    }
+
+    /// The saga's input.
+    pub fn input(&self) -> &Payload {
+        &self.input
+    }
+
+    /// Why the saga is compensating, once it is.
+    pub fn cause(&self) -> Option<&Cause> {
+        self.cause.as_ref()
+    }
+
+    /// When the saga started (0 before the start).
+    pub fn started_at(&self) -> Timestamp {
+        self.started_at
+    }
+
+    /// When the saga last changed.
+    pub fn updated_at(&self) -> Timestamp {
+        self.updated_at
+    }
+
+    /// How many events the saga accepted.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Where step `step` is, if the definition has such a step.
+    pub fn step_status(&self, step: &StepName) -> Option<StepStatus> {
+        self.steps.iter().find(|s| &s.name == step).map(|s| s.status)
+    }
+
+    /// The latest attempt number of step `step`'s `phase` (0: never dispatched), if the
+    /// definition has such a step.
+    pub fn step_attempt(&self, step: &StepName, phase: Phase) -> Option<u32> {
+        self.steps.iter().find(|s| &s.name == step).map(|s| s.attempt_of(phase))
+    }
+
+    /// The saga as clients read it, and as the coordinator stores it.
+    pub fn snapshot(&self) -> SagaSnapshot {
+        SagaSnapshot {
+            v: VIEW_VERSION,
+            id: self.id.clone(),
+            saga: self.saga.clone(),
+            digest: self.digest.clone(),
+            status: self.status,
+            input: self.input.clone(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepSnapshot {
+                    name: s.name.clone(),
+                    status: s.status,
+                    attempt: s.attempt,
+                    comp_attempt: s.comp_attempt,
+                    comp_budget_from: s.comp_budget_from,
+                    timed_out: s.timed_out,
+                    timer_at: s.timer_at,
+                    output: s.output.clone(),
+                    last_error: s.last_error.clone(),
+                    undelivered: s.undelivered,
+                    awaiting_redelivery: s.awaiting_redelivery,
+                })
+                .collect(),
+            cause: self.cause.clone(),
+            started_at: self.started_at,
+            updated_at: self.updated_at,
+            events: self.events,
+        }
+    }
+
+    /// Rebuilds the instance a [`snapshot`](SagaState::snapshot) was taken of, refusing a
+    /// snapshot of another view version, another definition or definition version, or with
+    /// steps other than the plan's.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use saga_core::{Event, Payload, SagaDefinition, SagaId, SagaState, Timestamp};
+    ///
+    /// let plan = SagaDefinition::builder("s")
+    ///     .step("only", "svc", "do-it", |s| s)
+    ///     .build()
+    ///     .validate()?;
+    /// let mut saga = SagaState::new(SagaId::new("id1")?, &plan);
+    /// saga.handle(&plan, Timestamp(0), &Event::Start { input: Payload::new(vec![1]) });
+    /// let stored = serde_json::to_string(&saga.snapshot())?;
+    /// let loaded = SagaState::from_snapshot(&plan, &serde_json::from_str(&stored)?)?;
+    /// assert_eq!(loaded, saga);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_snapshot(plan: &Plan, snap: &SagaSnapshot) -> Result<SagaState, SnapshotError> {
+        let id = &snap.id;
+        if snap.v != VIEW_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                id: id.clone(),
+                found: snap.v,
+                supported: VIEW_VERSION,
+            });
+        }
+        if let Err(source) = id.check() {
+            return Err(SnapshotError::InvalidId { id: id.clone(), source });
+        }
+        if &snap.saga != plan.name() {
+            return Err(SnapshotError::WrongSaga {
+                id: id.clone(),
+                expected: plan.name().clone(),
+                found: snap.saga.clone(),
+            });
+        }
+        if snap.digest != plan.digest() {
+            return Err(SnapshotError::WrongDigest {
+                id: id.clone(),
+                saga: snap.saga.clone(),
+                expected: plan.digest().to_owned(),
+                found: snap.digest.clone(),
+            });
+        }
+        if snap.steps.len() != plan.steps().len() {
+            return Err(SnapshotError::StepCount {
+                id: id.clone(),
+                saga: snap.saga.clone(),
+                expected: plan.steps().len(),
+                found: snap.steps.len(),
+            });
+        }
+        for (index, (s, def)) in snap.steps.iter().zip(plan.steps()).enumerate() {
+            if s.name != def.name {
+                return Err(SnapshotError::StepName {
+                    id: id.clone(),
+                    saga: snap.saga.clone(),
+                    index,
+                    expected: def.name.clone(),
+                    found: s.name.clone(),
+                });
+            }
+        }
+        Ok(SagaState {
+            id: id.clone(),
+            saga: snap.saga.clone(),
+            digest: snap.digest.clone(),
+            status: snap.status,
+            input: snap.input.clone(),
+            steps: snap
+                .steps
+                .iter()
+                .map(|s| StepState {
+                    name: s.name.clone(),
+                    status: s.status,
+                    attempt: s.attempt,
+                    comp_attempt: s.comp_attempt,
+                    comp_budget_from: s.comp_budget_from,
+                    timed_out: s.timed_out,
+                    timer_at: s.timer_at,
+                    output: s.output.clone(),
+                    last_error: s.last_error.clone(),
+                    undelivered: s.undelivered,
+                    awaiting_redelivery: s.awaiting_redelivery,
+                })
+                .collect(),
+            cause: snap.cause.clone(),
+            started_at: snap.started_at,
+            updated_at: snap.updated_at,
+            events: snap.events,
+        })
     }
 
     /// Rebuilds an instance from its accepted events, in order.
@@ -710,12 +1002,13 @@ impl SagaState {
                 found: plan.digest().to_owned(),
             };
             let rule = if self.status == S::New { Rule::NotStarted } else { Rule::Finished };
-            return Handled { rule, result: Err(rejection) };
+            return Handled { rule, result: Err(rejection), timeline: Vec::new() };
         }
-        let mut fx = Vec::new();
+        let mut out = Out::default();
+        let o = &mut out;
         let (rule, outcome): (Rule, Result<(), Rejection>) = match (self.status, event) {
             (S::New, Event::Start { input }) => (Rule::Start, {
-                self.start(plan, now, input, &mut fx);
+                self.start(plan, now, input, o);
                 Ok(())
             }),
             (
@@ -724,6 +1017,7 @@ impl SagaState {
                 | Event::StepFailed { .. }
                 | Event::CompensationSucceeded { .. }
                 | Event::CompensationFailed { .. }
+                | Event::Undelivered { .. }
                 | Event::TimerFired(_)
                 | Event::Cancel { .. }
                 | Event::OperatorRetry { .. }
@@ -746,6 +1040,7 @@ impl SagaState {
                 | Event::StepFailed { .. }
                 | Event::CompensationSucceeded { .. }
                 | Event::CompensationFailed { .. }
+                | Event::Undelivered { .. }
                 | Event::TimerFired(_)
                 | Event::Cancel { .. }
                 | Event::OperatorRetry { .. }
@@ -753,16 +1048,15 @@ impl SagaState {
                 | Event::OperatorResolve { .. },
             ) => (Rule::Finished, Err(Rejection::Finished { status, event: event.name() })),
 
-            (S::Running, Event::StepSucceeded { step, attempt, output }) => (
-                Rule::ActionSucceeded,
-                self.action_succeeded(plan, now, step, *attempt, output, &mut fx),
-            ),
+            (S::Running, Event::StepSucceeded { step, attempt, output }) => {
+                (Rule::ActionSucceeded, self.action_succeeded(plan, now, step, *attempt, output, o))
+            }
             (S::Running, Event::StepFailed { step, attempt, reason, transient }) => (
                 Rule::ActionFailed,
-                self.action_failed(plan, now, step, *attempt, reason, *transient, &mut fx),
+                self.action_failed(plan, now, step, *attempt, reason, *transient, o),
             ),
             (S::Running, Event::TimerFired(timer)) => {
-                (Rule::RunningTimer, self.timer_fired(plan, now, timer, &mut fx))
+                (Rule::RunningTimer, self.timer_fired(plan, now, timer, o))
             }
             (
                 S::Running,
@@ -772,8 +1066,8 @@ impl SagaState {
                 Rule::NoCompensationRunning,
                 Err(self.stale_or_unknown(plan, step, Phase::Compensation, *attempt)),
             ),
-            (S::Running, Event::Cancel { reason }) => {
-                (Rule::CancelRunning, self.cancel(plan, now, reason, &mut fx))
+            (S::Running, Event::Cancel { reason, by }) => {
+                (Rule::CancelRunning, self.cancel(plan, now, reason, by, o))
             }
             (
                 status @ (S::Running | S::Compensating),
@@ -788,37 +1082,41 @@ impl SagaState {
                     why: "operator actions apply only to a saga in needs_intervention",
                 }),
             ),
+            (
+                S::Running | S::Compensating | S::NeedsIntervention,
+                Event::Undelivered { step, phase, attempt },
+            ) => (Rule::Undelivered, self.undelivered(plan, now, step, *phase, *attempt, o)),
 
             (
                 S::Compensating | S::NeedsIntervention,
                 Event::StepSucceeded { step, attempt, output },
             ) => (
                 Rule::LateActionSucceeded,
-                self.action_succeeded(plan, now, step, *attempt, output, &mut fx),
+                self.action_succeeded(plan, now, step, *attempt, output, o),
             ),
             (
                 S::Compensating | S::NeedsIntervention,
                 Event::StepFailed { step, attempt, reason, transient },
             ) => (
                 Rule::LateActionFailed,
-                self.action_failed(plan, now, step, *attempt, reason, *transient, &mut fx),
+                self.action_failed(plan, now, step, *attempt, reason, *transient, o),
             ),
             (
                 S::Compensating | S::NeedsIntervention,
                 Event::CompensationSucceeded { step, attempt },
             ) => (
                 Rule::CompensationSucceeded,
-                self.compensation_succeeded(plan, now, step, *attempt, &mut fx),
+                self.compensation_succeeded(plan, now, step, *attempt, o),
             ),
             (
                 S::Compensating | S::NeedsIntervention,
                 Event::CompensationFailed { step, attempt, reason },
             ) => (
                 Rule::CompensationFailed,
-                self.compensation_failed(plan, now, step, *attempt, reason, &mut fx),
+                self.compensation_failed(plan, now, step, *attempt, reason, o),
             ),
             (S::Compensating | S::NeedsIntervention, Event::TimerFired(timer)) => {
-                (Rule::CompensatingTimer, self.timer_fired(plan, now, timer, &mut fx))
+                (Rule::CompensatingTimer, self.timer_fired(plan, now, timer, o))
             }
             (status @ (S::Compensating | S::NeedsIntervention), Event::Cancel { .. }) => (
                 Rule::AlreadyCompensating,
@@ -828,33 +1126,36 @@ impl SagaState {
                     why: "the saga is already being compensated",
                 }),
             ),
-            (S::NeedsIntervention, Event::OperatorRetry { reason }) => (Rule::OperatorRetry, {
-                self.operator_retry(plan, now, reason, &mut fx);
+            (S::NeedsIntervention, Event::OperatorRetry { reason, by }) => (Rule::OperatorRetry, {
+                self.operator_retry(plan, now, reason, by, o);
                 Ok(())
             }),
-            (S::NeedsIntervention, Event::OperatorSkip { reason }) => (Rule::OperatorSkip, {
-                self.operator_skip(plan, now, reason, &mut fx);
+            (S::NeedsIntervention, Event::OperatorSkip { reason, by }) => (Rule::OperatorSkip, {
+                self.operator_skip(plan, now, reason, by, o);
                 Ok(())
             }),
-            (S::NeedsIntervention, Event::OperatorResolve { reason }) => (Rule::OperatorResolve, {
-                self.operator_resolve(now, reason, &mut fx);
-                Ok(())
-            }),
+            (S::NeedsIntervention, Event::OperatorResolve { reason, by }) => {
+                (Rule::OperatorResolve, {
+                    self.operator_resolve(now, reason, by, o);
+                    Ok(())
+                })
+            }
         };
         match outcome {
             Ok(()) => {
                 self.events += 1;
                 self.updated_at = now;
-                Handled { rule, result: Ok(fx) }
+                Handled { rule, result: Ok(out.fx), timeline: out.timeline }
             }
-            Err(rejection) => Handled { rule, result: Err(rejection) },
+            Err(rejection) => Handled { rule, result: Err(rejection), timeline: Vec::new() },
         }
     }
 
     /// The effects that must already have happened for the saga to make progress: the
     /// in-flight commands and the pending timers. A driver that is not sure the effects of
     /// the latest transition were carried out (after a crash, or on a redelivered event)
-    /// carries these out again; they are idempotent (same command ids, same timers).
+    /// carries these out again; they are idempotent (same command ids, same timers). An
+    /// attempt that found no responder is not re-sent here: its redelivery timer is.
     pub fn outstanding(&self, plan: &Plan) -> Vec<Effect> {
         let mut fx = Vec::new();
         if self.status.is_terminal() {
@@ -863,10 +1164,10 @@ impl SagaState {
         for (i, s) in self.steps.iter().enumerate() {
             let at = s.timer_at.unwrap_or(self.updated_at);
             let (phase, attempt, kind) = match s.status {
-                StepStatus::Running => (Phase::Action, s.attempt, TimerKind::Timeout),
+                StepStatus::Running => (Phase::Action, s.attempt, s.in_flight_timer()),
                 StepStatus::RetryWait => (Phase::Action, s.attempt, TimerKind::Backoff),
                 StepStatus::Compensating => {
-                    (Phase::Compensation, s.comp_attempt, TimerKind::Timeout)
+                    (Phase::Compensation, s.comp_attempt, s.in_flight_timer())
                 }
                 StepStatus::CompensationRetryWait => {
                     (Phase::Compensation, s.comp_attempt, TimerKind::Backoff)
@@ -930,35 +1231,13 @@ impl SagaState {
         }
     }
 
-    fn record(
-        &mut self,
-        now: Timestamp,
-        kind: HistoryKind,
-        step: Option<(usize, Phase, u32)>,
-        detail: Option<String>,
-    ) {
-        let (step, phase, attempt) = match step {
-            Some((i, phase, attempt)) => (Some(self.steps[i].name.clone()), Some(phase), attempt),
-            None => (None, None, 0),
-        };
-        self.history.push(HistoryEntry {
-            at: now,
-            kind,
-            step,
-            phase,
-            attempt,
-            command: None,
-            detail,
-        });
-    }
-
-    fn start(&mut self, plan: &Plan, now: Timestamp, input: &Payload, fx: &mut Vec<Effect>) {
+    fn start(&mut self, plan: &Plan, now: Timestamp, input: &Payload, out: &mut Out) {
         self.status = SagaStatus::Running;
         self.input = input.clone();
         self.started_at = now;
-        self.record(now, HistoryKind::Started, None, None);
-        fx.push(Effect::Publish { kind: LifecycleKind::Started, step: None, reason: None });
-        self.advance(plan, now, fx);
+        out.record(now, TimelineEvent::Started);
+        out.fx.push(Effect::Publish { kind: LifecycleKind::Started, step: None, reason: None });
+        self.advance(plan, now, out);
     }
 
     fn command(
@@ -998,15 +1277,7 @@ impl SagaState {
     }
 
     /// Sends the next attempt of step `i`'s `phase` and arms its timeout.
-    fn dispatch(
-        &mut self,
-        plan: &Plan,
-        now: Timestamp,
-        i: usize,
-        phase: Phase,
-        fx: &mut Vec<Effect>,
-    ) {
-        let deadline = now.after(plan.steps()[i].timeout);
+    fn dispatch(&mut self, plan: &Plan, now: Timestamp, i: usize, phase: Phase, out: &mut Out) {
         let s = &mut self.steps[i];
         let attempt = match phase {
             Phase::Action => {
@@ -1020,20 +1291,40 @@ impl SagaState {
                 s.comp_attempt
             }
         };
+        s.attempt_settled();
+        self.send(plan, now, i, phase, attempt, out);
+    }
+
+    /// Sends `attempt` of step `i`'s `phase` (a new attempt, or one that found no responder)
+    /// with a fresh deadline, and arms its timeout.
+    fn send(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        i: usize,
+        phase: Phase,
+        attempt: u32,
+        out: &mut Out,
+    ) {
+        let deadline = now.after(plan.steps()[i].timeout);
+        let s = &mut self.steps[i];
         s.timer_at = Some(deadline);
+        s.awaiting_redelivery = false;
         let dispatch = self.command(plan, i, phase, attempt, deadline);
-        self.history.push(HistoryEntry {
-            at: now,
-            kind: HistoryKind::Dispatched,
-            step: Some(dispatch.step.clone()),
-            phase: Some(phase),
-            attempt,
-            command: Some(dispatch.command.clone()),
-            detail: Some(format!("to {}, id {}", dispatch.service, dispatch.command_id)),
-        });
+        out.record(
+            now,
+            TimelineEvent::Dispatched {
+                step: dispatch.step.clone(),
+                phase,
+                attempt,
+                service: dispatch.service.clone(),
+                command: dispatch.command.clone(),
+                deadline,
+            },
+        );
         let timer = Timer { step: dispatch.step.clone(), phase, attempt, kind: TimerKind::Timeout };
-        fx.push(Effect::Dispatch(dispatch));
-        fx.push(Effect::ScheduleTimer { timer, at: deadline });
+        out.fx.push(Effect::Dispatch(dispatch));
+        out.fx.push(Effect::ScheduleTimer { timer, at: deadline });
     }
 
     fn cancel_timer(
@@ -1042,29 +1333,19 @@ impl SagaState {
         phase: Phase,
         attempt: u32,
         kind: TimerKind,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) {
         let s = &mut self.steps[i];
         s.timer_at = None;
-        fx.push(Effect::CancelTimer {
+        out.fx.push(Effect::CancelTimer {
             timer: Timer { step: s.name.clone(), phase, attempt, kind },
         });
     }
 
     /// Arms the backoff timer before the next attempt of step `i`'s `phase`.
-    fn backoff(
-        &mut self,
-        plan: &Plan,
-        now: Timestamp,
-        i: usize,
-        phase: Phase,
-        fx: &mut Vec<Effect>,
-    ) {
+    fn backoff(&mut self, plan: &Plan, now: Timestamp, i: usize, phase: Phase, out: &mut Out) {
         let s = &mut self.steps[i];
-        let attempt = match phase {
-            Phase::Action => s.attempt,
-            Phase::Compensation => s.comp_attempt,
-        };
+        let attempt = s.attempt_of(phase);
         let seed = fnv1a(&[
             self.id.as_str().as_bytes(),
             s.name.as_str().as_bytes(),
@@ -1076,14 +1357,61 @@ impl SagaState {
             Phase::Compensation => StepStatus::CompensationRetryWait,
         };
         s.timer_at = Some(at);
-        let timer = Timer { step: s.name.clone(), phase, attempt, kind: TimerKind::Backoff };
-        self.record(
+        let step = s.name.clone();
+        let timer = Timer { step: step.clone(), phase, attempt, kind: TimerKind::Backoff };
+        out.record(
             now,
-            HistoryKind::RetryScheduled,
-            Some((i, phase, attempt + 1)),
-            Some(format!("at {}", at.0)),
+            TimelineEvent::RetryScheduled { step, phase, next_attempt: attempt + 1, at },
         );
-        fx.push(Effect::ScheduleTimer { timer, at });
+        out.fx.push(Effect::ScheduleTimer { timer, at });
+    }
+
+    /// The delay before an attempt that found no responder `undelivered` times in a row is
+    /// sent again: 500 ms, doubling, at most 30 s.
+    fn redelivery_delay(undelivered: u32) -> Duration {
+        const FIRST_MS: u64 = 500;
+        const MAX_MS: u64 = 30_000;
+        let factor = 1u64.checked_shl(undelivered.saturating_sub(1)).unwrap_or(u64::MAX);
+        Duration::from_millis(FIRST_MS.saturating_mul(factor).min(MAX_MS))
+    }
+
+    /// The driver could not deliver `attempt` of `step`'s `phase`: send it again later.
+    fn undelivered(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        step: &StepName,
+        phase: Phase,
+        attempt: u32,
+        out: &mut Out,
+    ) -> Result<(), Rejection> {
+        let i = self.index(plan, step)?;
+        let s = &self.steps[i];
+        if !s.in_flight(phase, attempt) {
+            return Err(self.stale(i, phase, attempt));
+        }
+        if s.awaiting_redelivery {
+            // Not sent again since: the same report twice.
+            return Err(Rejection::Duplicate {
+                step: step.clone(),
+                phase,
+                attempt,
+                already: "reported undelivered",
+            });
+        }
+        self.cancel_timer(i, phase, attempt, TimerKind::Timeout, out);
+        let s = &mut self.steps[i];
+        s.undelivered += 1;
+        s.awaiting_redelivery = true;
+        let at = now.after(Self::redelivery_delay(s.undelivered));
+        s.timer_at = Some(at);
+        out.record(
+            now,
+            TimelineEvent::NotDelivered { step: step.clone(), phase, attempt, retry_at: at },
+        );
+        let timer = Timer { step: step.clone(), phase, attempt, kind: TimerKind::Redeliver };
+        out.fx.push(Effect::ScheduleTimer { timer, at });
+        Ok(())
     }
 
     fn action_succeeded(
@@ -1093,29 +1421,33 @@ impl SagaState {
         step: &StepName,
         attempt: u32,
         output: &Payload,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
         let kind = match s.status {
-            StepStatus::Running if s.attempt == attempt => TimerKind::Timeout,
+            StepStatus::Running if s.attempt == attempt => s.in_flight_timer(),
             // A late success of the attempt that failed or timed out: take it.
             StepStatus::RetryWait if s.attempt == attempt && self.status == SagaStatus::Running => {
                 TimerKind::Backoff
             }
             _ => return Err(self.stale(i, Phase::Action, attempt)),
         };
-        self.cancel_timer(i, Phase::Action, attempt, kind, fx);
+        self.cancel_timer(i, Phase::Action, attempt, kind, out);
         let s = &mut self.steps[i];
+        s.attempt_settled();
         s.status = StepStatus::Succeeded;
         s.output = Some(output.clone());
-        self.record(now, HistoryKind::Succeeded, Some((i, Phase::Action, attempt)), None);
-        fx.push(Effect::Publish {
+        out.record(
+            now,
+            TimelineEvent::Succeeded { step: step.clone(), phase: Phase::Action, attempt },
+        );
+        out.fx.push(Effect::Publish {
             kind: LifecycleKind::StepSucceeded,
             step: Some(step.clone()),
             reason: None,
         });
-        self.advance(plan, now, fx);
+        self.advance(plan, now, out);
         Ok(())
     }
 
@@ -1128,23 +1460,29 @@ impl SagaState {
         attempt: u32,
         reason: &str,
         transient: bool,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
-        if !(s.status == StepStatus::Running && s.attempt == attempt) {
+        if !s.in_flight(Phase::Action, attempt) {
             return Err(self.stale(i, Phase::Action, attempt));
         }
-        self.cancel_timer(i, Phase::Action, attempt, TimerKind::Timeout, fx);
-        self.steps[i].last_error = Some(reason.to_owned());
-        let what = if transient { "transient error" } else { "business failure" };
-        self.record(
+        let kind = s.in_flight_timer();
+        self.cancel_timer(i, Phase::Action, attempt, kind, out);
+        let s = &mut self.steps[i];
+        s.attempt_settled();
+        s.last_error = Some(reason.to_owned());
+        out.record(
             now,
-            HistoryKind::Failed,
-            Some((i, Phase::Action, attempt)),
-            Some(format!("{what}: {reason}")),
+            TimelineEvent::Failed {
+                step: step.clone(),
+                phase: Phase::Action,
+                attempt,
+                reason: reason.to_owned(),
+                transient,
+            },
         );
-        self.attempt_failed(plan, now, i, transient, false, reason, fx);
+        self.attempt_failed(plan, now, i, transient, false, reason, out);
         Ok(())
     }
 
@@ -1158,7 +1496,7 @@ impl SagaState {
         transient: bool,
         timed_out: bool,
         reason: &str,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) {
         let def = &plan.steps()[i];
         let s = &mut self.steps[i];
@@ -1168,20 +1506,20 @@ impl SagaState {
         let may_retry =
             retriable || ((transient || timed_out) && s.attempt < def.retry.max_attempts);
         if self.status == SagaStatus::Running && may_retry {
-            self.backoff(plan, now, i, Phase::Action, fx);
+            self.backoff(plan, now, i, Phase::Action, out);
             return;
         }
         s.status = if s.timed_out { StepStatus::Unknown } else { StepStatus::Failed };
-        fx.push(Effect::Publish {
+        out.fx.push(Effect::Publish {
             kind: LifecycleKind::StepFailed,
             step: Some(s.name.clone()),
             reason: Some(reason.to_owned()),
         });
         if self.status == SagaStatus::Running {
             let cause = Cause::StepFailed { step: s.name.clone(), reason: reason.to_owned() };
-            self.begin_compensation(plan, now, cause, fx);
+            self.begin_compensation(plan, now, cause, out);
         } else {
-            self.advance(plan, now, fx);
+            self.advance(plan, now, out);
         }
     }
 
@@ -1190,21 +1528,21 @@ impl SagaState {
         plan: &Plan,
         now: Timestamp,
         timer: &Timer,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, &timer.step)?;
         let s = &self.steps[i];
         let expected = match (timer.phase, timer.kind) {
-            (Phase::Action, TimerKind::Timeout) => {
-                s.status == StepStatus::Running && s.attempt == timer.attempt
+            (phase, TimerKind::Timeout) => {
+                s.in_flight(phase, timer.attempt) && !s.awaiting_redelivery
+            }
+            (phase, TimerKind::Redeliver) => {
+                s.in_flight(phase, timer.attempt) && s.awaiting_redelivery
             }
             (Phase::Action, TimerKind::Backoff) => {
                 s.status == StepStatus::RetryWait
                     && s.attempt == timer.attempt
                     && self.status == SagaStatus::Running
-            }
-            (Phase::Compensation, TimerKind::Timeout) => {
-                s.status == StepStatus::Compensating && s.comp_attempt == timer.attempt
             }
             (Phase::Compensation, TimerKind::Backoff) => {
                 s.status == StepStatus::CompensationRetryWait && s.comp_attempt == timer.attempt
@@ -1214,31 +1552,24 @@ impl SagaState {
             return Err(self.stale(i, timer.phase, timer.attempt));
         }
         self.steps[i].timer_at = None;
+        let step = timer.step.clone();
         match (timer.phase, timer.kind) {
-            (Phase::Action, TimerKind::Timeout) => {
-                self.record(
-                    now,
-                    HistoryKind::TimedOut,
-                    Some((i, Phase::Action, timer.attempt)),
-                    None,
-                );
-                let reason = format!("attempt {} timed out", timer.attempt);
-                self.attempt_failed(plan, now, i, false, true, &reason, fx);
+            (phase, TimerKind::Timeout) => {
+                self.steps[i].attempt_settled();
+                out.record(now, TimelineEvent::TimedOut { step, phase, attempt: timer.attempt });
+                match phase {
+                    Phase::Action => {
+                        let reason = format!("attempt {} timed out", timer.attempt);
+                        self.attempt_failed(plan, now, i, false, true, &reason, out);
+                    }
+                    Phase::Compensation => {
+                        let reason = format!("compensation attempt {} timed out", timer.attempt);
+                        self.compensation_attempt_failed(plan, now, i, &reason, out);
+                    }
+                }
             }
-            (Phase::Action, TimerKind::Backoff) => self.dispatch(plan, now, i, Phase::Action, fx),
-            (Phase::Compensation, TimerKind::Timeout) => {
-                self.record(
-                    now,
-                    HistoryKind::TimedOut,
-                    Some((i, Phase::Compensation, timer.attempt)),
-                    None,
-                );
-                let reason = format!("compensation attempt {} timed out", timer.attempt);
-                self.compensation_attempt_failed(plan, now, i, &reason, fx);
-            }
-            (Phase::Compensation, TimerKind::Backoff) => {
-                self.dispatch(plan, now, i, Phase::Compensation, fx)
-            }
+            (phase, TimerKind::Redeliver) => self.send(plan, now, i, phase, timer.attempt, out),
+            (phase, TimerKind::Backoff) => self.dispatch(plan, now, i, phase, out),
         }
         Ok(())
     }
@@ -1248,7 +1579,8 @@ impl SagaState {
         plan: &Plan,
         now: Timestamp,
         reason: &str,
-        fx: &mut Vec<Effect>,
+        by: &Option<String>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         if let Some(p) = plan.pivot() {
             let why = match self.steps[p].status {
@@ -1264,26 +1596,23 @@ impl SagaState {
                 return Err(Rejection::NotApplicable { event: "cancel", status: self.status, why });
             }
         }
-        self.record(now, HistoryKind::CancelRequested, None, Some(reason.to_owned()));
-        self.begin_compensation(plan, now, Cause::Cancelled { reason: reason.to_owned() }, fx);
+        out.record(
+            now,
+            TimelineEvent::CancelRequested { reason: reason.to_owned(), by: by.clone() },
+        );
+        self.begin_compensation(plan, now, Cause::Cancelled { reason: reason.to_owned() }, out);
         Ok(())
     }
 
-    fn begin_compensation(
-        &mut self,
-        plan: &Plan,
-        now: Timestamp,
-        cause: Cause,
-        fx: &mut Vec<Effect>,
-    ) {
+    fn begin_compensation(&mut self, plan: &Plan, now: Timestamp, cause: Cause, out: &mut Out) {
         self.status = SagaStatus::Compensating;
         let reason = match &cause {
             Cause::StepFailed { step, reason } => format!("step {step} failed: {reason}"),
             Cause::Cancelled { reason } => format!("cancelled: {reason}"),
         };
+        out.record(now, TimelineEvent::CompensationStarted { cause: cause.clone() });
         self.cause = Some(cause);
-        self.record(now, HistoryKind::CompensationStarted, None, Some(reason.clone()));
-        fx.push(Effect::Publish {
+        out.fx.push(Effect::Publish {
             kind: LifecycleKind::Compensating,
             step: None,
             reason: Some(reason),
@@ -1292,12 +1621,12 @@ impl SagaState {
         for i in 0..self.steps.len() {
             if self.steps[i].status == StepStatus::RetryWait {
                 let attempt = self.steps[i].attempt;
-                self.cancel_timer(i, Phase::Action, attempt, TimerKind::Backoff, fx);
+                self.cancel_timer(i, Phase::Action, attempt, TimerKind::Backoff, out);
                 let s = &mut self.steps[i];
                 s.status = if s.timed_out { StepStatus::Unknown } else { StepStatus::Failed };
             }
         }
-        self.advance(plan, now, fx);
+        self.advance(plan, now, out);
     }
 
     fn needs_compensation(&self, plan: &Plan, i: usize) -> bool {
@@ -1307,7 +1636,7 @@ impl SagaState {
 
     /// Moves the saga forward as far as it can go now: dispatches what is ready, and finishes
     /// when nothing is left.
-    fn advance(&mut self, plan: &Plan, now: Timestamp, fx: &mut Vec<Effect>) {
+    fn advance(&mut self, plan: &Plan, now: Timestamp, out: &mut Out) {
         match self.status {
             SagaStatus::Running => {
                 let ready: Vec<usize> = (0..self.steps.len())
@@ -1320,10 +1649,10 @@ impl SagaState {
                     })
                     .collect();
                 for i in ready {
-                    self.dispatch(plan, now, i, Phase::Action, fx);
+                    self.dispatch(plan, now, i, Phase::Action, out);
                 }
                 if self.steps.iter().all(|s| s.status == StepStatus::Succeeded) {
-                    self.finish(now, SagaStatus::Completed, fx);
+                    self.finish(now, SagaStatus::Completed, out);
                 }
             }
             SagaStatus::Compensating => {
@@ -1334,14 +1663,14 @@ impl SagaState {
                     })
                     .collect();
                 for i in ready {
-                    self.dispatch(plan, now, i, Phase::Compensation, fx);
+                    self.dispatch(plan, now, i, Phase::Compensation, out);
                 }
                 if (0..self.steps.len()).all(|i| self.settled(plan, i)) {
                     let status = match self.cause {
                         Some(Cause::Cancelled { .. }) => SagaStatus::Cancelled,
                         Some(Cause::StepFailed { .. }) | None => SagaStatus::Compensated,
                     };
-                    self.finish(now, status, fx);
+                    self.finish(now, status, out);
                 }
             }
             SagaStatus::NeedsIntervention
@@ -1386,9 +1715,9 @@ impl SagaState {
         }
     }
 
-    fn finish(&mut self, now: Timestamp, status: SagaStatus, fx: &mut Vec<Effect>) {
+    fn finish(&mut self, now: Timestamp, status: SagaStatus, out: &mut Out) {
         self.status = status;
-        self.record(now, HistoryKind::Finished, None, Some(status.to_string()));
+        out.record(now, TimelineEvent::Finished { status });
         let kind = match status {
             SagaStatus::Completed => LifecycleKind::Completed,
             SagaStatus::Cancelled => LifecycleKind::Cancelled,
@@ -1399,8 +1728,8 @@ impl SagaState {
             | SagaStatus::Compensating
             | SagaStatus::NeedsIntervention => LifecycleKind::Compensated,
         };
-        fx.push(Effect::Publish { kind, step: None, reason: None });
-        fx.push(Effect::Finish { status });
+        out.fx.push(Effect::Publish { kind, step: None, reason: None });
+        out.fx.push(Effect::Finish { status });
     }
 
     fn compensation_succeeded(
@@ -1409,12 +1738,12 @@ impl SagaState {
         now: Timestamp,
         step: &StepName,
         attempt: u32,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
         let armed = match s.status {
-            StepStatus::Compensating if s.comp_attempt == attempt => Some(TimerKind::Timeout),
+            StepStatus::Compensating if s.comp_attempt == attempt => Some(s.in_flight_timer()),
             StepStatus::CompensationRetryWait if s.comp_attempt == attempt => {
                 Some(TimerKind::Backoff)
             }
@@ -1423,12 +1752,16 @@ impl SagaState {
             _ => return Err(self.stale(i, Phase::Compensation, attempt)),
         };
         match armed {
-            Some(kind) => self.cancel_timer(i, Phase::Compensation, attempt, kind, fx),
+            Some(kind) => self.cancel_timer(i, Phase::Compensation, attempt, kind, out),
             None => self.steps[i].timer_at = None,
         }
+        self.steps[i].attempt_settled();
         self.steps[i].status = StepStatus::Compensated;
-        self.record(now, HistoryKind::Succeeded, Some((i, Phase::Compensation, attempt)), None);
-        fx.push(Effect::Publish {
+        out.record(
+            now,
+            TimelineEvent::Succeeded { step: step.clone(), phase: Phase::Compensation, attempt },
+        );
+        out.fx.push(Effect::Publish {
             kind: LifecycleKind::StepCompensated,
             step: Some(step.clone()),
             reason: None,
@@ -1437,11 +1770,10 @@ impl SagaState {
         if self.status == SagaStatus::NeedsIntervention && self.stuck().is_empty() {
             self.status = SagaStatus::Compensating;
         }
-        self.advance(plan, now, fx);
+        self.advance(plan, now, out);
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn compensation_failed(
         &mut self,
         plan: &Plan,
@@ -1449,21 +1781,27 @@ impl SagaState {
         step: &StepName,
         attempt: u32,
         reason: &str,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
-        if !(s.status == StepStatus::Compensating && s.comp_attempt == attempt) {
+        if !s.in_flight(Phase::Compensation, attempt) {
             return Err(self.stale(i, Phase::Compensation, attempt));
         }
-        self.cancel_timer(i, Phase::Compensation, attempt, TimerKind::Timeout, fx);
-        self.record(
+        let kind = s.in_flight_timer();
+        self.cancel_timer(i, Phase::Compensation, attempt, kind, out);
+        self.steps[i].attempt_settled();
+        out.record(
             now,
-            HistoryKind::Failed,
-            Some((i, Phase::Compensation, attempt)),
-            Some(reason.to_owned()),
+            TimelineEvent::Failed {
+                step: step.clone(),
+                phase: Phase::Compensation,
+                attempt,
+                reason: reason.to_owned(),
+                transient: true,
+            },
         );
-        self.compensation_attempt_failed(plan, now, i, reason, fx);
+        self.compensation_attempt_failed(plan, now, i, reason, out);
         Ok(())
     }
 
@@ -1473,12 +1811,12 @@ impl SagaState {
         now: Timestamp,
         i: usize,
         reason: &str,
-        fx: &mut Vec<Effect>,
+        out: &mut Out,
     ) {
         let s = &mut self.steps[i];
         s.last_error = Some(reason.to_owned());
         if s.comp_attempt - s.comp_budget_from < plan.steps()[i].retry.max_attempts {
-            self.backoff(plan, now, i, Phase::Compensation, fx);
+            self.backoff(plan, now, i, Phase::Compensation, out);
             return;
         }
         s.status = StepStatus::CompensationStuck;
@@ -1488,16 +1826,9 @@ impl SagaState {
             s.comp_attempt - s.comp_budget_from
         );
         let step = s.name.clone();
-        if self.status != SagaStatus::NeedsIntervention {
-            self.status = SagaStatus::NeedsIntervention;
-        }
-        self.record(
-            now,
-            HistoryKind::Parked,
-            Some((i, Phase::Compensation, self.steps[i].comp_attempt)),
-            Some(why.clone()),
-        );
-        fx.push(Effect::Publish {
+        self.status = SagaStatus::NeedsIntervention;
+        out.record(now, TimelineEvent::Parked { step: step.clone(), reason: why.clone() });
+        out.fx.push(Effect::Publish {
             kind: LifecycleKind::NeedsIntervention,
             step: Some(step),
             reason: Some(why),
@@ -1510,34 +1841,57 @@ impl SagaState {
             .collect()
     }
 
-    fn operator_retry(&mut self, plan: &Plan, now: Timestamp, reason: &str, fx: &mut Vec<Effect>) {
-        self.record(now, HistoryKind::OperatorRetry, None, Some(reason.to_owned()));
+    fn operator_retry(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        reason: &str,
+        by: &Option<String>,
+        out: &mut Out,
+    ) {
+        out.record(now, TimelineEvent::OperatorRetry { reason: reason.to_owned(), by: by.clone() });
         self.status = SagaStatus::Compensating;
         for i in self.stuck() {
             let s = &mut self.steps[i];
             s.comp_budget_from = s.comp_attempt;
-            self.dispatch(plan, now, i, Phase::Compensation, fx);
+            self.dispatch(plan, now, i, Phase::Compensation, out);
         }
-        self.advance(plan, now, fx);
+        self.advance(plan, now, out);
     }
 
-    fn operator_skip(&mut self, plan: &Plan, now: Timestamp, reason: &str, fx: &mut Vec<Effect>) {
-        self.record(now, HistoryKind::OperatorSkip, None, Some(reason.to_owned()));
+    fn operator_skip(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        reason: &str,
+        by: &Option<String>,
+        out: &mut Out,
+    ) {
+        out.record(now, TimelineEvent::OperatorSkip { reason: reason.to_owned(), by: by.clone() });
         self.status = SagaStatus::Compensating;
         for i in self.stuck() {
             self.steps[i].status = StepStatus::CompensationSkipped;
         }
-        self.advance(plan, now, fx);
+        self.advance(plan, now, out);
     }
 
-    fn operator_resolve(&mut self, now: Timestamp, reason: &str, fx: &mut Vec<Effect>) {
-        self.record(now, HistoryKind::OperatorResolve, None, Some(reason.to_owned()));
+    fn operator_resolve(
+        &mut self,
+        now: Timestamp,
+        reason: &str,
+        by: &Option<String>,
+        out: &mut Out,
+    ) {
+        out.record(
+            now,
+            TimelineEvent::OperatorResolve { reason: reason.to_owned(), by: by.clone() },
+        );
         for i in 0..self.steps.len() {
             let s = &self.steps[i];
             let pending = match s.status {
-                StepStatus::Running => Some((Phase::Action, s.attempt, TimerKind::Timeout)),
+                StepStatus::Running => Some((Phase::Action, s.attempt, s.in_flight_timer())),
                 StepStatus::Compensating => {
-                    Some((Phase::Compensation, s.comp_attempt, TimerKind::Timeout))
+                    Some((Phase::Compensation, s.comp_attempt, s.in_flight_timer()))
                 }
                 StepStatus::CompensationRetryWait => {
                     Some((Phase::Compensation, s.comp_attempt, TimerKind::Backoff))
@@ -1545,9 +1899,10 @@ impl SagaState {
                 _ => None,
             };
             if let Some((phase, attempt, kind)) = pending {
-                self.cancel_timer(i, phase, attempt, kind, fx);
+                self.cancel_timer(i, phase, attempt, kind, out);
+                self.steps[i].attempt_settled();
             }
         }
-        self.finish(now, SagaStatus::Resolved, fx);
+        self.finish(now, SagaStatus::Resolved, out);
     }
 }

@@ -34,12 +34,12 @@ fn drives() -> Vec<Sim> {
     sim.at(1100).handle(backoff("a", 1));
     sim.at(1200).handle(failed("a", 2, true));
     sim.handle(comp_ok("a", 1));
-    sim.handle(Event::OperatorRetry { reason: "x".into() });
+    sim.handle(Event::OperatorRetry { reason: "x".into(), by: None });
     sim.at(1400).handle(backoff("a", 2));
     sim.at(1500).handle(succeeded("a", 3));
     sim.at(1600).handle(failed("b", 1, false));
     sim.handle(cancel());
-    sim.handle(Event::OperatorSkip { reason: "x".into() });
+    sim.handle(Event::OperatorSkip { reason: "x".into(), by: None });
     sim.drain(0);
     sims.push(sim);
 
@@ -80,6 +80,24 @@ fn drives() -> Vec<Sim> {
         sim.handle(succeeded("a", 1));
         sims.push(sim);
     }
+    // Undelivered commands: before the start, while running and while compensating (each sent
+    // again by its redelivery timer), and after the end.
+    let mut sim = Sim::new(&chain3());
+    sim.handle(undelivered("a", 1));
+    sim.start();
+    sim.at(10).handle(undelivered("a", 1));
+    sim.fire(&"a".into());
+    sim.at(600).handle(succeeded("a", 1));
+    sim.at(700).handle(failed("b", 1, false));
+    sim.at(710).handle(Event::Undelivered {
+        step: "a".into(),
+        phase: Phase::Compensation,
+        attempt: 1,
+    });
+    sim.fire(&"a".into());
+    sim.drain(0);
+    sim.handle(undelivered("a", 1));
+    sims.push(sim);
     sims
 }
 

@@ -1,5 +1,7 @@
 //! Property tests of the saga state machine over random valid definitions and random
-//! interleavings of replies, duplicates, stale replies, timers, cancels and operator actions.
+//! interleavings of replies, duplicates, stale replies, lost commands (undelivered reports and
+//! redeliveries), timers, cancels and operator actions. After every accepted event the
+//! simulator checks that the state comes back from its snapshot (`Sim::snapshot_mismatch`).
 //!
 //! Each case generates a definition (1-8 steps; chain or DAG; with or without a pivot, the
 //! steps after it retriable; 1-4 attempts per step), participant behaviours, and the choices
@@ -18,8 +20,8 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
 use saga_core::{
-    CommandId, Effect, Event, Phase, Plan, SagaId, SagaState, SagaStatus, StepKind, StepName,
-    StepStatus,
+    CommandId, Effect, Event, Phase, Plan, SagaId, SagaSnapshot, SagaState, SagaStatus, StepKind,
+    StepName, StepStatus, TimelineEvent,
 };
 
 fn config() -> Config {
@@ -64,11 +66,7 @@ fn describe(plan: &Plan, sim: &Sim) -> String {
         };
         out += &format!("  @{} {:?} [{:?}] -> {outcome}\n", r.at.0, r.event, r.handled.rule);
     }
-    out += &format!(
-        "final: {} {:?}\n",
-        sim.state.status,
-        sim.state.steps.iter().map(|s| s.status).collect::<Vec<_>>()
-    );
+    out += &format!("final: {} {:?}\n", sim.state.status(), sim.statuses());
     out
 }
 
@@ -103,7 +101,8 @@ fn compensated_count(sim: &Sim, step: &StepName) -> usize {
 /// not enough: a step that succeeds or turns unknown while compensating is at once
 /// `compensating`.
 fn ran(sim: &Sim, i: usize) -> bool {
-    succeeded_count(sim, &sim.state.steps[i].name) > 0 || sim.state.steps[i].timed_out
+    let snap = sim.state.snapshot();
+    succeeded_count(sim, &snap.steps[i].name) > 0 || snap.steps[i].timed_out
 }
 
 /// Whether step `i` ever reached one of `statuses` after an accepted event.
@@ -158,19 +157,20 @@ fn compensation_dispatches(sim: &Sim) -> Vec<(usize, &[StepStatus], &saga_core::
 /// Terminal, consistent, replayable, serializable; rejections change nothing; stale,
 /// duplicate and post-terminal events are refused; timers are tidy; effects run at most once.
 fn check_run(plan: &Plan, sim: &Sim) -> Result<(), String> {
-    ensure!(sim.terminal(), "the run did not end: {}", sim.state.status);
+    ensure!(sim.terminal(), "the run did not end: {}", sim.state.status());
     ensure!(sim.anomalies.is_empty(), "anomalies: {:#?}", sim.anomalies);
     let replayed = SagaState::replay(SagaId::from(SAGA_ID), plan, &sim.log)
         .map_err(|(n, e)| format!("replay refused event {n}: {e}"))?;
     ensure!(replayed == sim.state, "replay differs:\n{replayed:?}\n!=\n{:?}", sim.state);
-    let bytes = rmp_serde::to_vec_named(&sim.state).map_err(|e| e.to_string())?;
-    let back: SagaState = rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())?;
-    ensure!(back == sim.state, "MessagePack round trip differs");
-    ensure!(sim.state.events == sim.log.len() as u64, "events counter {}", sim.state.events);
+    let bytes = rmp_serde::to_vec_named(&sim.state.snapshot()).map_err(|e| e.to_string())?;
+    let snap: SagaSnapshot = rmp_serde::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let back = SagaState::from_snapshot(plan, &snap).map_err(|e| e.to_string())?;
+    ensure!(back == sim.state, "snapshot round trip through MessagePack differs");
+    ensure!(sim.state.events() == sim.log.len() as u64, "events counter {}", sim.state.events());
     for ((step, phase), n) in &sim.participant.executed {
         ensure!(*n <= 1, "the participant ran {step} {phase} {n} times");
     }
-    for st in &sim.state.steps {
+    for st in &sim.state.snapshot().steps {
         ensure!(
             succeeded_count(sim, &st.name) <= 1,
             "step {} succeeded {} times",
@@ -179,6 +179,7 @@ fn check_run(plan: &Plan, sim: &Sim) -> Result<(), String> {
         );
         ensure!(compensated_count(sim, &st.name) <= 1, "step {} compensated twice", st.name);
     }
+    check_timeline(sim)?;
     // Every command carries the right id, input and data.
     for d in &sim.sent {
         let i = plan.step_index(&d.step).expect("known step");
@@ -200,15 +201,58 @@ fn check_run(plan: &Plan, sim: &Sim) -> Result<(), String> {
     Ok(())
 }
 
+/// The timeline tells the run: it starts, ends once with the final status, has one
+/// `dispatched` entry per command sent (with its service, command and deadline), one
+/// `not_delivered` entry per accepted undelivered report, and goes forward in time.
+fn check_timeline(sim: &Sim) -> Result<(), String> {
+    let events: Vec<&TimelineEvent> = sim.timeline.iter().map(|e| &e.event).collect();
+    ensure!(
+        events.first() == Some(&&TimelineEvent::Started),
+        "timeline starts {:?}",
+        events.first()
+    );
+    let finished: Vec<usize> = (0..events.len())
+        .filter(|&n| matches!(events[n], TimelineEvent::Finished { .. }))
+        .collect();
+    ensure!(
+        finished == [events.len() - 1]
+            && events.last() == Some(&&TimelineEvent::Finished { status: sim.state.status() }),
+        "timeline does not end once with finished {}: {:?}",
+        sim.state.status(),
+        events.last()
+    );
+    let dispatched: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TimelineEvent::Dispatched { step, phase, attempt, service, command, deadline } => {
+                Some((step, *phase, *attempt, service, command, *deadline))
+            }
+            _ => None,
+        })
+        .collect();
+    let sent: Vec<_> = sim
+        .sent
+        .iter()
+        .map(|d| (&d.step, d.phase, d.attempt, &d.service, &d.command, d.deadline))
+        .collect();
+    ensure!(dispatched == sent, "dispatched entries {dispatched:?} != sent {sent:?}");
+    let not_delivered =
+        events.iter().filter(|e| matches!(e, TimelineEvent::NotDelivered { .. })).count();
+    let undelivered = accepted_count(sim, |e| matches!(e, Event::Undelivered { .. }));
+    ensure!(not_delivered == undelivered, "{not_delivered} not_delivered, {undelivered} reports");
+    ensure!(sim.timeline.windows(2).all(|w| w[0].at <= w[1].at), "the timeline goes back in time");
+    Ok(())
+}
+
 /// Completed ⇒ each step succeeded exactly once, ran once, and nothing was compensated.
 fn check_completed(plan: &Plan, sim: &Sim) -> Result<(), String> {
-    if sim.state.status != SagaStatus::Completed {
+    if sim.state.status() != SagaStatus::Completed {
         return Ok(());
     }
     for (i, st) in plan.steps().iter().enumerate() {
         ensure!(succeeded_count(sim, &st.name) == 1, "step {} did not succeed once", st.name);
         ensure!(
-            sim.state.steps[i].status == StepStatus::Succeeded,
+            sim.state.snapshot().steps[i].status == StepStatus::Succeeded,
             "step {} not succeeded",
             st.name
         );
@@ -229,17 +273,17 @@ fn check_completed(plan: &Plan, sim: &Sim) -> Result<(), String> {
 /// compensation) were compensated (or skipped by the operator), each once, each after its
 /// direct dependents settled, and no action was dispatched once compensation began.
 fn check_compensated(plan: &Plan, sim: &Sim) -> Result<(), String> {
-    if !matches!(sim.state.status, SagaStatus::Compensated | SagaStatus::Cancelled) {
+    if !matches!(sim.state.status(), SagaStatus::Compensated | SagaStatus::Cancelled) {
         return Ok(());
     }
-    match (&sim.state.cause, sim.state.status) {
+    match (sim.state.cause(), sim.state.status()) {
         (Some(saga_core::Cause::Cancelled { .. }), SagaStatus::Cancelled)
         | (Some(saga_core::Cause::StepFailed { .. }), SagaStatus::Compensated) => {}
         (cause, status) => return Err(format!("status {status} with cause {cause:?}")),
     }
     for (i, st) in plan.steps().iter().enumerate() {
         let ran = ran(sim, i);
-        let status = sim.state.steps[i].status;
+        let status = sim.state.snapshot().steps[i].status;
         let comp_sent =
             sim.sent.iter().any(|d| d.step == st.name && d.phase == Phase::Compensation);
         if ran && has_compensation(plan, i) {
@@ -290,10 +334,16 @@ fn check_compensated(plan: &Plan, sim: &Sim) -> Result<(), String> {
         .iter()
         .position(|r| r.accepted() && r.status_after != SagaStatus::Running)
         .ok_or("compensated without ever compensating")?;
+    // An action attempt sent before may be sent again (it found no responder); no new one.
+    let before: Vec<&CommandId> = sim.records[..began]
+        .iter()
+        .flat_map(|r| dispatches(r.effects()))
+        .map(|d| &d.command_id)
+        .collect();
     for r in &sim.records[began..] {
         for d in dispatches(r.effects()) {
             ensure!(
-                d.phase == Phase::Compensation,
+                d.phase == Phase::Compensation || before.contains(&&d.command_id),
                 "{} dispatched after compensation began",
                 d.command_id
             );
@@ -328,9 +378,9 @@ fn check_pivot(plan: &Plan, sim: &Sim) -> Result<(), String> {
         "the pivot {name} succeeded and was compensated"
     );
     ensure!(
-        sim.state.status == SagaStatus::Completed,
+        sim.state.status() == SagaStatus::Completed,
         "the pivot {name} succeeded but the saga ended {}",
-        sim.state.status
+        sim.state.status()
     );
     Ok(())
 }
@@ -355,12 +405,12 @@ fn check_transitive_order(plan: &Plan, sim: &Sim) -> Result<(), String> {
 /// Once everything in flight reached the participant: in a compensated or cancelled saga,
 /// every action effect of a step with a compensation was undone (or skipped by the operator).
 fn check_no_leak(plan: &Plan, sim: &Sim) -> Result<(), String> {
-    if !matches!(sim.state.status, SagaStatus::Compensated | SagaStatus::Cancelled) {
+    if !matches!(sim.state.status(), SagaStatus::Compensated | SagaStatus::Cancelled) {
         return Ok(());
     }
     for (i, st) in plan.steps().iter().enumerate() {
         if !has_compensation(plan, i)
-            || sim.state.steps[i].status == StepStatus::CompensationSkipped
+            || sim.state.snapshot().steps[i].status == StepStatus::CompensationSkipped
         {
             continue;
         }
@@ -369,7 +419,7 @@ fn check_no_leak(plan: &Plan, sim: &Sim) -> Result<(), String> {
                 || sim.participant.compensation_recorded(&st.name),
             "step {}'s action ran and was never compensated (ended {:?})",
             st.name,
-            sim.state.steps[i].status
+            sim.state.snapshot().steps[i].status
         );
     }
     Ok(())
@@ -469,13 +519,14 @@ fn random_runs_reach_every_outcome() {
     let mut rng = SplitMix(11);
     let mut statuses = BTreeMap::new();
     let mut parked = 0;
+    let (mut undelivered, mut redelivered, mut completed_after_undelivery) = (0, 0, 0);
     for _ in 0..300 {
         let seed = rng.vec(DEF_SEED_LEN);
         let g = gen_definition(&mut Src::new(&seed));
         let Ok(plan) = g.def.validate() else { continue };
         let choices = rng.vec(200);
         let sim = run_random(&plan, &g.behaviours, &choices);
-        *statuses.entry(sim.state.status.as_str()).or_insert(0) += 1;
+        *statuses.entry(sim.state.status().as_str()).or_insert(0) += 1;
         parked += usize::from(
             sim.records.iter().any(|r| r.status_after == SagaStatus::NeedsIntervention),
         );
@@ -483,6 +534,17 @@ fn random_runs_reach_every_outcome() {
             .records
             .iter()
             .any(|r| matches!(r.effects().last(), Some(Effect::Finish { .. }))));
+        let lost = sim
+            .records
+            .iter()
+            .any(|r| r.accepted() && matches!(r.event, Event::Undelivered { .. }));
+        undelivered += usize::from(lost);
+        redelivered += usize::from(sim.records.iter().any(|r| {
+            r.accepted()
+                && matches!(&r.event, Event::TimerFired(t) if t.kind == saga_core::TimerKind::Redeliver)
+        }));
+        completed_after_undelivery +=
+            usize::from(lost && sim.state.status() == SagaStatus::Completed);
     }
     for status in ["completed", "compensated", "cancelled", "resolved"] {
         assert!(
@@ -491,4 +553,9 @@ fn random_runs_reach_every_outcome() {
         );
     }
     assert!(parked > 0, "no run needed intervention");
+    assert!(
+        undelivered > 30 && redelivered > 30 && completed_after_undelivery > 0,
+        "too few runs lost commands: {undelivered} undelivered, {redelivered} redelivered, \
+         {completed_after_undelivery} completed after a loss"
+    );
 }

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use common::*;
 use saga_core::{
-    CommandId, Effect, Event, Payload, Phase, Rejection, Rule, SagaDefinition, SagaId, SagaState,
-    SagaStatus, StepKind, StepName, StepStatus, TimerKind,
+    Cause, CommandId, Effect, Event, Payload, Phase, Rejection, Rule, SagaDefinition, SagaId,
+    SagaSnapshot, SagaState, SagaStatus, StepKind, StepName, StepStatus, TimelineEvent, TimerKind,
+    Timestamp, VIEW_VERSION,
 };
 
 fn s(lines: &[&str]) -> Vec<String> {
@@ -42,7 +43,7 @@ fn happy_path_chain() {
         summary(&h.result.unwrap()),
         s(&["publish started", "dispatch id.a.a.1 do-a @1000", "arm a.a.1.timeout @1000"])
     );
-    assert_eq!(sim.state.status, SagaStatus::Running);
+    assert_eq!(sim.state.status(), SagaStatus::Running);
     assert_eq!(sim.inflight[0].command_id.as_str(), "id.a.a.1");
     assert_eq!(sim.inflight[0].service.as_str(), "svc-a");
 
@@ -75,12 +76,17 @@ fn happy_path_chain() {
             "finish completed",
         ])
     );
-    assert_eq!(sim.state.status, SagaStatus::Completed);
-    assert!(sim.state.steps.iter().all(|st| st.status == StepStatus::Succeeded && st.attempt == 1));
+    assert_eq!(sim.state.status(), SagaStatus::Completed);
+    assert!(sim
+        .state
+        .snapshot()
+        .steps
+        .iter()
+        .all(|st| st.status == StepStatus::Succeeded && st.attempt == 1));
     assert!(sim.timers.is_empty(), "every timer was disarmed: {:?}", sim.timers);
     assert!(sim.state.outstanding(&sim.plan).is_empty());
-    assert_eq!(sim.state.events, 4);
-    assert_eq!((sim.state.started_at.0, sim.state.updated_at.0), (0, 30));
+    assert_eq!(sim.state.events(), 4);
+    assert_eq!((sim.state.started_at().0, sim.state.updated_at().0), (0, 30));
 
     // Anything after the end is refused.
     let h = sim.handle(succeeded("c", 1));
@@ -100,8 +106,8 @@ fn events_before_start_are_refused() {
     assert_eq!(h.rule, Rule::NotStarted);
     assert_eq!(h.result, Err(Rejection::NotStarted { event: "step_succeeded" }));
     assert_eq!(sim.err(cancel()), Rejection::NotStarted { event: "cancel" });
-    assert_eq!(sim.state.status, SagaStatus::New);
-    assert_eq!(sim.state.events, 0);
+    assert_eq!(sim.state.status(), SagaStatus::New);
+    assert_eq!(sim.state.events(), 0);
 }
 
 #[test]
@@ -157,10 +163,10 @@ fn business_failure_at_each_position_compensates_in_reverse() {
         }
         let reversed: Vec<String> = names[..pos].iter().rev().map(|n| (*n).to_owned()).collect();
         assert_eq!(compensation_order(&sim), reversed, "failure at {failing}");
-        assert_eq!(sim.state.status, SagaStatus::Compensated);
+        assert_eq!(sim.state.status(), SagaStatus::Compensated);
         assert_eq!(
-            sim.state.cause,
-            Some(saga_core::Cause::StepFailed { step: failing.into(), reason: "declined".into() })
+            sim.state.cause(),
+            Some(&saga_core::Cause::StepFailed { step: failing.into(), reason: "declined".into() })
         );
         for name in &names[..pos] {
             assert_eq!(sim.step(name), StepStatus::Compensated);
@@ -193,7 +199,7 @@ fn parallel_branch_waits_for_in_flight_sibling_then_compensates_it() {
         summary(&sim.at(20).ok(failed("b", 1, false))),
         s(&["disarm b.a.1.timeout", "publish step_failed b", "publish compensating"])
     );
-    assert_eq!(sim.state.status, SagaStatus::Compensating);
+    assert_eq!(sim.state.status(), SagaStatus::Compensating);
     assert_eq!(sim.step("c"), StepStatus::Running);
     // Cancel is refused now: the saga is already compensating.
     let h = sim.handle(cancel());
@@ -272,7 +278,7 @@ fn parallel_sibling_that_times_out_while_compensating_is_compensated() {
     );
     // Unknown, and at once compensating.
     assert_eq!(sim.step("c"), StepStatus::Compensating);
-    assert!(sim.state.steps[2].timed_out);
+    assert!(sim.state.snapshot().steps[2].timed_out);
     let comp = dispatches(&sim.records.last().unwrap().handled.result.clone().unwrap())[0].clone();
     assert_eq!(comp.output, None, "c never reported an output");
     // A late success of the timed-out attempt is stale.
@@ -280,7 +286,7 @@ fn parallel_sibling_that_times_out_while_compensating_is_compensated() {
     sim.at(2000).ok(comp_ok("c", 1));
     sim.at(2100).ok(comp_ok("a", 1));
     assert_eq!(compensation_order(&sim), ["c", "a"]);
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
 }
 
 #[test]
@@ -315,7 +321,7 @@ fn timeouts_are_retried_then_the_step_is_unknown_and_compensated() {
     );
     // Unknown, and at once compensating.
     assert_eq!(sim.step("b"), StepStatus::Compensating);
-    assert!(sim.state.steps[1].timed_out);
+    assert!(sim.state.snapshot().steps[1].timed_out);
     assert_eq!(sim.step("c"), StepStatus::Pending);
     // Late replies of earlier attempts are stale.
     assert!(matches!(
@@ -332,7 +338,7 @@ fn timeouts_are_retried_then_the_step_is_unknown_and_compensated() {
         ])
     );
     sim.at(3500).ok(comp_ok("a", 1));
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
     assert_eq!(compensation_order(&sim), ["b", "a"]);
     let b_comp = sim.sent.iter().find(|d| d.command_id.as_str() == "id.b.c.1").unwrap();
     assert_eq!(b_comp.output, None);
@@ -381,7 +387,7 @@ fn transient_failures_are_retried_up_to_max_attempts() {
         ])
     );
     assert_eq!(sim.step("a"), StepStatus::Failed);
-    assert_eq!(sim.state.steps[0].last_error.as_deref(), Some("unavailable"));
+    assert_eq!(sim.state.snapshot().steps[0].last_error.as_deref(), Some("unavailable"));
 }
 
 #[test]
@@ -435,7 +441,7 @@ fn pivot_then_retriable_steps() {
             "finish completed",
         ])
     );
-    assert_eq!(sim.state.steps[2].attempt, 5);
+    assert_eq!(sim.state.snapshot().steps[2].attempt, 5);
     assert!(!sim.sent.iter().any(|d| d.phase == Phase::Compensation));
 }
 
@@ -447,7 +453,7 @@ fn cancel_before_the_pivot_compensates_what_is_done() {
     let h = sim.at(5).handle(cancel());
     assert_eq!(h.rule, Rule::CancelRunning);
     assert_eq!(summary(&h.result.unwrap()), s(&["publish compensating"]));
-    assert_eq!(sim.state.status, SagaStatus::Compensating);
+    assert_eq!(sim.state.status(), SagaStatus::Compensating);
     // It succeeds after all: it is compensated.
     assert_eq!(
         summary(&sim.at(6).ok(succeeded("a", 1))),
@@ -467,8 +473,8 @@ fn cancel_before_the_pivot_compensates_what_is_done() {
             "finish cancelled",
         ])
     );
-    assert_eq!(sim.state.status, SagaStatus::Cancelled);
-    assert!(matches!(sim.state.cause, Some(saga_core::Cause::Cancelled { .. })));
+    assert_eq!(sim.state.status(), SagaStatus::Cancelled);
+    assert!(matches!(sim.state.cause(), Some(saga_core::Cause::Cancelled { .. })));
     assert!(!sim.sent.iter().any(|d| d.step.as_str() != "a"), "p and r never ran");
 }
 
@@ -500,7 +506,7 @@ fn parked() -> Sim {
         summary(&h.result.unwrap()),
         s(&["disarm b.c.3.timeout", "publish needs_intervention b"])
     );
-    assert_eq!(sim.state.status, SagaStatus::NeedsIntervention);
+    assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
     assert_eq!(sim.step("b"), StepStatus::CompensationStuck);
     assert_eq!(sim.step("a"), StepStatus::Succeeded, "a waits for b");
     assert!(sim.state.outstanding(&sim.plan).is_empty());
@@ -512,13 +518,13 @@ fn parked() -> Sim {
 #[test]
 fn operator_retry_dispatches_a_new_compensation_attempt() {
     let mut sim = parked();
-    let h = sim.at(5000).handle(Event::OperatorRetry { reason: "fixed".into() });
+    let h = sim.at(5000).handle(Event::OperatorRetry { reason: "fixed".into(), by: None });
     assert_eq!(h.rule, Rule::OperatorRetry);
     assert_eq!(
         summary(&h.result.unwrap()),
         s(&["dispatch id.b.c.4 undo-b @6000", "arm b.c.4.timeout @6000"])
     );
-    assert_eq!(sim.state.status, SagaStatus::Compensating);
+    assert_eq!(sim.state.status(), SagaStatus::Compensating);
     assert_eq!(
         summary(&sim.at(5100).ok(comp_ok("b", 4))),
         s(&[
@@ -529,14 +535,14 @@ fn operator_retry_dispatches_a_new_compensation_attempt() {
         ])
     );
     sim.at(5200).ok(comp_ok("a", 1));
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
     assert_eq!(sim.step("b"), StepStatus::Compensated);
 }
 
 #[test]
 fn operator_retry_gives_a_fresh_retry_budget() {
     let mut sim = parked();
-    sim.at(5000).ok(Event::OperatorRetry { reason: "fixed".into() });
+    sim.at(5000).ok(Event::OperatorRetry { reason: "fixed".into(), by: None });
     // Attempt 4 is the first of a new budget of 3: a failure backs off (800 ms after attempt 4).
     assert_eq!(
         summary(&sim.at(5100).ok(comp_failed("b", 4))),
@@ -549,13 +555,13 @@ fn operator_retry_gives_a_fresh_retry_budget() {
         summary(&sim.at(10_100).ok(comp_failed("b", 6))),
         s(&["disarm b.c.6.timeout", "publish needs_intervention b"])
     );
-    assert_eq!(sim.state.status, SagaStatus::NeedsIntervention);
+    assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
 }
 
 #[test]
 fn operator_skip_marks_the_step_skipped_and_goes_on() {
     let mut sim = parked();
-    let h = sim.at(5000).handle(Event::OperatorSkip { reason: "undone by hand".into() });
+    let h = sim.at(5000).handle(Event::OperatorSkip { reason: "undone by hand".into(), by: None });
     assert_eq!(h.rule, Rule::OperatorSkip);
     assert_eq!(
         summary(&h.result.unwrap()),
@@ -571,17 +577,17 @@ fn operator_skip_marks_the_step_skipped_and_goes_on() {
             "finish compensated",
         ])
     );
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
     assert_eq!(sim.step("b"), StepStatus::CompensationSkipped);
 }
 
 #[test]
 fn operator_resolve_ends_the_saga() {
     let mut sim = parked();
-    let h = sim.at(5000).handle(Event::OperatorResolve { reason: "written off".into() });
+    let h = sim.at(5000).handle(Event::OperatorResolve { reason: "written off".into(), by: None });
     assert_eq!(h.rule, Rule::OperatorResolve);
     assert_eq!(summary(&h.result.unwrap()), s(&["publish resolved", "finish resolved"]));
-    assert_eq!(sim.state.status, SagaStatus::Resolved);
+    assert_eq!(sim.state.status(), SagaStatus::Resolved);
     assert_eq!(sim.step("a"), StepStatus::Succeeded, "left to the operator");
     assert_eq!(sim.handle(comp_ok("b", 3)).rule, Rule::Finished);
 }
@@ -591,9 +597,9 @@ fn operator_actions_need_a_parked_saga() {
     let mut sim = Sim::new(&chain3());
     sim.start();
     for event in [
-        Event::OperatorRetry { reason: "x".into() },
-        Event::OperatorSkip { reason: "x".into() },
-        Event::OperatorResolve { reason: "x".into() },
+        Event::OperatorRetry { reason: "x".into(), by: None },
+        Event::OperatorSkip { reason: "x".into(), by: None },
+        Event::OperatorResolve { reason: "x".into(), by: None },
     ] {
         let h = sim.handle(event);
         assert_eq!(h.rule, Rule::NotParked);
@@ -603,8 +609,11 @@ fn operator_actions_need_a_parked_saga() {
         ));
     }
     sim.ok(failed("a", 1, false));
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
-    assert_eq!(sim.handle(Event::OperatorResolve { reason: "x".into() }).rule, Rule::Finished);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
+    assert_eq!(
+        sim.handle(Event::OperatorResolve { reason: "x".into(), by: None }).rule,
+        Rule::Finished
+    );
 }
 
 #[test]
@@ -697,7 +706,7 @@ fn stale_attempts_are_refused() {
     );
     // The same reply for the current attempt is taken.
     sim.at(1200).ok(succeeded("a", 2));
-    assert_eq!(sim.state.steps[0].attempt, 2);
+    assert_eq!(sim.state.snapshot().steps[0].attempt, 2);
 }
 
 #[test]
@@ -796,7 +805,7 @@ fn assert_outstanding(sim: &Sim, expected_ids: &[&str]) {
     for e in &fx {
         match e {
             Effect::Dispatch(d) => {
-                let sent = sim.sent.iter().find(|s| s.command_id == d.command_id);
+                let sent = sim.sent.iter().rev().find(|s| s.command_id == d.command_id);
                 assert_eq!(Some(d), sent, "re-emitted dispatch differs from the one sent");
                 ids.push(d.command_id.to_string());
             }
@@ -845,19 +854,425 @@ fn outstanding_after_a_crash_re_emits_in_flight_work() {
     assert_outstanding(&sim, &["id.a.c.1", "id.b.c.1"]);
     sim.at(1800).ok(comp_ok("a", 1));
     sim.at(1900).ok(comp_ok("b", 1));
-    assert_eq!(sim.state.status, SagaStatus::Compensated);
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
     assert_outstanding(&sim, &[]);
 }
 
 #[test]
-fn state_round_trips_through_messagepack() {
+fn state_round_trips_through_its_snapshot() {
     let mut sim = parked();
-    let bytes = rmp_serde::to_vec_named(&sim.state).unwrap();
-    let back: SagaState = rmp_serde::from_slice(&bytes).unwrap();
-    assert_eq!(back, sim.state);
-    sim.ok(Event::OperatorSkip { reason: "x".into() });
-    let bytes = rmp_serde::to_vec_named(&sim.state).unwrap();
-    assert_eq!(rmp_serde::from_slice::<SagaState>(&bytes).unwrap(), sim.state);
+    let round_trip = |sim: &Sim| {
+        let bytes = rmp_serde::to_vec_named(&sim.state.snapshot()).unwrap();
+        let snap: SagaSnapshot = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(snap.v, VIEW_VERSION);
+        SagaState::from_snapshot(&sim.plan, &snap).unwrap()
+    };
+    assert_eq!(round_trip(&sim), sim.state);
+    sim.ok(Event::OperatorSkip { reason: "x".into(), by: None });
+    assert_eq!(round_trip(&sim), sim.state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The timeline.
+
+fn events(h: &saga_core::Handled) -> Vec<TimelineEvent> {
+    h.timeline.iter().map(|e| e.event.clone()).collect()
+}
+
+fn dispatched(step: &str, phase: Phase, attempt: u32, deadline: u64) -> TimelineEvent {
+    let (service, command) = match phase {
+        Phase::Action => (format!("svc-{step}"), format!("do-{step}")),
+        Phase::Compensation => (format!("svc-{step}"), format!("undo-{step}")),
+    };
+    TimelineEvent::Dispatched {
+        step: step.into(),
+        phase,
+        attempt,
+        service: service.as_str().into(),
+        command: command.as_str().into(),
+        deadline: Timestamp(deadline),
+    }
+}
+
+#[test]
+fn the_timeline_records_each_transition_with_its_facts() {
+    let mut sim = Sim::new(&chain3());
+    let h = sim.handle(Event::Start { input: saga_input() });
+    assert_eq!(events(&h), [TimelineEvent::Started, dispatched("a", Phase::Action, 1, 1000)]);
+    assert!(h.timeline.iter().all(|e| e.at == Timestamp(0)));
+
+    let h = sim.at(10).handle(failed("a", 1, true));
+    assert_eq!(
+        events(&h),
+        [
+            TimelineEvent::Failed {
+                step: "a".into(),
+                phase: Phase::Action,
+                attempt: 1,
+                reason: "unavailable".into(),
+                transient: true
+            },
+            TimelineEvent::RetryScheduled {
+                step: "a".into(),
+                phase: Phase::Action,
+                next_attempt: 2,
+                at: Timestamp(110)
+            },
+        ]
+    );
+    assert_eq!(
+        events(&sim.at(110).handle(backoff("a", 1))),
+        [dispatched("a", Phase::Action, 2, 1110)]
+    );
+    assert_eq!(
+        events(&sim.at(120).handle(succeeded("a", 2))),
+        [
+            TimelineEvent::Succeeded { step: "a".into(), phase: Phase::Action, attempt: 2 },
+            dispatched("b", Phase::Action, 1, 1120),
+        ]
+    );
+    let reason = "customer changed their mind".to_owned();
+    let h = sim.at(130).handle(Event::Cancel { reason: reason.clone(), by: Some("ann".into()) });
+    assert_eq!(
+        events(&h),
+        [
+            TimelineEvent::CancelRequested { reason: reason.clone(), by: Some("ann".into()) },
+            TimelineEvent::CompensationStarted { cause: Cause::Cancelled { reason } },
+        ]
+    );
+    assert_eq!(
+        events(&sim.at(140).handle(failed("b", 1, false))),
+        [
+            TimelineEvent::Failed {
+                step: "b".into(),
+                phase: Phase::Action,
+                attempt: 1,
+                reason: "declined".into(),
+                transient: false
+            },
+            dispatched("a", Phase::Compensation, 1, 1140),
+        ]
+    );
+    let h = sim.at(150).handle(comp_ok("a", 1));
+    assert_eq!(
+        events(&h),
+        [
+            TimelineEvent::Succeeded { step: "a".into(), phase: Phase::Compensation, attempt: 1 },
+            TimelineEvent::Finished { status: SagaStatus::Cancelled },
+        ]
+    );
+    assert!(h.timeline.iter().all(|e| e.at == Timestamp(150)));
+    // A rejected event writes nothing.
+    let h = sim.handle(comp_ok("a", 1));
+    assert!(h.result.is_err() && h.timeline.is_empty());
+    assert_eq!(sim.timeline.len(), 13);
+}
+
+#[test]
+fn the_timeline_records_timeouts_parking_and_who_acted() {
+    let mut sim = parked();
+    let parked_at = sim.records.iter().rposition(|r| r.accepted()).unwrap();
+    assert_eq!(
+        events(&sim.records[parked_at].handled),
+        [
+            TimelineEvent::Failed {
+                step: "b".into(),
+                phase: Phase::Compensation,
+                attempt: 3,
+                reason: "comp unavailable".into(),
+                transient: true
+            },
+            TimelineEvent::Parked {
+                step: "b".into(),
+                reason: "compensation of step b failed 3 times: comp unavailable".into()
+            },
+        ]
+    );
+    assert!(sim.timeline.iter().any(|e| e.event
+        == TimelineEvent::TimedOut { step: "b".into(), phase: Phase::Compensation, attempt: 2 }));
+    assert!(sim.timeline.iter().any(|e| e.event
+        == TimelineEvent::CompensationStarted {
+            cause: Cause::StepFailed { step: "c".into(), reason: "declined".into() }
+        }));
+    let h = sim
+        .at(5000)
+        .handle(Event::OperatorResolve { reason: "written off".into(), by: Some("bob".into()) });
+    assert_eq!(
+        events(&h),
+        [
+            TimelineEvent::OperatorResolve { reason: "written off".into(), by: Some("bob".into()) },
+            TimelineEvent::Finished { status: SagaStatus::Resolved },
+        ]
+    );
+}
+
+#[test]
+fn an_operator_message_passes_who_asked_to_the_timeline() {
+    use saga_core::wire::{OperatorAction, OperatorMessage, PROTOCOL_VERSION};
+    let msg = OperatorMessage {
+        v: PROTOCOL_VERSION,
+        saga_id: SagaId::from(SAGA_ID),
+        action: OperatorAction::Cancel,
+        reason: "duplicate order".into(),
+        by: Some("support".into()),
+    };
+    let event = msg.to_event();
+    assert_eq!(
+        event,
+        Event::Cancel { reason: "duplicate order".into(), by: Some("support".into()) }
+    );
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    let h = sim.at(5).handle(event);
+    assert_eq!(
+        events(&h)[0],
+        TimelineEvent::CancelRequested {
+            reason: "duplicate order".into(),
+            by: Some("support".into())
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands that found no responder.
+
+/// One step `a` with a single attempt and a 1 s timeout.
+fn single_attempt() -> saga_core::Plan {
+    plan(
+        SagaDefinition::builder("once")
+            .step("a", "svc-a", "do-a", |s| {
+                s.compensation("undo-a").timeout(Duration::from_secs(1)).retry(exact_retry(1))
+            })
+            .build(),
+    )
+}
+
+#[test]
+fn undelivered_is_not_an_attempt() {
+    let mut sim = Sim::new(&single_attempt());
+    sim.start();
+    let mut t = 0;
+    for (k, delay) in [500, 1000, 2000, 4000, 8000].into_iter().enumerate() {
+        t += 10;
+        let h = sim.at(t).handle(undelivered("a", 1));
+        assert_eq!(h.rule, Rule::Undelivered);
+        assert_eq!(
+            summary(&h.result.unwrap()),
+            ["disarm a.a.1.timeout".to_owned(), format!("arm a.a.1.redeliver @{}", t + delay)]
+        );
+        assert_eq!(
+            events(&sim.records.last().unwrap().handled),
+            [TimelineEvent::NotDelivered {
+                step: "a".into(),
+                phase: Phase::Action,
+                attempt: 1,
+                retry_at: Timestamp(t + delay)
+            }]
+        );
+        let snap = sim.state.snapshot();
+        assert_eq!(
+            (snap.steps[0].status, snap.steps[0].attempt, snap.steps[0].undelivered),
+            (StepStatus::Running, 1, k as u32 + 1)
+        );
+        assert_eq!(snap.steps[0].timer_at, Some(Timestamp(t + delay)));
+        // The same report again changes nothing: the command was not sent since.
+        assert_eq!(
+            sim.err(undelivered("a", 1)),
+            Rejection::Duplicate {
+                step: "a".into(),
+                phase: Phase::Action,
+                attempt: 1,
+                already: "reported undelivered"
+            }
+        );
+        // Waiting to send again, the attempt cannot time out.
+        assert!(matches!(sim.err(timeout("a", 1)), Rejection::Stale { attempt: 1, .. }));
+        let h = sim.fire(&"a".into());
+        t = sim.now.0;
+        assert_eq!(h.rule, Rule::RunningTimer);
+        let fx = h.result.unwrap();
+        assert_eq!(
+            summary(&fx),
+            [
+                format!("dispatch id.a.a.1 do-a @{}", t + 1000),
+                format!("arm a.a.1.timeout @{}", t + 1000)
+            ]
+        );
+        assert_eq!(
+            events(&sim.records.last().unwrap().handled),
+            [dispatched("a", Phase::Action, 1, t + 1000)]
+        );
+        // Sent again: the counter stays until an answer comes.
+        assert_eq!(sim.state.snapshot().steps[0].undelivered, k as u32 + 1);
+        assert!(!sim.state.snapshot().steps[0].awaiting_redelivery);
+        // A stale redelivery timer is refused.
+        assert!(matches!(sim.err(redeliver("a", 1)), Rejection::Stale { .. }));
+    }
+    assert!(sim.sent.iter().all(|d| d.command_id.as_str() == "id.a.a.1"));
+    assert_eq!(sim.sent.len(), 6);
+    assert_eq!(sim.state.step_attempt(&"a".into(), Phase::Action), Some(1));
+    t += 10;
+    assert_eq!(
+        summary(&sim.at(t).ok(succeeded("a", 1))),
+        s(&[
+            "disarm a.a.1.timeout",
+            "publish step_succeeded a",
+            "publish completed",
+            "finish completed"
+        ])
+    );
+    assert_eq!(sim.state.status(), SagaStatus::Completed);
+    assert_eq!(sim.state.snapshot().steps[0].undelivered, 0);
+    assert!(sim.timers.is_empty() && sim.unarmed_cancels.is_empty());
+    assert!(sim.anomalies.is_empty(), "{:?}", sim.anomalies);
+}
+
+#[test]
+fn redelivery_waits_double_each_time_up_to_30_seconds() {
+    let mut sim = Sim::new(&single_attempt());
+    sim.start();
+    let mut delays = Vec::new();
+    for _ in 0..9 {
+        let at = sim.now;
+        sim.ok(undelivered("a", 1));
+        let (_, fires) = sim.timers[&StepName::from("a")];
+        delays.push(fires.0 - at.0);
+        sim.fire(&"a".into());
+    }
+    assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]);
+}
+
+#[test]
+fn a_redelivered_attempt_can_still_time_out() {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(undelivered("a", 1));
+    assert_eq!(
+        summary(&sim.fire(&"a".into()).result.unwrap()),
+        s(&["dispatch id.a.a.1 do-a @1510", "arm a.a.1.timeout @1510"])
+    );
+    // Sent, but never answered: the attempt times out as usual and the next one is a new
+    // attempt with a fresh redelivery count.
+    assert_eq!(summary(&sim.at(1510).ok(timeout("a", 1))), s(&["arm a.a.1.backoff @1610"]));
+    assert_eq!(sim.state.snapshot().steps[0].undelivered, 0);
+    assert_eq!(
+        summary(&sim.at(1610).ok(backoff("a", 1))),
+        s(&["dispatch id.a.a.2 do-a @2610", "arm a.a.2.timeout @2610"])
+    );
+    assert_eq!(
+        summary(&sim.at(1620).ok(undelivered("a", 2))),
+        s(&["disarm a.a.2.timeout", "arm a.a.2.redeliver @2120"])
+    );
+}
+
+#[test]
+fn a_reply_while_waiting_for_redelivery_is_taken() {
+    // An earlier send did arrive after all (a driver re-sent the command after a crash).
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(undelivered("a", 1));
+    assert_eq!(
+        summary(&sim.at(20).ok(succeeded("a", 1))),
+        s(&[
+            "disarm a.a.1.redeliver",
+            "publish step_succeeded a",
+            "dispatch id.b.a.1 do-b @1020",
+            "arm b.a.1.timeout @1020",
+        ])
+    );
+    assert!(matches!(sim.err(redeliver("a", 1)), Rejection::Duplicate { .. }));
+    // And a failure: retried as usual, and the redelivery count starts over.
+    sim.at(30).ok(undelivered("b", 1));
+    assert_eq!(sim.state.snapshot().steps[1].undelivered, 1);
+    assert_eq!(
+        summary(&sim.at(40).ok(failed("b", 1, true))),
+        s(&["disarm b.a.1.redeliver", "arm b.a.1.backoff @140"])
+    );
+    assert_eq!(sim.state.snapshot().steps[1].undelivered, 0);
+    assert!(sim.unarmed_cancels.is_empty(), "{:?}", sim.unarmed_cancels);
+}
+
+#[test]
+fn undelivered_reports_for_other_attempts_are_refused() {
+    let mut sim = Sim::new(&chain3());
+    assert_eq!(sim.handle(undelivered("a", 1)).rule, Rule::NotStarted);
+    sim.start();
+    sim.fire(&"a".into()); // attempt 1 times out at 1000
+                           // Waiting for the backoff: nothing in flight.
+    assert!(matches!(
+        sim.err(undelivered("a", 1)),
+        Rejection::Stale { attempt: 1, current: 1, status: StepStatus::RetryWait, .. }
+    ));
+    sim.fire(&"a".into()); // attempt 2 at 1100
+    for (event, attempt) in [(undelivered("a", 1), 1), (undelivered("a", 3), 3)] {
+        assert_eq!(
+            sim.err(event),
+            Rejection::Stale {
+                step: "a".into(),
+                phase: Phase::Action,
+                attempt,
+                current: 2,
+                status: StepStatus::Running
+            }
+        );
+    }
+    let comp = Event::Undelivered { step: "a".into(), phase: Phase::Compensation, attempt: 1 };
+    assert!(matches!(sim.err(comp), Rejection::Stale { phase: Phase::Compensation, .. }));
+    assert_eq!(sim.err(undelivered("zz", 1)), Rejection::UnknownStep { step: "zz".into() });
+    sim.at(1200).ok(succeeded("a", 2));
+    assert!(matches!(
+        sim.err(undelivered("a", 2)),
+        Rejection::Duplicate { already: "succeeded", .. }
+    ));
+    sim.at(1300).ok(failed("b", 1, false));
+    sim.at(1400).ok(comp_ok("a", 1));
+    let h = sim.handle(undelivered("a", 2));
+    assert_eq!(h.rule, Rule::Finished);
+    assert!(matches!(h.result, Err(Rejection::Finished { event: "undelivered", .. })));
+    assert!(sim.anomalies.is_empty(), "{:?}", sim.anomalies);
+}
+
+#[test]
+fn an_undelivered_compensation_is_sent_again_with_the_same_id() {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    sim.at(20).ok(failed("b", 1, false));
+    let h = sim.at(30).handle(Event::Undelivered {
+        step: "a".into(),
+        phase: Phase::Compensation,
+        attempt: 1,
+    });
+    assert_eq!(h.rule, Rule::Undelivered);
+    assert_eq!(
+        summary(&h.result.unwrap()),
+        s(&["disarm a.c.1.timeout", "arm a.c.1.redeliver @530"])
+    );
+    assert_outstanding(&sim, &[]);
+    let h = sim.fire(&"a".into());
+    assert_eq!(h.rule, Rule::CompensatingTimer);
+    assert_eq!(
+        summary(&h.result.unwrap()),
+        s(&["dispatch id.a.c.1 undo-a @1530", "arm a.c.1.timeout @1530"])
+    );
+    assert_outstanding(&sim, &["id.a.c.1"]);
+    let first = &sim.sent[sim.sent.len() - 2];
+    let again = sim.sent.last().unwrap();
+    assert_eq!((&first.command_id, &first.output), (&again.command_id, &again.output));
+    sim.at(1600).ok(comp_ok("a", 1));
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
+}
+
+#[test]
+fn outstanding_re_arms_the_redelivery_without_sending() {
+    let mut sim = Sim::new(&flow_plan());
+    sim.start();
+    sim.at(10).ok(undelivered("a", 1));
+    assert_outstanding(&sim, &["id.b.a.1"]);
+    let rebuilt = SagaState::replay(SagaId::from(SAGA_ID), &sim.plan, &sim.log).unwrap();
+    assert_eq!(rebuilt, sim.state);
+    sim.fire(&"a".into());
+    assert_outstanding(&sim, &["id.a.a.1", "id.b.a.1"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -913,7 +1328,7 @@ fn regression_a_pivot_that_succeeds_after_a_cancel_still_completes_the_saga() {
     sim.drain(0);
     assert_eq!(sim.step("p"), StepStatus::Succeeded);
     assert_eq!(
-        (sim.state.status, compensation_order(&sim)),
+        (sim.state.status(), compensation_order(&sim)),
         (SagaStatus::Completed, vec![]),
         "BUG-2: the pivot succeeded, so the saga must complete (r must run, a must not be undone)"
     );
@@ -951,7 +1366,7 @@ fn regression_an_earlier_timed_out_attempt_keeps_the_outcome_unknown() {
         !leaked,
         "BUG-3: a's action ran and was never compensated (a ended {:?}, saga {})",
         sim.step("a"),
-        sim.state.status
+        sim.state.status()
     );
 }
 
@@ -975,7 +1390,7 @@ fn cancel_is_refused_while_the_pivot_is_in_flight() {
     refused(&mut sim); // waiting to retry
     sim.at(120).ok(backoff("p", 1));
     sim.at(130).ok(failed("p", 2, false));
-    assert_eq!(sim.state.status, SagaStatus::Compensating, "the pivot failed: undo a");
+    assert_eq!(sim.state.status(), SagaStatus::Compensating, "the pivot failed: undo a");
     assert_eq!(compensation_order(&sim), ["a"]);
 }
 
@@ -1000,13 +1415,13 @@ fn bug_a_late_success_of_the_stuck_compensation_unparks_the_saga() {
         summary(&sim.at(1350).ok(timer("b", Phase::Compensation, 3, TimerKind::Timeout))),
         s(&["publish needs_intervention b"])
     );
-    assert_eq!(sim.state.status, SagaStatus::NeedsIntervention);
+    assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
     // The timed-out attempt did its work after all.
     let h = sim.at(1400).handle(comp_ok("b", 3));
     assert_eq!(h.rule, Rule::CompensationSucceeded);
     assert_eq!(sim.step("b"), StepStatus::Compensated);
     assert_eq!(
-        (sim.state.status, summary(&h.result.unwrap())),
+        (sim.state.status(), summary(&h.result.unwrap())),
         (
             SagaStatus::Compensating,
             s(&[

@@ -4,17 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
 use futures::StreamExt;
-use saga_core::envelope::{OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
+use saga_core::wire::{quote, OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
 use saga_core::{
-    Codec, HistoryEntry, Payload, Plan, SagaDefinition, SagaId, SagaName, SagaState, SagaStatus,
+    Codec, Event, Payload, Plan, SagaDefinition, SagaId, SagaName, SagaSnapshot, SagaState,
+    SagaStatus, StepStatus, TimelineEntry,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::store::{Registry, RegistryError, StateStore};
+use crate::store::{Registry, RegistryError, SagaLog, TimelinePage};
 use crate::subjects::{self, headers, InputKind};
 
 /// The kinds of [`SagaClientError`], for matching.
@@ -29,6 +30,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// No saga has that id.
     NotFound,
+    /// A saga with that id (or idempotency key) exists with another definition or input.
+    Conflict,
     /// The saga is not in a status where the action applies.
     NotApplicable,
     /// The wait ran out of time.
@@ -73,32 +76,35 @@ impl From<RegistryError> for SagaClientError {
     }
 }
 
-/// A saga as the client shows it: its status, its steps and its whole history.
+/// A saga as the client shows it: its snapshot (status, steps, outputs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaView {
-    /// The saga's full state.
-    pub state: SagaState,
+    /// The saga's state.
+    pub snapshot: SagaSnapshot,
+    /// Whether any transition of it is logged yet (`false`: accepted, and its first step is
+    /// under way).
+    pub logged: bool,
 }
 
 impl SagaView {
     /// The saga's id.
     pub fn id(&self) -> &SagaId {
-        &self.state.id
+        &self.snapshot.id
     }
 
     /// Its definition's name.
     pub fn saga(&self) -> &SagaName {
-        &self.state.saga
+        &self.snapshot.saga
     }
 
     /// Its status.
     pub fn status(&self) -> SagaStatus {
-        self.state.status
+        self.snapshot.status
     }
 
-    /// Everything that happened to it, in order.
-    pub fn history(&self) -> &[HistoryEntry] {
-        &self.state.history
+    /// The status of step `step`, if the saga has it.
+    pub fn step_status(&self, step: &str) -> Option<StepStatus> {
+        self.snapshot.steps.iter().find(|s| s.name.as_str() == step).map(|s| s.status)
     }
 
     /// The output of step `step`, decoded, if it succeeded.
@@ -106,12 +112,17 @@ impl SagaView {
         &self,
         step: &str,
     ) -> Option<Result<O, rmp_serde::decode::Error>> {
-        self.state
+        self.snapshot
             .steps
             .iter()
             .find(|s| s.name.as_str() == step)
             .and_then(|s| s.output.as_ref())
             .map(|o| rmp_serde::from_slice(o.as_bytes()))
+    }
+
+    /// The saga's input, decoded.
+    pub fn input<I: serde::de::DeserializeOwned>(&self) -> Result<I, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(self.snapshot.input.as_bytes())
     }
 }
 
@@ -132,8 +143,9 @@ pub struct SagaClient {
     client: async_nats::Client,
     js: jetstream::Context,
     registry: Registry,
-    store: StateStore,
+    log: SagaLog,
     codec: Codec,
+    operator: Option<String>,
 }
 
 impl SagaClient {
@@ -159,10 +171,16 @@ impl SagaClient {
         let js = jetstream::new(client.clone());
         let registry = Registry::open(&js).await?;
         let codec = Codec::default();
-        let store = StateStore::open(js.clone(), codec, Duration::ZERO)
-            .await
-            .map_err(SagaClientError::nats)?;
-        Ok(SagaClient { client, js, registry, store, codec })
+        let log = SagaLog::open(js.clone(), codec).await.map_err(SagaClientError::nats)?;
+        let operator = std::env::var("USER").ok();
+        Ok(SagaClient { client, js, registry, log, codec, operator })
+    }
+
+    /// Names the operator recorded with this client's cancellations and operator actions
+    /// (default: the `USER` environment variable).
+    pub fn with_operator(mut self, name: impl Into<String>) -> Self {
+        self.operator = Some(name.into());
+        self
     }
 
     /// Registers a definition (validated first), making it the latest version of its name.
@@ -240,12 +258,18 @@ impl SagaClient {
                 ),
             ));
         }
+        let input = Payload::new(input);
+        if key.is_some() {
+            if let Some(existing) = self.existing(&id, &plan, &input).await? {
+                return existing;
+            }
+        }
         let msg = StartMessage {
             v: PROTOCOL_VERSION,
             saga_id: id.clone(),
             saga: plan.name().clone(),
             digest: plan.digest().to_owned(),
-            input: Payload::new(input),
+            input: input.clone(),
             idempotency_key: key,
         };
         let payload = self.codec.encode(&msg).map_err(|e| {
@@ -254,37 +278,96 @@ impl SagaClient {
         let traceparent = crate::telemetry::new_traceparent();
         let publish = PublishMessage::build()
             .message_id(format!("start.{id}").as_str())
+            .expected_last_subject_sequence(0)
             .header(headers::SAGA_ID, id.as_str())
             .header(headers::TRACEPARENT, traceparent.as_str())
             .payload(Bytes::from(payload));
-        self.js
+        let ack = self
+            .js
             .send_publish(subjects::input(&id, InputKind::Start), publish)
             .await
             .map_err(SagaClientError::nats)?
-            .await
-            .map_err(SagaClientError::nats)?;
-        Ok(id)
+            .await;
+        match ack {
+            Ok(ack) if !ack.duplicate => Ok(id),
+            // A start with this id is already waiting (or was just accepted): it is the same
+            // saga only if it has the same input.
+            Ok(_) => self.existing(&id, &plan, &input).await?.unwrap_or(Ok(id)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                self.existing(&id, &plan, &input).await?.unwrap_or(Ok(id))
+            }
+            Err(e) => Err(SagaClientError::nats(e)),
+        }
     }
 
-    /// The saga's state and history, or `None` if no saga has that id (or it finished and
-    /// expired).
+    /// If saga `id` exists: `Ok(id)` when it has this definition and input, a
+    /// [`ErrorKind::Conflict`] error when not.
+    async fn existing(
+        &self,
+        id: &SagaId,
+        plan: &Plan,
+        input: &Payload,
+    ) -> Result<Option<Result<SagaId, SagaClientError>>, SagaClientError> {
+        let Some(view) = self.get(id).await? else { return Ok(None) };
+        let snap = &view.snapshot;
+        if snap.saga == *plan.name() && snap.input == *input {
+            return Ok(Some(Ok(id.clone())));
+        }
+        Ok(Some(Err(SagaClientError::new(
+            ErrorKind::Conflict,
+            format!(
+                "saga {id} ({}) already exists with {}: a start with the same idempotency key and other input is refused",
+                snap.saga,
+                if snap.saga != *plan.name() { "another definition" } else { "another input" }
+            ),
+        ))))
+    }
+
+    /// The saga's snapshot, or `None` if no saga has that id (or it finished and expired).
     pub async fn get(&self, id: &SagaId) -> Result<Option<SagaView>, SagaClientError> {
-        Ok(self
-            .store
-            .load(id)
-            .await
-            .map_err(SagaClientError::nats)?
-            .map(|v| SagaView { state: v.record.state }))
+        if let Some(v) = self.log.load(id).await.map_err(SagaClientError::nats)? {
+            return Ok(Some(SagaView { snapshot: v.record.snapshot, logged: true }));
+        }
+        // Accepted but not logged yet: its first step is under way.
+        let Some(start) = self.log.pending_start(id).await.map_err(SagaClientError::nats)? else {
+            return Ok(None);
+        };
+        let plan = self.registry.version(&start.saga, &start.digest).await?;
+        let mut state = SagaState::new(id.clone(), &plan);
+        let _ = state.handle(&plan, crate::deliver::now(), &Event::Start { input: start.input });
+        Ok(Some(SagaView { snapshot: state.snapshot(), logged: false }))
+    }
+
+    /// The saga's whole timeline, oldest first.
+    pub async fn timeline(&self, id: &SagaId) -> Result<Vec<TimelineEntry>, SagaClientError> {
+        let mut entries = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.timeline_page(id, after, 64).await?;
+            entries.extend(page.entries);
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(entries),
+            }
+        }
+    }
+
+    /// One page of the saga's timeline: the entries of up to `records` log records after log
+    /// sequence `after` (0: from the beginning).
+    pub async fn timeline_page(
+        &self,
+        id: &SagaId,
+        after: u64,
+        records: usize,
+    ) -> Result<TimelinePage, SagaClientError> {
+        self.log.timeline(id, after, records).await.map_err(SagaClientError::nats)
     }
 
     /// Waits until the saga ends (or needs intervention), up to `timeout`.
     pub async fn wait(&self, id: &SagaId, timeout: Duration) -> Result<SagaView, SagaClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut events = self
-            .client
-            .subscribe(format!("saga.event.*.*.{id}"))
-            .await
-            .map_err(SagaClientError::nats)?;
+        let mut events =
+            self.client.subscribe(subjects::log_of(id)).await.map_err(SagaClientError::nats)?;
         loop {
             if let Some(view) = self.get(id).await? {
                 if view.status().is_terminal() || view.status() == SagaStatus::NeedsIntervention {
@@ -305,7 +388,7 @@ impl SagaClient {
 
     /// Sagas matching `filter`, by id.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaView>, SagaClientError> {
-        let ids = self.store.ids().await.map_err(SagaClientError::nats)?;
+        let ids = self.log.ids().await.map_err(SagaClientError::nats)?;
         let mut out = Vec::new();
         for id in ids {
             let Some(view) = self.get(&id).await? else { continue };
@@ -352,7 +435,10 @@ impl SagaClient {
         allowed: &[SagaStatus],
     ) -> Result<(), SagaClientError> {
         let view = self.get(id).await?.ok_or_else(|| {
-            SagaClientError::new(ErrorKind::NotFound, format!("no saga with id {id}"))
+            SagaClientError::new(
+                ErrorKind::NotFound,
+                format!("no saga with id {}", quote(id.as_str())),
+            )
         })?;
         if !allowed.contains(&view.status()) {
             return Err(SagaClientError::new(
@@ -365,14 +451,14 @@ impl SagaClient {
             saga_id: id.clone(),
             action,
             reason: reason.to_owned(),
-            by: std::env::var("USER").ok(),
+            by: self.operator.clone(),
         };
         let payload = self
             .codec
             .encode(&msg)
             .map_err(|e| SagaClientError::new(ErrorKind::InvalidInput, e.to_string()))?;
         let publish = PublishMessage::build()
-            .message_id(format!("op.{id}.{}.{}", view.state.events, action.as_str()).as_str())
+            .message_id(format!("op.{id}.{}.{}", view.snapshot.events, action.as_str()).as_str())
             .header(headers::SAGA_ID, id.as_str())
             .payload(Bytes::from(payload));
         self.js

@@ -1,43 +1,51 @@
-//! The coordinator: consumes saga inputs, drives each saga's state machine, records every
-//! transition durably (compare-and-swap fenced) and carries out its effects.
+//! The coordinator: starts sagas, sends each step's command, records every outcome in the
+//! saga's log and decides what comes next.
 //!
-//! Any number of replicas share one durable consumer. Each input is handled as:
-//! load the saga's record → `handle(now, event)` → write the new record with
-//! `Nats-Expected-Last-Subject-Sequence` → publish the commands, timers and lifecycle events →
-//! acknowledge the input. A replica that loses the compare-and-swap reloads and tries again;
-//! a replica that dies before the acknowledgement leaves the input to be redelivered, and the
-//! redelivery re-publishes the saga's outstanding effects (idempotent: same message ids, same
-//! command ids, same timer subjects).
+//! Any number of replicas share one durable consumer of starts and operator actions. The
+//! replica that receives a start **holds** it, unacknowledged, for as long as the saga lives:
+//! the start is the saga's durable record until its first transition is logged, and the held
+//! message is how another replica takes the saga over if this one dies (the server redelivers
+//! it after the ack wait; the holder confirms it is alive every third of that). The holder
+//! sends commands as core NATS requests whose reply subject names the replica and the service
+//! that must answer, so replies come back to the replica that keeps the saga warm in memory,
+//! and keeps the steps' timers in memory too.
+//!
+//! Each transition is decided by the pure state machine, appended to the saga's log with a
+//! compare-and-swap over all of the saga's log subjects, and only then carried out
+//! ([`Worker::execute`] is the one place where effects happen). A replica that loses the
+//! compare-and-swap reloads and decides again, so two replicas never both act on one state.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, message::PublishMessage, AckKind};
-use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
+use async_nats::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::StreamExt;
-use saga_core::envelope::{
-    CommandMessage, LifecycleMessage, OperatorMessage, ReplyMessage, StartMessage, TimerMessage,
+use saga_core::wire::{
+    quote, CommandMessage, LifecycleNote, LogRecord, OperatorMessage, ReplyMessage, StartMessage,
     PROTOCOL_VERSION,
 };
 use saga_core::{
-    Codec, CodecError, Effect, Event, LifecycleKind, Plan, SagaDefinition, SagaId, SagaState,
-    Timestamp,
+    Codec, CodecError, Effect, Event, Phase, Plan, SagaDefinition, SagaId, SagaState, StepName,
+    TimelineEntry, Timer, Timestamp,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::deliver::{dead_letter, now, redelivery_delay};
 use crate::provision::{provision, ProvisionConfig, ProvisionError};
-use crate::store::{Registry, RegistryError, StateRecord, StateStore, StoreError, Versioned};
-use crate::subjects::{self, headers, InputKind};
+use crate::store::{Registry, RegistryError, SagaLog, StoreError};
+use crate::subjects::{self, headers, InputKind, ReplyTo};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// Streams, retention and redelivery (see [`ProvisionConfig`]).
+    /// Streams, retention and take-over time (see [`ProvisionConfig`]).
     pub provision: ProvisionConfig,
     /// Sagas are spread over this many worker tasks by id; each worker handles its sagas'
     /// inputs one at a time, in order.
@@ -46,6 +54,11 @@ pub struct CoordinatorConfig {
     pub max_message_size: usize,
     /// Definitions to register at start-up.
     pub definitions: Vec<SagaDefinition>,
+    /// This replica's name in reply subjects (a token); a random one when `None`.
+    pub replica: Option<String>,
+    /// How many times an input that could not be handled is delivered before it is
+    /// dead-lettered with its reason.
+    pub max_deliveries: i64,
 }
 
 impl Default for CoordinatorConfig {
@@ -53,8 +66,10 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             provision: ProvisionConfig::default(),
             workers: 32,
-            max_message_size: saga_core::envelope::DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_size: saga_core::wire::DEFAULT_MAX_MESSAGE_SIZE,
             definitions: Vec::new(),
+            replica: None,
+            max_deliveries: 10,
         }
     }
 }
@@ -69,18 +84,27 @@ pub enum CoordinatorError {
     /// A definition was refused.
     #[error(transparent)]
     Definition(#[from] RegistryError),
+    /// The replica name is not a token.
+    #[error("coordinator replica name {name:?} {reason}")]
+    InvalidReplica {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        reason: saga_core::TokenError,
+    },
     /// NATS failed.
     #[error("coordinator: NATS error: {0}")]
     Nats(async_nats::Error),
 }
 
 /// A running coordinator replica. Cheap to clone; [`Coordinator::shutdown`] stops it
-/// gracefully.
+/// gracefully, handing the sagas it holds to the other replicas at once.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
     registry: Registry,
+    replica: String,
 }
 
 impl Coordinator {
@@ -108,6 +132,15 @@ impl Coordinator {
         client: async_nats::Client,
         config: CoordinatorConfig,
     ) -> Result<Coordinator, CoordinatorError> {
+        let replica = match &config.replica {
+            Some(name) => {
+                saga_core::check_token(name).map_err(|reason| {
+                    CoordinatorError::InvalidReplica { name: quote(name), reason }
+                })?;
+                name.clone()
+            }
+            None => uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+        };
         provision(&client, &config.provision).await?;
         let js = jetstream::new(client.clone());
         let registry = Registry::open(&js).await?;
@@ -116,23 +149,35 @@ impl Coordinator {
             info!(saga = %plan.name(), digest = plan.digest(), "registered saga definition");
         }
         let codec = Codec::with_max_size(config.max_message_size);
-        let store = StateStore::open(js.clone(), codec, config.provision.finished_retention)
-            .await
-            .map_err(CoordinatorError::Nats)?;
-        let input_stream = js
-            .get_stream_no_info(subjects::INPUT_STREAM)
-            .await
-            .map_err(|e| CoordinatorError::Nats(e.into()))?;
+        let log = SagaLog::open(js.clone(), codec).await.map_err(CoordinatorError::Nats)?;
         let consumer: PullConsumer = js
             .get_consumer_from_stream(subjects::COORDINATOR_CONSUMER, subjects::INPUT_STREAM)
             .await
             .map_err(|e| CoordinatorError::Nats(e.into()))?;
-        let shared =
-            Arc::new(Shared { js, store, registry: registry.clone(), codec, input_stream });
+        let replies = client
+            .subscribe(subjects::replies_of(&replica))
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.into()))?;
+        let shared = Arc::new(Shared {
+            client,
+            js,
+            log,
+            registry: registry.clone(),
+            codec,
+            replica: replica.clone(),
+            ack_wait: config.provision.ack_wait,
+            retention: config.provision.finished_retention,
+            max_deliveries: config.max_deliveries.max(1),
+        });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(run(shared, consumer, config.workers.max(1), shutdown_rx));
-        info!(workers = config.workers, "coordinator started");
-        Ok(Coordinator { shutdown, done: Arc::new(tokio::sync::Mutex::new(Some(task))), registry })
+        let task = tokio::spawn(run(shared, consumer, replies, config.workers.max(1), shutdown_rx));
+        info!(%replica, workers = config.workers, "coordinator started");
+        Ok(Coordinator {
+            shutdown,
+            done: Arc::new(tokio::sync::Mutex::new(Some(task))),
+            registry,
+            replica,
+        })
     }
 
     /// The definition registry this coordinator uses.
@@ -140,8 +185,13 @@ impl Coordinator {
         &self.registry
     }
 
-    /// Stops taking inputs, finishes the ones in hand (their writes and effects), and returns.
-    /// Inputs fetched but not handled are redelivered to another replica.
+    /// This replica's name (in its reply subjects).
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Stops taking inputs, finishes the one in hand, hands every saga it holds back to the
+    /// other replicas (they take them over at once), and returns.
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
         if let Some(task) = self.done.lock().await.take() {
@@ -151,28 +201,56 @@ impl Coordinator {
 }
 
 struct Shared {
+    client: async_nats::Client,
     js: jetstream::Context,
-    store: StateStore,
+    log: SagaLog,
     registry: Registry,
     codec: Codec,
-    input_stream: jetstream::stream::Stream<()>,
+    replica: String,
+    ack_wait: Duration,
+    retention: Duration,
+    max_deliveries: i64,
+}
+
+/// Work for one worker.
+enum Work {
+    /// A start or an operator action from the input stream.
+    Input(jetstream::Message),
+    /// A participant's reply (or the server's "no responders") on this replica's subject.
+    Reply(ReplyTo, async_nats::Message),
+}
+
+impl Work {
+    fn saga_id(&self) -> &str {
+        match self {
+            Work::Input(msg) => msg.subject.split('.').nth(2).unwrap_or(""),
+            Work::Reply(to, _) => to.saga_id.as_str(),
+        }
+    }
 }
 
 async fn run(
     shared: Arc<Shared>,
     consumer: PullConsumer,
+    mut replies: async_nats::Subscriber,
     workers: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut senders = Vec::with_capacity(workers);
     let mut tasks = Vec::with_capacity(workers);
     for n in 0..workers {
-        let (tx, rx) = mpsc::channel::<jetstream::Message>(64);
+        let (tx, rx) = mpsc::channel::<Work>(256);
         senders.push(tx);
-        tasks.push(tokio::spawn(
-            Worker { shared: shared.clone(), cache: HashMap::new() }.run(rx, n),
-        ));
+        tasks.push(tokio::spawn(Worker::new(shared.clone()).run(rx, n)));
     }
+    let route = |work: Work, senders: &Vec<mpsc::Sender<Work>>| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        work.saga_id().hash(&mut h);
+        let shard = (h.finish() % senders.len() as u64) as usize;
+        senders[shard].clone().try_send(work).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => (shard, w),
+        })
+    };
     'outer: loop {
         let mut messages = match consumer.stream().max_messages_per_batch(256).messages().await {
             Ok(m) => m,
@@ -185,442 +263,98 @@ async fn run(
             }
         };
         loop {
-            tokio::select! {
+            let work = tokio::select! {
                 _ = shutdown.changed() => break 'outer,
                 next = messages.next() => match next {
-                    Some(Ok(msg)) => {
-                        let shard = shard_of(&msg.subject, workers);
-                        if senders[shard].send(msg).await.is_err() {
-                            break 'outer;
-                        }
-                    }
+                    Some(Ok(msg)) => Work::Input(msg),
                     Some(Err(e)) => {
                         warn!(error = %e, "error while pulling inputs");
+                        continue;
                     }
                     None => {
                         warn!("input stream ended; pulling again");
                         continue 'outer;
                     }
                 },
+                reply = replies.next() => match reply {
+                    Some(msg) => match ReplyTo::parse(&msg.subject) {
+                        Some(to) => Work::Reply(to, msg),
+                        None => {
+                            warn!(subject = %quote(&msg.subject), "message on a reply subject that names no command: dropped");
+                            continue;
+                        }
+                    },
+                    None => break 'outer,
+                },
+            };
+            if let Err((shard, work)) = route(work, &senders) {
+                // The worker is busy: wait for room rather than drop (backpressure).
+                if senders[shard].send(work).await.is_err() {
+                    break 'outer;
+                }
             }
         }
     }
-    info!("coordinator stopping: finishing inputs in hand");
+    info!("coordinator stopping: handing held sagas over");
     drop(senders);
     for task in tasks {
         let _ = task.await;
     }
-    if let Err(e) = shared.js.client().flush().await {
+    if let Err(e) = shared.client.flush().await {
         warn!(error = %e, "flush on shutdown failed");
     }
     info!("coordinator stopped");
 }
 
-fn shard_of(subject: &str, workers: usize) -> usize {
-    let id = subject.split('.').nth(2).unwrap_or("");
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    id.hash(&mut h);
-    (h.finish() % workers as u64) as usize
-}
-
-/// The time now, for the state machine.
-pub(crate) fn now() -> Timestamp {
-    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
-}
-
 /// Compare-and-swap conflicts tolerated for one input before it is left for redelivery.
 const MAX_CAS_ATTEMPTS: usize = 16;
-/// Cached sagas per worker before the cache is cleared.
-const MAX_CACHED: usize = 10_000;
+
+/// A saga this worker has in memory.
+struct Live {
+    state: SagaState,
+    plan: Arc<Plan>,
+    /// The log sequence of its newest record (0: none yet).
+    seq: u64,
+    trace: Option<String>,
+    /// Timeline entries and lifecycle events decided but not yet logged (the start's).
+    timeline: Vec<TimelineEntry>,
+    events: Vec<LifecycleNote>,
+    /// Inputs held unacknowledged while the saga lives: the start (or an operator action
+    /// that revived it). Another replica takes the saga over if they are redelivered.
+    handles: Vec<jetstream::Message>,
+    /// The pending timer of each step.
+    armed: HashMap<StepName, (Timer, Timestamp)>,
+    last_write: Instant,
+    last_progress: Instant,
+}
 
 struct Worker {
     shared: Arc<Shared>,
-    /// Sagas this worker touched lately, with the sequence they were written at. Another
-    /// replica may have written since: a failed compare-and-swap or a rejection reloads.
-    cache: HashMap<SagaId, Versioned>,
+    sagas: HashMap<SagaId, Live>,
+    timers: BinaryHeap<Reverse<(Timestamp, SagaId, TimerKey)>>,
 }
 
-/// An input decoded into an event.
-struct Input {
-    event: Event,
-    start: Option<StartMessage>,
-    trace: Option<String>,
+/// A timer in the heap (ordered, so it can sit in a `BinaryHeap`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerKey {
+    step: StepName,
+    phase: Phase,
+    attempt: u32,
+    kind: u8,
 }
 
-impl Worker {
-    async fn run(mut self, mut rx: mpsc::Receiver<jetstream::Message>, n: usize) {
-        while let Some(msg) = rx.recv().await {
-            self.handle(msg).await;
-        }
-        debug!(worker = n, "worker stopped");
-    }
-
-    async fn handle(&mut self, msg: jetstream::Message) {
-        let Some((id, kind)) = subjects::parse_input(&msg.subject) else {
-            let reason = format!("not a saga input subject: {}", msg.subject);
-            self.dead_letter(&msg, &reason).await;
-            return;
+impl TimerKey {
+    fn of(t: &Timer) -> TimerKey {
+        let kind = match t.kind {
+            saga_core::TimerKind::Timeout => 0,
+            saga_core::TimerKind::Backoff => 1,
+            saga_core::TimerKind::Redeliver => 2,
         };
-        let delivered = msg.info().map_or(1, |i| i.delivered);
-        let input = match self.decode(&id, kind, &msg) {
-            Ok(input) => input,
-            Err(reason) => {
-                self.dead_letter(&msg, &reason).await;
-                return;
-            }
-        };
-        let span = info_span!("saga.input", saga_id = %id, input = kind.token(), event = input.event.name());
-        async {
-            match self.apply(&id, &input, delivered).await {
-                Ok(()) => {
-                    if let Err(e) = msg.ack().await {
-                        warn!(error = %e, "ack failed; the input will be redelivered");
-                    }
-                }
-                Err(e) if e.is_permanent() => {
-                    let reason = format!("cannot be handled: {e}");
-                    self.dead_letter(&msg, &reason).await;
-                }
-                Err(e) => {
-                    error!(error = %e, "input not handled; it will be redelivered");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    fn decode(
-        &self,
-        id: &SagaId,
-        kind: InputKind,
-        msg: &jetstream::Message,
-    ) -> Result<Input, String> {
-        let codec = &self.shared.codec;
-        let trace = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.as_str().to_owned());
-        let wrong_saga = |found: &SagaId| {
-            format!("message for saga {found} arrived on the subject of saga {id}")
-        };
-        let (event, start) = match kind {
-            InputKind::Start => {
-                let m: StartMessage = codec.decode(&msg.payload).map_err(describe)?;
-                if &m.saga_id != id {
-                    return Err(wrong_saga(&m.saga_id));
-                }
-                (Event::Start { input: m.input.clone() }, Some(m))
-            }
-            InputKind::Reply => {
-                let m: ReplyMessage = codec.decode(&msg.payload).map_err(describe)?;
-                if &m.saga_id != id {
-                    return Err(wrong_saga(&m.saga_id));
-                }
-                (m.to_event(), None)
-            }
-            InputKind::Timer => {
-                let m: TimerMessage = codec.decode(&msg.payload).map_err(describe)?;
-                if &m.saga_id != id {
-                    return Err(wrong_saga(&m.saga_id));
-                }
-                (Event::TimerFired(m.timer), None)
-            }
-            InputKind::Operator => {
-                let m: OperatorMessage = codec.decode(&msg.payload).map_err(describe)?;
-                if &m.saga_id != id {
-                    return Err(wrong_saga(&m.saga_id));
-                }
-                (m.to_event(), None)
-            }
-        };
-        Ok(Input { event, start, trace })
-    }
-
-    /// Handles one input: load, transition, write, effects. `Err` leaves it for redelivery.
-    async fn apply(
-        &mut self,
-        id: &SagaId,
-        input: &Input,
-        delivered: i64,
-    ) -> Result<(), HandleError> {
-        let mut fresh = false;
-        // A start delivered for the first time is almost always for a new saga: write it
-        // without reading first (the write is fenced on "no record yet"; a conflict reloads).
-        let mut assume_new = input.start.is_some() && delivered <= 1;
-        for _ in 0..MAX_CAS_ATTEMPTS {
-            let current = match self.cache.get(id) {
-                Some(v) => Some(v.clone()),
-                None if assume_new => {
-                    assume_new = false;
-                    None
-                }
-                None => {
-                    fresh = true;
-                    self.shared.store.load(id).await?
-                }
-            };
-            let (mut state, seq, plan, trace) = match &current {
-                Some(v) => {
-                    let state = &v.record.state;
-                    let plan = self.shared.registry.version(&state.saga, &state.digest).await?;
-                    (state.clone(), v.seq, plan, v.record.trace.clone())
-                }
-                None => match &input.start {
-                    Some(start) => {
-                        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
-                        (SagaState::new(id.clone(), &plan), 0, plan, input.trace.clone())
-                    }
-                    None => {
-                        warn!(event = input.event.name(), "input for a saga that does not exist (never started, or expired after finishing); dropped");
-                        return Ok(());
-                    }
-                },
-            };
-            let handled = state.handle(&plan, now(), &input.event);
-            match handled.result {
-                Ok(effects) => {
-                    let events = lifecycle_messages(&state, &effects, current.is_none());
-                    let record = StateRecord { v: PROTOCOL_VERSION, state, events, trace };
-                    match self.shared.store.save(&record, seq).await {
-                        Ok(new_seq) => {
-                            debug!(rule = ?handled.rule, status = %record.state.status, "transition recorded");
-                            self.execute(&record, &plan, &effects).await?;
-                            if record.state.status.is_terminal() {
-                                self.cache.remove(id);
-                            } else {
-                                if self.cache.len() >= MAX_CACHED {
-                                    self.cache.clear();
-                                }
-                                self.cache.insert(id.clone(), Versioned { record, seq: new_seq });
-                            }
-                            return Ok(());
-                        }
-                        Err(StoreError::Conflict { .. }) => {
-                            debug!("compare-and-swap lost to another writer; reloading");
-                            self.cache.remove(id);
-                            continue;
-                        }
-                        Err(e) => {
-                            self.cache.remove(id);
-                            return Err(e.into());
-                        }
-                    }
-                }
-                Err(rejection) => {
-                    if !fresh {
-                        // The cache may be behind another replica: decide on the stored state.
-                        self.cache.remove(id);
-                        continue;
-                    }
-                    debug!(reason = %rejection, rule = ?handled.rule, delivered, "input changed nothing");
-                    if let Some(v) = &current {
-                        // The input may have been handled before by a process (or a NATS
-                        // server) that died before the transition's effects were all stored;
-                        // a server restart can even reset the delivery count. Carrying out
-                        // what must exist again is idempotent, and rejections are rare.
-                        self.redo(&v.record, &plan).await?;
-                    }
-                    return Ok(());
-                }
-            }
-        }
-        Err(HandleError::Contention)
-    }
-
-    /// Carries out a transition's effects and publishes its lifecycle events; waits for every
-    /// acknowledgement.
-    async fn execute(
-        &self,
-        record: &StateRecord,
-        plan: &Plan,
-        effects: &[Effect],
-    ) -> Result<(), HandleError> {
-        let state = &record.state;
-        let js = &self.shared.js;
-        let codec = &self.shared.codec;
-        let mut acks = Vec::new();
-        let mut finished = false;
-        for effect in effects {
-            match effect {
-                Effect::Dispatch(d) => {
-                    let cmd = CommandMessage::from_dispatch(&state.id, &state.saga, d);
-                    let payload = codec.encode(&cmd)?;
-                    let mut msg = PublishMessage::build()
-                        .message_id(d.command_id.as_str())
-                        .header(headers::SAGA_ID, state.id.as_str())
-                        .payload(Bytes::from(payload));
-                    if let Some(tp) = &record.trace {
-                        msg =
-                            msg.header(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
-                    }
-                    debug!(command_id = %d.command_id, service = %d.service, command = %d.command, "dispatch");
-                    acks.push(
-                        js.send_publish(subjects::command(&d.service, &d.command), msg).await?,
-                    );
-                }
-                Effect::ScheduleTimer { timer, at } => {
-                    let payload = codec.encode(&TimerMessage {
-                        v: PROTOCOL_VERSION,
-                        saga_id: state.id.clone(),
-                        timer: timer.clone(),
-                    })?;
-                    let msg = PublishMessage::build()
-                        .header(headers::SCHEDULE, format!("@at {}", rfc3339(*at)).as_str())
-                        .header(
-                            headers::SCHEDULE_TARGET,
-                            subjects::input(&state.id, InputKind::Timer).as_str(),
-                        )
-                        .header(headers::SAGA_ID, state.id.as_str())
-                        .payload(Bytes::from(payload));
-                    acks.push(js.send_publish(subjects::timer(&state.id, &timer.step), msg).await?);
-                }
-                // A step's timer is replaced by its next one, all of a saga's timers are purged
-                // when it ends, and a timer that fires late is rejected as stale: cancelling
-                // each one would cost a round trip for nothing.
-                Effect::CancelTimer { .. } => {}
-                Effect::Publish { .. } => {}
-                Effect::Finish { status } => {
-                    finished = true;
-                    info!(saga = %state.saga, %status, "saga finished");
-                }
-            }
-        }
-        let _ = plan;
-        for ev in &record.events {
-            acks.push(self.publish_event(state, ev).await?);
-        }
-        for ack in acks {
-            ack.await?;
-        }
-        if finished {
-            self.shared
-                .input_stream
-                .purge()
-                .filter(subjects::timers(&state.id))
-                .await
-                .map_err(|e| HandleError::Nats(e.into()))?;
-        }
-        Ok(())
-    }
-
-    async fn publish_event(
-        &self,
-        state: &SagaState,
-        ev: &LifecycleMessage,
-    ) -> Result<jetstream::context::PublishAckFuture, HandleError> {
-        let with_input = matches!(
-            ev.kind,
-            LifecycleKind::Started
-                | LifecycleKind::Completed
-                | LifecycleKind::Compensated
-                | LifecycleKind::Cancelled
-                | LifecycleKind::Resolved
-        );
-        let payload = if with_input {
-            let mut ev = ev.clone();
-            ev.input = Some(state.input.clone());
-            self.shared.codec.encode(&ev)?
-        } else {
-            self.shared.codec.encode(ev)?
-        };
-        let msg_id = format!(
-            "ev.{}.{}.{}.{}",
-            state.id,
-            state.events,
-            ev.kind.as_str(),
-            ev.step.as_ref().map_or("", |s| s.as_str())
-        );
-        let msg = PublishMessage::build()
-            .message_id(msg_id.as_str())
-            .header(headers::SAGA_ID, state.id.as_str())
-            .payload(Bytes::from(payload));
-        Ok(self
-            .shared
-            .js
-            .send_publish(subjects::event(&state.saga, ev.kind, &state.id), msg)
-            .await?)
-    }
-
-    /// Re-does what must exist for a saga to go on: its in-flight commands, its pending timers
-    /// and its latest lifecycle events (all deduplicated downstream).
-    async fn redo(&self, record: &StateRecord, plan: &Plan) -> Result<(), HandleError> {
-        let mut effects = record.state.outstanding(plan);
-        if record.state.status.is_terminal() {
-            effects.push(Effect::Finish { status: record.state.status });
-        }
-        self.execute(record, plan, &effects).await
-    }
-
-    async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
-        warn!(subject = %msg.subject, %reason, "dead-lettering input");
-        if let Err(e) = dead_letter(&self.shared.js, "coordinator", msg, reason).await {
-            error!(error = %e, "dead-lettering failed; the input will be redelivered");
-            return;
-        }
-        if let Err(e) = msg.ack_with(AckKind::Term).await {
-            warn!(error = %e, "terminating a dead-lettered input failed");
-        }
+        TimerKey { step: t.step.clone(), phase: t.phase, attempt: t.attempt, kind }
     }
 }
 
-/// Publishes `msg` to the dead-letter stream with its reason and original subject.
-pub(crate) async fn dead_letter(
-    js: &jetstream::Context,
-    component: &str,
-    msg: &async_nats::Message,
-    reason: &str,
-) -> Result<(), async_nats::Error> {
-    let mut headers = HeaderMap::new();
-    headers.insert(headers::DLQ_REASON, sanitize_header(reason).as_str());
-    headers.insert(headers::DLQ_SUBJECT, msg.subject.as_str());
-    js.publish_with_headers(subjects::dlq(component), headers, msg.payload.clone()).await?.await?;
-    Ok(())
-}
-
-/// A header value: control characters replaced, at most 1,000 characters.
-fn sanitize_header(s: &str) -> String {
-    s.chars().take(1000).map(|c| if c.is_control() { ' ' } else { c }).collect()
-}
-
-fn describe(e: CodecError) -> String {
-    e.to_string()
-}
-
-/// The lifecycle messages for a transition's publish effects.
-fn lifecycle_messages(state: &SagaState, effects: &[Effect], first: bool) -> Vec<LifecycleMessage> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Publish { kind, step, reason } => {
-                let _ = first;
-                Some(LifecycleMessage {
-                    v: PROTOCOL_VERSION,
-                    saga_id: state.id.clone(),
-                    saga: state.saga.clone(),
-                    kind: *kind,
-                    status: state.status,
-                    step: step.clone(),
-                    reason: reason.clone(),
-                    at: state.updated_at,
-                    // Added when published (started and terminal events), not stored twice.
-                    input: None,
-                })
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn rfc3339(at: Timestamp) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at.0) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
-/// Why an input was left for redelivery.
+/// Why an input was left for redelivery or dead-lettered.
 #[derive(Debug, thiserror::Error)]
 enum HandleError {
     #[error(transparent)]
@@ -629,12 +363,10 @@ enum HandleError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("publish failed: {0}")]
-    Publish(#[from] jetstream::context::PublishError),
-    #[error("NATS error: {0}")]
-    Nats(async_nats::Error),
     #[error("too many concurrent writers to this saga")]
     Contention,
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl HandleError {
@@ -645,9 +377,553 @@ impl HandleError {
             HandleError::Registry(
                 RegistryError::UnknownVersion { .. }
                     | RegistryError::UnknownSaga { .. }
+                    | RegistryError::Tampered { .. }
                     | RegistryError::Invalid(_)
             ) | HandleError::Store(StoreError::Codec { .. })
                 | HandleError::Codec(_)
+                | HandleError::Refused(_)
         )
     }
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>) -> Worker {
+        Worker { shared, sagas: HashMap::new(), timers: BinaryHeap::new() }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Work>, n: usize) {
+        let mut tick =
+            tokio::time::interval((self.shared.ack_wait / 3).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            let sleep = async {
+                match next_timer {
+                    Some(at) => {
+                        let wait = at.0.saturating_sub(now().0);
+                        tokio::time::sleep(Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                work = rx.recv() => match work {
+                    Some(Work::Input(msg)) => self.input(msg).await,
+                    Some(Work::Reply(to, msg)) => self.reply(to, msg).await,
+                    None => break,
+                },
+                _ = sleep => self.fire_timers().await,
+                _ = tick.tick() => self.keep_alive().await,
+            }
+        }
+        // Hand held sagas to the other replicas now rather than after the ack wait.
+        for (_, live) in self.sagas.drain() {
+            for msg in live.handles {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+        debug!(worker = n, "worker stopped");
+    }
+
+    async fn input(&mut self, msg: jetstream::Message) {
+        let Some((id, kind)) = subjects::parse_input(&msg.subject) else {
+            let reason = format!("not a saga input subject: {}", quote(&msg.subject));
+            return self.dead_letter(&msg, &reason).await;
+        };
+        let span = info_span!("saga.input", saga_id = %id, input = kind.token());
+        let result = async {
+            match kind {
+                InputKind::Start => {
+                    let start: StartMessage =
+                        self.shared.codec.decode(&msg.payload).map_err(HandleError::Codec)?;
+                    if start.saga_id != id {
+                        return Err(HandleError::Refused(format!(
+                            "start for saga {} arrived on the subject of saga {id}",
+                            start.saga_id
+                        )));
+                    }
+                    self.start(&id, start, msg.clone()).await
+                }
+                InputKind::Operator => {
+                    let op: OperatorMessage =
+                        self.shared.codec.decode(&msg.payload).map_err(HandleError::Codec)?;
+                    if op.saga_id != id {
+                        return Err(HandleError::Refused(format!(
+                            "operator action for saga {} arrived on the subject of saga {id}",
+                            op.saga_id
+                        )));
+                    }
+                    info!(action = op.action.as_str(), by = ?op.by.as_deref().map(quote), reason = %quote(&op.reason), "operator action");
+                    self.apply(&id, op.to_event(), Some(msg.clone())).await
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = result {
+            let delivered = msg.info().map_or(1, |i| i.delivered);
+            if e.is_permanent() || delivered >= self.shared.max_deliveries {
+                let reason = if e.is_permanent() {
+                    format!("cannot be handled: {e}")
+                } else {
+                    format!("not handled after {delivered} deliveries: {e}")
+                };
+                self.dead_letter(&msg, &reason).await;
+            } else {
+                let delay = redelivery_delay(delivered);
+                warn!(saga_id = %id, error = %e, ?delay, "input not handled; it will be redelivered");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+
+    /// A start: begin the saga, or take over one another replica held.
+    async fn start(
+        &mut self,
+        id: &SagaId,
+        start: StartMessage,
+        msg: jetstream::Message,
+    ) -> Result<(), HandleError> {
+        if let Some(live) = self.sagas.get_mut(id) {
+            // Redelivered while held here (a missed keep-alive): keep holding it.
+            live.handles.push(msg);
+            return Ok(());
+        }
+        if let Some(v) = self.shared.log.load(id).await? {
+            let snap = &v.record.snapshot;
+            if snap.input != start.input || snap.digest != start.digest || snap.saga != start.saga {
+                return Err(HandleError::Refused(format!(
+                    "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
+                )));
+            }
+            let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
+            let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
+                HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
+            })?;
+            if state.status().is_terminal() {
+                let _ = msg.ack().await;
+                return Ok(());
+            }
+            info!(saga_id = %id, status = %state.status(), "taking over a saga another replica held");
+            let outstanding = state.outstanding(&plan);
+            let trace = v.record.trace.clone();
+            self.sagas.insert(id.clone(), Live::new(state, plan, v.seq, trace, vec![msg]));
+            self.execute(id, &outstanding).await;
+            return Ok(());
+        }
+        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
+        let trace = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.as_str().to_owned())
+            .filter(|tp| crate::telemetry::trace_id(tp).is_some());
+        let mut state = SagaState::new(id.clone(), &plan);
+        let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
+        let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
+        let mut live = Live::new(state, plan, 0, trace, vec![msg]);
+        // Not logged now: the held start is the saga's durable record until its first
+        // transition is logged, with these entries.
+        live.timeline = handled.timeline;
+        live.events = notes(&effects);
+        self.sagas.insert(id.clone(), live);
+        self.execute(id, &effects).await;
+        Ok(())
+    }
+
+    /// Loads a saga into memory: from its log, or from its pending start.
+    async fn load(&mut self, id: &SagaId) -> Result<bool, HandleError> {
+        if let Some(v) = self.shared.log.load(id).await? {
+            let snap = &v.record.snapshot;
+            let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
+            let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
+                HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
+            })?;
+            let trace = v.record.trace.clone();
+            let mut live = Live::new(state, plan, v.seq, trace, Vec::new());
+            if let Some(old) = self.sagas.remove(id) {
+                live.handles = old.handles;
+            }
+            self.sagas.insert(id.clone(), live);
+            return Ok(true);
+        }
+        let Some(start) = self.shared.log.pending_start(id).await? else {
+            return Ok(false);
+        };
+        // Started, but its first transition is not logged yet: rebuild it from the start.
+        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
+        let mut state = SagaState::new(id.clone(), &plan);
+        let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
+        let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
+        let mut live = Live::new(state, plan, 0, None, Vec::new());
+        live.timeline = handled.timeline;
+        live.events = notes(&effects);
+        if let Some(old) = self.sagas.remove(id) {
+            live.handles = old.handles;
+        }
+        self.sagas.insert(id.clone(), live);
+        Ok(true)
+    }
+
+    /// Decides `event`, logs the transition and carries out its effects. `input` is the
+    /// message the event came in (acknowledged once the transition is logged, or held if the
+    /// saga has no holder here).
+    async fn apply(
+        &mut self,
+        id: &SagaId,
+        event: Event,
+        input: Option<jetstream::Message>,
+    ) -> Result<(), HandleError> {
+        let mut fresh = false;
+        if !self.sagas.contains_key(id) {
+            if !self.load(id).await? {
+                warn!(saga_id = %id, event = event.name(), "input for a saga that does not exist (never started, or expired after finishing); dropped");
+                if let Some(msg) = input {
+                    let _ = msg.ack().await;
+                }
+                return Ok(());
+            }
+            fresh = true;
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let live = self.sagas.get_mut(id).expect("loaded above");
+            let before = live.state.clone();
+            let handled = live.state.handle(&live.plan, now(), &event);
+            let effects = match handled.result {
+                Ok(effects) => effects,
+                Err(rejection) => {
+                    if !fresh {
+                        // Memory may be behind another replica: decide on the logged state.
+                        if !self.load(id).await? {
+                            return Ok(());
+                        }
+                        fresh = true;
+                        continue;
+                    }
+                    debug!(saga_id = %id, event = event.name(), rule = ?handled.rule, reason = %rejection, "input changed nothing");
+                    if let Some(msg) = input {
+                        if matches!(
+                            event,
+                            Event::Cancel { .. }
+                                | Event::OperatorRetry { .. }
+                                | Event::OperatorSkip { .. }
+                                | Event::OperatorResolve { .. }
+                        ) {
+                            info!(saga_id = %id, event = event.name(), reason = %rejection, "operator action refused");
+                        }
+                        let _ = msg.ack().await;
+                    }
+                    return Ok(());
+                }
+            };
+            let mut timeline = std::mem::take(&mut live.timeline);
+            timeline.extend(handled.timeline);
+            let mut events = std::mem::take(&mut live.events);
+            events.extend(notes(&effects));
+            let record = LogRecord {
+                v: PROTOCOL_VERSION,
+                snapshot: live.state.snapshot(),
+                timeline,
+                events,
+                trace: live.trace.clone(),
+            };
+            match self.shared.log.append(&record, live.seq).await {
+                Ok(seq) => {
+                    live.seq = seq;
+                    live.last_write = Instant::now();
+                    debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
+                    let terminal = live.state.status().is_terminal();
+                    if let Some(msg) = input {
+                        if !terminal && live.handles.is_empty() {
+                            live.handles.push(msg);
+                            live.last_progress = Instant::now();
+                        } else {
+                            let _ = msg.ack().await;
+                        }
+                    }
+                    self.execute(id, &effects).await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
+                    if !self.load(id).await? {
+                        return Ok(());
+                    }
+                    fresh = true;
+                }
+                Err(e) => {
+                    // Not logged: nothing happened.
+                    live.state = before;
+                    live.timeline = record.timeline;
+                    live.events = record.events;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(HandleError::Contention)
+    }
+
+    /// A reply, or the server's word that nobody listens on the command's subject.
+    async fn reply(&mut self, to: ReplyTo, msg: async_nats::Message) {
+        let span = info_span!("saga.reply", saga_id = %to.saga_id, step = %to.step, phase = %to.phase, attempt = to.attempt, service = %to.service);
+        async {
+            let event = if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                debug!("no responders: the command was not delivered");
+                Event::Undelivered { step: to.step.clone(), phase: to.phase, attempt: to.attempt }
+            } else {
+                let reply: ReplyMessage = match self.shared.codec.decode(&msg.payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return self.refuse_reply(&msg, &format!("reply does not decode: {e}")).await
+                    }
+                };
+                if reply.saga_id != to.saga_id
+                    || reply.step != to.step
+                    || reply.phase != to.phase
+                    || reply.attempt != to.attempt
+                    || reply.service != to.service
+                {
+                    let why = format!(
+                        "reply names saga {} step {} {} attempt {} of service {}, but arrived on the reply subject of another command",
+                        reply.saga_id, reply.step, reply.phase, reply.attempt, reply.service
+                    );
+                    return self.refuse_reply(&msg, &why).await;
+                }
+                reply.to_event()
+            };
+            if !self.sagas.contains_key(&to.saga_id) {
+                match self.load(&to.saga_id).await {
+                    Ok(true) => {}
+                    Ok(false) => return debug!("reply for a saga that no longer exists: dropped"),
+                    Err(e) => return warn!(error = %e, "cannot load the saga of a reply; the step's timer will recover it"),
+                }
+            }
+            let live = &self.sagas[&to.saga_id];
+            match live.plan.step_index(&to.step).map(|i| &live.plan.steps()[i].service) {
+                Some(owner) if owner == &to.service => {}
+                owner => {
+                    let why = format!(
+                        "reply for step {} of saga {} came from service {}, but {} owns that step: refused",
+                        to.step,
+                        to.saga_id,
+                        to.service,
+                        owner.map_or_else(|| "no service".to_owned(), |s| format!("service {s}"))
+                    );
+                    return self.refuse_reply(&msg, &why).await;
+                }
+            }
+            if let Err(e) = self.apply(&to.saga_id, event, None).await {
+                warn!(error = %e, "reply not applied; the step's timer will recover it");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn refuse_reply(&self, msg: &async_nats::Message, why: &str) {
+        warn!(subject = %quote(&msg.subject), reason = %quote(why), "reply refused");
+        if let Err(e) = dead_letter(&self.shared.js, "coordinator", msg, why).await {
+            warn!(error = %e, "could not dead-letter a refused reply");
+        }
+    }
+
+    async fn fire_timers(&mut self) {
+        let now_ms = now();
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now_ms {
+                break;
+            }
+            let Reverse((at, id, key)) = self.timers.pop().expect("peeked");
+            let Some(live) = self.sagas.get_mut(&id) else { continue };
+            let Some((timer, armed_at)) = live.armed.get(&key.step) else { continue };
+            if *armed_at != at || TimerKey::of(timer) != key {
+                continue;
+            }
+            let timer = timer.clone();
+            live.armed.remove(&key.step);
+            if let Err(e) = self.apply(&id, Event::TimerFired(timer.clone()), None).await {
+                warn!(saga_id = %id, error = %e, "timer not applied; trying again in a second");
+                if let Some(live) = self.sagas.get_mut(&id) {
+                    let again = Timestamp(now().0 + 1000);
+                    live.armed.insert(timer.step.clone(), (timer.clone(), again));
+                    self.timers.push(Reverse((again, id.clone(), TimerKey::of(&timer))));
+                }
+            }
+        }
+    }
+
+    /// Confirms to the server that the sagas held here are alive, and rewrites the newest
+    /// record of a saga that has lived half the log's retention so it never expires.
+    async fn keep_alive(&mut self) {
+        let every = self.shared.ack_wait / 3;
+        let refresh_after = self.shared.retention / 2;
+        let mut stale = Vec::new();
+        for (id, live) in &mut self.sagas {
+            if live.last_progress.elapsed() >= every {
+                live.last_progress = Instant::now();
+                for msg in &live.handles {
+                    let _ = msg.ack_with(AckKind::Progress).await;
+                }
+            }
+            if live.seq > 0 && live.last_write.elapsed() >= refresh_after {
+                stale.push(id.clone());
+            }
+        }
+        for id in stale {
+            let live = self.sagas.get_mut(&id).expect("listed above");
+            let record = LogRecord {
+                v: PROTOCOL_VERSION,
+                snapshot: live.state.snapshot(),
+                timeline: Vec::new(),
+                events: Vec::new(),
+                trace: live.trace.clone(),
+            };
+            match self.shared.log.append(&record, live.seq).await {
+                Ok(seq) => {
+                    live.seq = seq;
+                    live.last_write = Instant::now();
+                }
+                Err(e) => {
+                    debug!(saga_id = %id, error = %e, "refreshing the newest record failed; reloading");
+                    let _ = self.load(&id).await;
+                }
+            }
+        }
+    }
+
+    /// Carries out effects: the one place where commands are sent, timers armed and
+    /// disarmed, and a finished saga let go.
+    async fn execute(&mut self, id: &SagaId, effects: &[Effect]) {
+        let Some(live) = self.sagas.get_mut(id) else { return };
+        let mut failed: Vec<Event> = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Dispatch(d) => {
+                    let cmd = CommandMessage::from_dispatch(id, live.state.saga(), d);
+                    let payload = match self.shared.codec.encode(&cmd) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            error!(saga_id = %id, step = %d.step, error = %e, "command cannot be sent");
+                            let reason = format!("command cannot be sent: {e}");
+                            failed.push(match d.phase {
+                                Phase::Action => Event::StepFailed {
+                                    step: d.step.clone(),
+                                    attempt: d.attempt,
+                                    reason,
+                                    transient: false,
+                                },
+                                Phase::Compensation => Event::CompensationFailed {
+                                    step: d.step.clone(),
+                                    attempt: d.attempt,
+                                    reason,
+                                },
+                            });
+                            continue;
+                        }
+                    };
+                    let reply = ReplyTo {
+                        replica: self.shared.replica.clone(),
+                        service: d.service.clone(),
+                        saga_id: id.clone(),
+                        step: d.step.clone(),
+                        phase: d.phase,
+                        attempt: d.attempt,
+                    };
+                    let mut headers = HeaderMap::new();
+                    headers.insert(headers::SAGA_ID, id.as_str());
+                    if let Some(tp) = &live.trace {
+                        headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
+                    }
+                    debug!(saga_id = %id, command_id = %d.command_id, service = %d.service, command = %d.command, "dispatch");
+                    if let Err(e) = self
+                        .shared
+                        .client
+                        .publish_with_reply_and_headers(
+                            subjects::command(&d.service, &d.command),
+                            reply.subject(),
+                            headers,
+                            Bytes::from(payload),
+                        )
+                        .await
+                    {
+                        warn!(saga_id = %id, error = %e, "command not sent; its timer will send it again");
+                    }
+                }
+                Effect::ScheduleTimer { timer, at } => {
+                    live.armed.insert(timer.step.clone(), (timer.clone(), *at));
+                    self.timers.push(Reverse((*at, id.clone(), TimerKey::of(timer))));
+                }
+                Effect::CancelTimer { timer } => {
+                    if live.armed.get(&timer.step).is_some_and(|(t, _)| t == timer) {
+                        live.armed.remove(&timer.step);
+                    }
+                }
+                Effect::Publish { .. } => {}
+                Effect::Finish { status } => {
+                    info!(saga_id = %id, saga = %live.state.saga(), %status, "saga finished");
+                }
+            }
+        }
+        if live.state.status().is_terminal() {
+            let live = self.sagas.remove(id).expect("present");
+            for msg in live.handles {
+                if let Err(e) = msg.ack().await {
+                    warn!(saga_id = %id, error = %e, "acknowledging a finished saga's start failed; it will be seen as finished when redelivered");
+                }
+            }
+            return;
+        }
+        for event in failed {
+            if let Err(e) = Box::pin(self.apply(id, event, None)).await {
+                warn!(saga_id = %id, error = %e, "recording an unsendable command failed");
+            }
+        }
+    }
+
+    async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
+        warn!(subject = %quote(&msg.subject), reason = %quote(reason), "dead-lettering input");
+        if let Err(e) = dead_letter(&self.shared.js, "coordinator", msg, reason).await {
+            error!(error = %e, "dead-lettering failed; the input will be redelivered");
+            return;
+        }
+        if let Err(e) = msg.ack_with(AckKind::Term).await {
+            warn!(error = %e, "terminating a dead-lettered input failed");
+        }
+    }
+}
+
+impl Live {
+    fn new(
+        state: SagaState,
+        plan: Arc<Plan>,
+        seq: u64,
+        trace: Option<String>,
+        handles: Vec<jetstream::Message>,
+    ) -> Live {
+        Live {
+            state,
+            plan,
+            seq,
+            trace,
+            timeline: Vec::new(),
+            events: Vec::new(),
+            handles,
+            armed: HashMap::new(),
+            last_write: Instant::now(),
+            last_progress: Instant::now(),
+        }
+    }
+}
+
+/// The lifecycle events among a transition's effects.
+fn notes(effects: &[Effect]) -> Vec<LifecycleNote> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish { kind, step, reason } => {
+                Some(LifecycleNote { kind: *kind, step: step.clone(), reason: reason.clone() })
+            }
+            _ => None,
+        })
+        .collect()
 }

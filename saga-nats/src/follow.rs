@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::StreamExt;
-use saga_core::envelope::LifecycleMessage;
-use saga_core::{Codec, LifecycleKind, SagaName};
+use saga_core::wire::{quote, LogRecord};
+use saga_core::{Codec, LifecycleKind, Payload, SagaId, SagaName, SagaStatus, StepName, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -21,7 +21,39 @@ use crate::subjects;
 
 /// The stream of domain events (`domain.>`), for [`publish_domain_event`] and
 /// [`follow_domain_events`].
-pub const DOMAIN_STREAM: &str = "DOMAIN_EVENTS";
+pub use crate::subjects::DOMAIN_STREAM;
+
+/// A saga lifecycle event, as a follower receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleEvent {
+    /// The saga instance.
+    pub saga_id: SagaId,
+    /// The saga definition's name.
+    pub saga: SagaName,
+    /// What happened.
+    pub kind: LifecycleKind,
+    /// The saga's status after it happened.
+    pub status: SagaStatus,
+    /// The step concerned, if any.
+    pub step: Option<StepName>,
+    /// A reason, if any.
+    pub reason: Option<String>,
+    /// When (ms since the epoch).
+    pub at: Timestamp,
+    /// The saga's input (MessagePack bytes).
+    pub input: Payload,
+}
+
+impl LifecycleEvent {
+    /// The saga's input, decoded.
+    pub fn input<I: DeserializeOwned>(&self) -> Result<I, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(self.input.as_bytes())
+    }
+}
+
+/// How often a follower's handler may fail on one message before the message is
+/// dead-lettered with the handler's last error.
+pub const MAX_DELIVERIES: i64 = 10;
 
 /// A following could not start, or an event could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +98,10 @@ impl Following {
 }
 
 /// Follows saga lifecycle events with the durable consumer `durable`: every event of saga
-/// `saga` (or of every saga) whose kind is in `kinds` (or any kind). The handler's `Err`
-/// redelivers the event after a second.
+/// `saga` (or of every saga) whose kind is in `kinds` (or any kind). Events are read from the
+/// sagas' logs: one log record can carry several events (a step succeeded and the saga
+/// completed), and the handler gets each one that matches. The handler's `Err` redelivers the
+/// record after a growing delay; after [`MAX_DELIVERIES`] it is dead-lettered with the error.
 ///
 /// # Examples
 ///
@@ -99,31 +133,68 @@ pub async fn follow_sagas<F, Fut, E>(
     handler: F,
 ) -> Result<Following, FollowError>
 where
-    F: Fn(LifecycleMessage) -> Fut + Send + Sync + 'static,
+    F: Fn(LifecycleEvent) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
 {
     let saga = match saga {
         Some(s) => Some(SagaName::new(s).map_err(|reason| FollowError::InvalidName {
             what: "saga name",
-            value: s.to_owned(),
+            value: quote(s),
             reason,
         })?),
         None => None,
     };
-    let filters: Vec<String> = if kinds.is_empty() {
-        vec![subjects::events_filter(saga.as_ref(), None)]
-    } else {
-        kinds.iter().map(|k| subjects::events_filter(saga.as_ref(), Some(*k))).collect()
+    // A terminal event is always its record's headline, so the server can filter on it;
+    // other kinds may share a record with a more significant one.
+    let terminal = |k: &LifecycleKind| {
+        matches!(
+            k,
+            LifecycleKind::Completed
+                | LifecycleKind::Compensated
+                | LifecycleKind::Cancelled
+                | LifecycleKind::Resolved
+        )
     };
+    let filters: Vec<String> = if !kinds.is_empty() && kinds.iter().all(terminal) {
+        kinds.iter().map(|k| subjects::log_filter(saga.as_ref(), Some(*k))).collect()
+    } else {
+        vec![subjects::log_filter(saga.as_ref(), None)]
+    };
+    let kinds = kinds.to_vec();
     let codec = Codec::default();
+    let handler = Arc::new(handler);
     consume(
         client,
-        subjects::EVENT_STREAM,
+        subjects::LOG_STREAM,
         durable,
         filters,
-        move |bytes: &[u8]| codec.decode::<LifecycleMessage>(bytes).map_err(|e| e.to_string()),
-        handler,
+        move |bytes: &[u8]| codec.decode::<LogRecord>(bytes).map_err(|e| e.to_string()),
+        move |record: LogRecord| {
+            let handler = handler.clone();
+            let kinds = kinds.clone();
+            async move {
+                let snap = &record.snapshot;
+                let at = record.timeline.last().map_or(snap.updated_at, |e| e.at);
+                for note in &record.events {
+                    if !kinds.is_empty() && !kinds.contains(&note.kind) {
+                        continue;
+                    }
+                    handler(LifecycleEvent {
+                        saga_id: snap.id.clone(),
+                        saga: snap.saga.clone(),
+                        kind: note.kind,
+                        status: snap.status,
+                        step: note.step.clone(),
+                        reason: note.reason.clone(),
+                        at,
+                        input: snap.input.clone(),
+                    })
+                    .await?;
+                }
+                Ok::<(), E>(())
+            }
+        },
     )
     .await
 }
@@ -242,13 +313,26 @@ where
                             let _ = msg.ack().await;
                         }
                         Err(e) => {
-                            warn!(%durable, error = %e, "event handler failed; redelivering in 1s");
-                            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                            let delivered = msg.info().map_or(1, |i| i.delivered);
+                            if delivered >= MAX_DELIVERIES {
+                                let reason = format!("event handler failed {delivered} times: {e}");
+                                warn!(%durable, subject = %msg.subject, reason = %quote(&reason), "dead-lettering event");
+                                if crate::deliver::dead_letter(&js, &durable, &msg.message, &reason)
+                                    .await
+                                    .is_ok()
+                                {
+                                    let _ = msg.ack_with(AckKind::Term).await;
+                                }
+                            } else {
+                                let delay = crate::deliver::redelivery_delay(delivered);
+                                warn!(%durable, error = %quote(&e.to_string()), ?delay, "event handler failed; redelivering");
+                                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                            }
                         }
                     },
                     Err(reason) => {
-                        warn!(%durable, subject = %msg.subject, %reason, "dead-lettering event");
-                        if crate::coordinator::dead_letter(&js, &durable, &msg.message, &reason)
+                        warn!(%durable, subject = %quote(&msg.subject), reason = %quote(&reason), "dead-lettering event");
+                        if crate::deliver::dead_letter(&js, &durable, &msg.message, &reason)
                             .await
                             .is_ok()
                         {

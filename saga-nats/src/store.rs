@@ -1,39 +1,22 @@
-//! Durable saga state (one record per saga, compare-and-swap fenced) and the definition
-//! registry.
+//! Durable saga logs (compare-and-swap fenced over each saga's log subjects) and the
+//! definition registry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
-use saga_core::envelope::LifecycleMessage;
-use saga_core::{Codec, CodecError, Plan, SagaDefinition, SagaId, SagaName, SagaState};
-use serde::{Deserialize, Serialize};
+use saga_core::wire::{quote, LogRecord, StartMessage};
+use saga_core::{Codec, CodecError, Plan, SagaDefinition, SagaId, SagaName, TimelineEntry};
 
-use crate::subjects::{self, headers};
+use crate::subjects::{self, headers, InputKind};
 
-/// What is stored for each saga: its state and the lifecycle events of its latest transition
-/// (re-published, deduplicated, if a crash may have cut their publication short).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StateRecord {
-    /// Protocol version.
-    pub v: u16,
-    /// The saga.
-    pub state: SagaState,
-    /// The latest transition's lifecycle events.
-    pub events: Vec<LifecycleMessage>,
-    /// The saga's W3C trace context (`traceparent`), from the request that started it.
-    #[serde(default)]
-    pub trace: Option<String>,
-}
-
-/// A state record and the stream sequence it was read at (the compare-and-swap token).
+/// A log record and the stream sequence it was read at (the compare-and-swap token).
 #[derive(Debug, Clone)]
 pub struct Versioned {
     /// The record.
-    pub record: StateRecord,
-    /// Its sequence in the state stream.
+    pub record: LogRecord,
+    /// Its sequence in the log stream.
     pub seq: u64,
 }
 
@@ -67,65 +50,79 @@ pub enum StoreError {
     },
 }
 
-/// Reads and writes saga state records.
-#[derive(Debug, Clone)]
-pub struct StateStore {
-    js: jetstream::Context,
-    stream: jetstream::stream::Stream<()>,
-    codec: Codec,
-    finished_retention: Duration,
+/// One page of a saga's timeline.
+#[derive(Debug, Clone, Default)]
+pub struct TimelinePage {
+    /// The entries, oldest first.
+    pub entries: Vec<TimelineEntry>,
+    /// Pass this as `after` to read the next page; `None` when this page reached the end.
+    pub next: Option<u64>,
 }
 
-impl StateStore {
-    /// Opens the store (the stream must exist: see [`crate::provision()`]).
-    pub async fn open(
-        js: jetstream::Context,
-        codec: Codec,
-        finished_retention: Duration,
-    ) -> Result<StateStore, async_nats::Error> {
-        let stream = js.get_stream_no_info(subjects::STATE_STREAM).await?;
-        Ok(StateStore { js, stream, codec, finished_retention })
+/// Reads and appends saga log records, and reads pending starts.
+#[derive(Debug, Clone)]
+pub struct SagaLog {
+    js: jetstream::Context,
+    log: jetstream::stream::Stream<()>,
+    inputs: jetstream::stream::Stream<()>,
+    codec: Codec,
+}
+
+impl SagaLog {
+    /// Opens the log (the streams must exist: see [`crate::provision()`]).
+    pub async fn open(js: jetstream::Context, codec: Codec) -> Result<SagaLog, async_nats::Error> {
+        let log = js.get_stream_no_info(subjects::LOG_STREAM).await?;
+        let inputs = js.get_stream_no_info(subjects::INPUT_STREAM).await?;
+        Ok(SagaLog { js, log, inputs, codec })
     }
 
-    /// The saga's latest record, if it exists.
+    /// The saga's newest record, if it has one.
     pub async fn load(&self, id: &SagaId) -> Result<Option<Versioned>, StoreError> {
-        let msg = match self.stream.direct_get_last_for_subject(subjects::state(id)).await {
+        let msg = match self.log.direct_get_last_for_subject(subjects::log_of(id)).await {
             Ok(msg) => msg,
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
                 return Ok(None)
             }
             Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
         };
-        if msg.payload.is_empty() {
-            // A deletion marker.
-            return Ok(None);
-        }
-        let record: StateRecord = self
-            .codec
-            .decode_value("saga state", &msg.payload)
-            .map_err(|source| StoreError::Codec { id: id.clone(), source })?;
+        let record = self.decode(id, &msg.payload)?;
         Ok(Some(Versioned { record, seq: msg.sequence }))
     }
 
-    /// Writes the saga's record if its latest sequence is still `expected` (0: the saga must
-    /// not exist). A finished saga's record gets the retention as its time to live; a live
-    /// saga's record never expires. Returns the new sequence.
-    pub async fn save(&self, record: &StateRecord, expected: u64) -> Result<u64, StoreError> {
-        let id = &record.state.id;
+    fn decode(&self, id: &SagaId, bytes: &[u8]) -> Result<LogRecord, StoreError> {
+        let record: LogRecord = self
+            .codec
+            .decode(bytes)
+            .map_err(|source| StoreError::Codec { id: id.clone(), source })?;
+        if &record.snapshot.id != id {
+            let source = CodecError::BadField {
+                what: "saga log record",
+                field: "snapshot.id",
+                value: quote(record.snapshot.id.as_str()),
+                problem: format!("is not the saga whose log holds it ({id})"),
+            };
+            return Err(StoreError::Codec { id: id.clone(), source });
+        }
+        Ok(record)
+    }
+
+    /// Appends a record if the saga's newest log sequence is still `expected` (0: the saga
+    /// has no record yet). Returns the new sequence.
+    pub async fn append(&self, record: &LogRecord, expected: u64) -> Result<u64, StoreError> {
+        let snap = &record.snapshot;
+        let id = &snap.id;
         let payload = self
             .codec
-            .encode_value("saga state", record)
+            .encode(record)
             .map_err(|source| StoreError::Codec { id: id.clone(), source })?;
-        let mut msg = PublishMessage::build()
+        let msg = PublishMessage::build()
             .expected_last_subject_sequence(expected)
-            .header(headers::SAGA_ID, id.as_str())
+            .header(headers::EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, subjects::log_of(id).as_str())
             .payload(Bytes::from(payload));
-        if record.state.status.is_terminal() {
-            msg = msg.ttl(self.finished_retention);
-        }
+        let subject = subjects::log(id, &snap.saga, record.headline());
         let ack = self
             .js
-            .send_publish(subjects::state(id), msg)
+            .send_publish(subject, msg)
             .await
             .map_err(|e| StoreError::Nats { id: id.clone(), source: e.into() })?
             .await;
@@ -138,18 +135,65 @@ impl StateStore {
         }
     }
 
-    /// The ids of every stored saga (live, and finished within the retention).
+    /// The saga's start, while it is waiting in the input stream (from the moment it is
+    /// accepted until the saga ends).
+    pub async fn pending_start(&self, id: &SagaId) -> Result<Option<StartMessage>, StoreError> {
+        let subject = subjects::input(id, InputKind::Start);
+        let msg = match self.inputs.direct_get_last_for_subject(subject).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
+        };
+        let start: StartMessage = self
+            .codec
+            .decode(&msg.payload)
+            .map_err(|source| StoreError::Codec { id: id.clone(), source })?;
+        Ok((&start.saga_id == id).then_some(start))
+    }
+
+    /// Up to `max` records of the saga's log after sequence `after` (0: from the start), as
+    /// one page of its timeline.
+    pub async fn timeline(
+        &self,
+        id: &SagaId,
+        after: u64,
+        max: usize,
+    ) -> Result<TimelinePage, StoreError> {
+        let mut page = TimelinePage::default();
+        let mut seq = after;
+        for _ in 0..max.max(1) {
+            let msg = match self
+                .log
+                .direct_get_next_for_subject(subjects::log_of(id), Some(seq + 1))
+                .await
+            {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                    return Ok(page)
+                }
+                Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
+            };
+            seq = msg.sequence;
+            page.entries.extend(self.decode(id, &msg.payload)?.timeline);
+        }
+        page.next = Some(seq);
+        Ok(page)
+    }
+
+    /// The ids of every saga with a log (live, and finished within the retention).
     pub async fn ids(&self) -> Result<Vec<SagaId>, async_nats::Error> {
         use futures::TryStreamExt;
-        let stream = self.stream.clone();
-        let mut info = stream.info_with_subjects("saga.state.>").await?;
+        let mut info = self.log.clone().info_with_subjects("saga.log.>").await?;
         let mut ids = Vec::new();
         while let Some((subject, _count)) = info.try_next().await? {
-            if let Some(id) = subject.strip_prefix("saga.state.") {
-                ids.push(SagaId::new_unchecked(id));
+            if let Some((id, _, _)) = subjects::parse_log(&subject) {
+                ids.push(id);
             }
         }
         ids.sort();
+        ids.dedup();
         Ok(ids)
     }
 }
@@ -172,6 +216,16 @@ pub enum RegistryError {
         /// The digest.
         digest: String,
     },
+    /// The stored definition does not match the digest it is stored under.
+    #[error("saga definition {name:?} stored under version {digest} does not match it (its digest is {actual}): refused; register the definition again")]
+    Tampered {
+        /// The saga name.
+        name: String,
+        /// The digest it is stored under.
+        digest: String,
+        /// The digest of what is stored.
+        actual: String,
+    },
     /// The definition is invalid.
     #[error(transparent)]
     Invalid(#[from] saga_core::ValidationError),
@@ -181,7 +235,8 @@ pub enum RegistryError {
 }
 
 /// Saga definitions, stored in a key-value bucket under `<name>` (the latest digest) and
-/// `<name>.<digest>` (the definition, as JSON), with a local cache of validated plans.
+/// `<name>.<digest>` (the canonical definition, as JSON), with a local cache of validated
+/// plans. A definition read back is refused unless its digest is the one it is stored under.
 ///
 /// Which digest is the latest is cached for [`LATEST_TTL`]: a version registered elsewhere is
 /// started by this process at most that long after it was registered (sagas keep the version
@@ -238,14 +293,16 @@ impl Registry {
                 return Ok(plan.clone());
             }
         }
+        let unknown = || RegistryError::UnknownSaga { name: quote(name) };
+        let saga = SagaName::new(name).map_err(|_| unknown())?;
         let digest = self
             .kv
             .get(name)
             .await
             .map_err(|e| RegistryError::Nats(e.into()))?
-            .ok_or_else(|| RegistryError::UnknownSaga { name: name.to_owned() })?;
+            .ok_or_else(unknown)?;
         let digest = String::from_utf8_lossy(&digest).into_owned();
-        let plan = self.version(&SagaName::new_unchecked(name), &digest).await?;
+        let plan = self.version(&saga, &digest).await?;
         self.latest
             .write()
             .expect("lock")
@@ -253,7 +310,7 @@ impl Registry {
         Ok(plan)
     }
 
-    /// The version `digest` of the saga named `name`.
+    /// The version `digest` of the saga named `name`, checked against its digest.
     pub async fn version(&self, name: &SagaName, digest: &str) -> Result<Arc<Plan>, RegistryError> {
         if let Some(plan) = self.plans.read().expect("lock").get(digest) {
             if plan.name() == name {
@@ -261,7 +318,10 @@ impl Registry {
             }
         }
         let unknown =
-            || RegistryError::UnknownVersion { name: name.to_string(), digest: digest.to_owned() };
+            || RegistryError::UnknownVersion { name: quote(name.as_str()), digest: quote(digest) };
+        if name.check().is_err() || saga_core::check_token(digest).is_err() {
+            return Err(unknown());
+        }
         let json = self
             .kv
             .get(format!("{name}.{digest}"))
@@ -273,6 +333,13 @@ impl Registry {
             return Err(unknown());
         }
         let plan = Arc::new(def.validate()?);
+        if plan.digest() != digest {
+            return Err(RegistryError::Tampered {
+                name: name.to_string(),
+                digest: digest.to_owned(),
+                actual: plan.digest().to_owned(),
+            });
+        }
         self.plans.write().expect("lock").insert(digest.to_owned(), plan.clone());
         Ok(plan)
     }

@@ -1,41 +1,40 @@
-//! Every NATS subject, stream, consumer and bucket name, built in one place.
+//! Every NATS subject, stream, consumer and bucket name, built (and parsed) in one place.
 //!
-//! `docs/PROTOCOL.md` documents them for participants written in other languages.
+//! `docs/PROTOCOL.md` documents them for participants written in other languages. Every
+//! variable part is a token (`A-Z a-z 0-9 _ -`, 1 to 64 characters), so a subject never
+//! holds a wildcard or an extra level, and every subject family can be confined by NATS
+//! permissions to the processes that own it.
 
-use saga_core::{CommandName, LifecycleKind, SagaId, SagaName, ServiceName, StepName};
+use saga_core::{
+    check_token, CommandName, LifecycleKind, Phase, SagaId, SagaName, ServiceName, StepName,
+};
 
-/// The stream holding each saga's latest state record (`saga.state.<id>`).
-pub const STATE_STREAM: &str = "SAGA_STATE";
-/// The stream of inputs to sagas: starts, replies, fired timers, operator actions
-/// (`saga.in.<id>.<kind>`), and the pending timer schedules (`saga.timer.<id>.<step>`).
+/// The stream of inputs to the coordinator (work queue): starts and operator actions
+/// (`saga.in.<id>.<kind>`).
 pub const INPUT_STREAM: &str = "SAGA_IN";
-/// The stream of commands to participants (`saga.cmd.<service>.<command>`).
-pub const COMMAND_STREAM: &str = "SAGA_CMD";
-/// The stream of saga lifecycle events (`saga.event.<saga>.<kind>.<id>`).
-pub const EVENT_STREAM: &str = "SAGA_EVENTS";
+/// The stream of saga logs (`saga.log.<id>.<saga>.<event>`): every recorded transition, with
+/// the saga's snapshot and timeline entries. Followers read lifecycle events from it.
+pub const LOG_STREAM: &str = "SAGA_LOG";
 /// The dead-letter stream (`saga.dlq.<component>`).
 pub const DLQ_STREAM: &str = "SAGA_DLQ";
+/// The stream of domain events services publish (`domain.>`).
+pub const DOMAIN_STREAM: &str = "DOMAIN_EVENTS";
 /// The durable consumer all coordinator replicas share on [`INPUT_STREAM`].
 pub const COORDINATOR_CONSUMER: &str = "saga-coordinator";
 /// The key-value bucket of saga definitions.
 pub const DEFINITIONS_BUCKET: &str = "saga_definitions";
-/// The key-value bucket where participants record effects (dedup and barrier).
-pub const EFFECTS_BUCKET: &str = "saga_effects";
 
-/// The subject of saga `id`'s state record.
-pub fn state(id: &SagaId) -> String {
-    format!("saga.state.{id}")
+/// The key-value bucket where participant service `service` records its effects (dedup and
+/// barrier): one bucket per service, so NATS permissions can give each service its own.
+pub fn effects_bucket(service: &ServiceName) -> String {
+    format!("saga_fx_{service}")
 }
 
-/// The kinds of saga input.
+/// The kinds of coordinator input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
     /// Start the saga.
     Start,
-    /// A participant's reply.
-    Reply,
-    /// A fired timer.
-    Timer,
     /// An operator action or a cancellation.
     Operator,
 }
@@ -45,8 +44,6 @@ impl InputKind {
     pub fn token(self) -> &'static str {
         match self {
             InputKind::Start => "start",
-            InputKind::Reply => "reply",
-            InputKind::Timer => "timer",
             InputKind::Operator => "op",
         }
     }
@@ -55,8 +52,6 @@ impl InputKind {
     pub fn from_token(token: &str) -> Option<InputKind> {
         Some(match token {
             "start" => InputKind::Start,
-            "reply" => InputKind::Reply,
-            "timer" => InputKind::Timer,
             "op" => InputKind::Operator,
             _ => return None,
         })
@@ -80,14 +75,34 @@ pub fn parse_input(subject: &str) -> Option<(SagaId, InputKind)> {
     }
 }
 
-/// The subject holding the pending timer of one step of saga `id`.
-pub fn timer(id: &SagaId, step: &StepName) -> String {
-    format!("saga.timer.{id}.{step}")
+/// The subject of a log record of saga `id`, named after its most significant event.
+pub fn log(id: &SagaId, saga: &SagaName, event: &str) -> String {
+    format!("saga.log.{id}.{saga}.{event}")
 }
 
-/// All timer subjects of saga `id`.
-pub fn timers(id: &SagaId) -> String {
-    format!("saga.timer.{id}.>")
+/// Every log subject of saga `id`: the compare-and-swap filter and the timeline's.
+pub fn log_of(id: &SagaId) -> String {
+    format!("saga.log.{id}.>")
+}
+
+/// A filter over log records: `None` parts match anything.
+pub fn log_filter(saga: Option<&SagaName>, event: Option<LifecycleKind>) -> String {
+    format!(
+        "saga.log.*.{}.{}",
+        saga.map_or("*", SagaName::as_str),
+        event.map_or("*", LifecycleKind::as_str)
+    )
+}
+
+/// Splits a log subject into saga id, saga name and event token.
+pub fn parse_log(subject: &str) -> Option<(SagaId, SagaName, &str)> {
+    let mut parts = subject.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("saga"), Some("log"), Some(id), Some(saga), Some(event), None) => {
+            Some((SagaId::new(id).ok()?, SagaName::new(saga).ok()?, event))
+        }
+        _ => None,
+    }
 }
 
 /// The subject of a command to `service`.
@@ -100,26 +115,77 @@ pub fn commands_of(service: &ServiceName) -> String {
     format!("saga.cmd.{service}.>")
 }
 
-/// The durable consumer name of a participant service.
-pub fn participant_consumer(service: &ServiceName) -> String {
-    format!("participant-{service}")
+/// The queue group the instances of participant `service` share.
+pub fn participant_group(service: &ServiceName) -> String {
+    format!("saga-{service}")
 }
 
-/// The subject of a lifecycle event.
-pub fn event(saga: &SagaName, kind: LifecycleKind, id: &SagaId) -> String {
-    format!("saga.event.{saga}.{}.{id}", kind.as_str())
+/// Where a reply to one command goes: the coordinator replica that sent it, the service
+/// that must answer, and the command's saga, step, phase and attempt. NATS permissions let
+/// each service publish only on reply subjects that carry its own name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The coordinator replica that sent the command.
+    pub replica: String,
+    /// The service that must answer.
+    pub service: ServiceName,
+    /// The saga.
+    pub saga_id: SagaId,
+    /// The step.
+    pub step: StepName,
+    /// Action or compensation.
+    pub phase: Phase,
+    /// The attempt.
+    pub attempt: u32,
 }
 
-/// A filter over lifecycle events: `None` parts match anything.
-pub fn events_filter(saga: Option<&SagaName>, kind: Option<LifecycleKind>) -> String {
-    format!(
-        "saga.event.{}.{}.*",
-        saga.map_or("*", SagaName::as_str),
-        kind.map_or("*", LifecycleKind::as_str)
-    )
+impl ReplyTo {
+    /// The subject: `saga.reply.<replica>.<service>.<saga-id>.<step>.<a|c>.<attempt>`.
+    pub fn subject(&self) -> String {
+        format!(
+            "saga.reply.{}.{}.{}.{}.{}.{}",
+            self.replica,
+            self.service,
+            self.saga_id,
+            self.step,
+            self.phase.code(),
+            self.attempt
+        )
+    }
+
+    /// Parses a reply subject.
+    pub fn parse(subject: &str) -> Option<ReplyTo> {
+        let mut parts = subject.split('.');
+        let (Some("saga"), Some("reply")) = (parts.next(), parts.next()) else { return None };
+        let replica = parts.next()?;
+        check_token(replica).ok()?;
+        let service = ServiceName::new(parts.next()?).ok()?;
+        let saga_id = SagaId::new(parts.next()?).ok()?;
+        let step = StepName::new(parts.next()?).ok()?;
+        let phase = match parts.next()? {
+            "a" => Phase::Action,
+            "c" => Phase::Compensation,
+            _ => return None,
+        };
+        let attempt = parts.next()?;
+        if attempt.starts_with('0') || attempt.len() > 10 {
+            return None;
+        }
+        let attempt: u32 = attempt.parse().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(ReplyTo { replica: replica.to_owned(), service, saga_id, step, phase, attempt })
+    }
 }
 
-/// The dead-letter subject of a component (`coordinator`, or a participant service name).
+/// Every reply subject of coordinator replica `replica`.
+pub fn replies_of(replica: &str) -> String {
+    format!("saga.reply.{replica}.>")
+}
+
+/// The dead-letter subject of a component (`coordinator`, a participant service name, or a
+/// follower's durable name).
 pub fn dlq(component: &str) -> String {
     format!("saga.dlq.{component}")
 }
@@ -138,12 +204,11 @@ pub mod headers {
     pub const MSG_ID: &str = "Nats-Msg-Id";
     /// Per-message time to live.
     pub const TTL: &str = "Nats-TTL";
-    /// Compare-and-swap on the subject's last sequence.
+    /// Compare-and-swap on the subject's (or the filter's) last sequence.
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
-    /// A scheduled message's time (`@at <RFC3339>`).
-    pub const SCHEDULE: &str = "Nats-Schedule";
-    /// A scheduled message's target subject.
-    pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+    /// The subject filter the compare-and-swap is checked against.
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
+        "Nats-Expected-Last-Subject-Sequence-Subject";
 }
 
 #[cfg(test)]
@@ -153,10 +218,37 @@ mod tests {
     #[test]
     fn input_subjects_round_trip() {
         let id = SagaId::from("abc");
-        let s = input(&id, InputKind::Reply);
-        assert_eq!(s, "saga.in.abc.reply");
-        assert_eq!(parse_input(&s), Some((id, InputKind::Reply)));
+        let s = input(&id, InputKind::Operator);
+        assert_eq!(s, "saga.in.abc.op");
+        assert_eq!(parse_input(&s), Some((id, InputKind::Operator)));
         assert_eq!(parse_input("saga.in.abc.nope"), None);
-        assert_eq!(parse_input("saga.in.a.b.reply"), None);
+        assert_eq!(parse_input("saga.in.a.b.op"), None);
+    }
+
+    #[test]
+    fn reply_subjects_round_trip() {
+        let r = ReplyTo {
+            replica: "r1".into(),
+            service: "seller".into(),
+            saga_id: "s1".into(),
+            step: "reserve".into(),
+            phase: Phase::Compensation,
+            attempt: 3,
+        };
+        assert_eq!(r.subject(), "saga.reply.r1.seller.s1.reserve.c.3");
+        assert_eq!(ReplyTo::parse(&r.subject()), Some(r));
+        assert_eq!(ReplyTo::parse("saga.reply.r1.seller.s1.reserve.x.3"), None);
+        assert_eq!(ReplyTo::parse("saga.reply.r1.seller.s1.reserve.a.03"), None);
+        assert_eq!(ReplyTo::parse("saga.reply.r1.seller.s1.reserve.a.3.4"), None);
+        assert_eq!(ReplyTo::parse("saga.reply.r1.seller.s1.reserve.a"), None);
+    }
+
+    #[test]
+    fn log_subjects_round_trip() {
+        let s = log(&"id1".into(), &"place-order".into(), "completed");
+        assert_eq!(s, "saga.log.id1.place-order.completed");
+        let (id, saga, ev) = parse_log(&s).unwrap();
+        assert_eq!((id.as_str(), saga.as_str(), ev), ("id1", "place-order", "completed"));
+        assert_eq!(log_filter(Some(&"x".into()), None), "saga.log.*.x.*");
     }
 }

@@ -1,4 +1,4 @@
-//! W3C trace context carried in NATS headers, and logging set-up.
+//! W3C trace context carried in NATS headers.
 //!
 //! The client starts a trace for each saga (or continues the caller's), the coordinator keeps
 //! it with the saga and sends it on every command as the parent, and participants pass it to
@@ -35,15 +35,6 @@ pub fn child(traceparent: &str) -> String {
         }
         None => new_traceparent(),
     }
-}
-
-/// Installs a `tracing` subscriber that logs to stderr, filtered by `RUST_LOG` or `default`
-/// (e.g. `info`, `saga_nats=debug`). Does nothing if one is installed already.
-pub fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 #[cfg(test)]

@@ -82,30 +82,25 @@ fn attempts_for(list: &[(String, u32)], step: &str) -> u32 {
 }
 
 /// Starts an echo participant for `service` handling `steps` (each step `s` has action `s`
-/// and compensation `undo-s`), with a short lease (2 s) so that hung handlers are taken over
-/// quickly.
+/// and compensation `undo-s`). A hung handler is stopped at its command's deadline.
 pub async fn echo_participant(
     client: async_nats::Client,
     service: &str,
     steps: &[&str],
     effects: Effects,
 ) -> Participant {
-    echo_participant_with_lease(client, service, steps, effects, Duration::from_secs(2)).await
+    echo_participant_with(client, service, steps, effects, ParticipantConfig::default()).await
 }
 
-/// [`echo_participant`] with a given lease: a claim on an effect lapses after `lease`, and
-/// another delivery may then run it again. An outage longer than the lease (a NATS server
-/// down while an effect is being recorded) therefore allows a second run; tests that demand
-/// exactly-once effects across an outage use a lease longer than the outage.
-pub async fn echo_participant_with_lease(
+/// [`echo_participant`] with a given configuration.
+pub async fn echo_participant_with(
     client: async_nats::Client,
     service: &str,
     steps: &[&str],
     effects: Effects,
-    lease: Duration,
+    config: ParticipantConfig,
 ) -> Participant {
-    let mut builder = Participant::builder(client, service)
-        .config(ParticipantConfig { lease, ..Default::default() });
+    let mut builder = Participant::builder(client, service).config(config);
     for step in steps {
         let name = step.to_string();
         let fx = effects.clone();
@@ -188,7 +183,8 @@ pub fn with_pivot(name: &str, before: &[&str], pivot: &str, after: &[&str]) -> S
     b.build()
 }
 
-/// Coordinator settings for tests: inputs are redelivered after `ack_wait`.
+/// Coordinator settings for tests: a replica that stops answering has its sagas taken over
+/// after `ack_wait`.
 pub fn coordinator_config(defs: Vec<SagaDefinition>, ack_wait: Duration) -> CoordinatorConfig {
     CoordinatorConfig {
         provision: ProvisionConfig { ack_wait, ..Default::default() },
@@ -247,7 +243,7 @@ pub async fn wait_all(client: &SagaClient, ids: &[SagaId], timeout: Duration) ->
             Ok(view) => out.push(view.status()),
             Err(e) => panic!(
                 "saga {id}: {e}; state: {:?}",
-                client.get(id).await.ok().flatten().map(|v| v.state)
+                client.get(id).await.ok().flatten().map(|v| v.snapshot)
             ),
         }
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use saga_core::{HistoryKind, Phase, SagaStatus, StepStatus};
+use saga_core::{Phase, SagaStatus, StepStatus, TimelineEvent as T};
 use saga_nats::ErrorKind;
 use saga_tests::support::*;
 use saga_tests::NatsServer;
@@ -10,7 +10,7 @@ use saga_tests::NatsServer;
 const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_completes_and_records_history() {
+async fn happy_path_completes_and_records_its_timeline() {
     init_logging();
     let stack = echo_stack("three", &["a", "b", "c"], Duration::from_secs(10)).await;
     let (fx, client) = (stack.effects.clone(), stack.client.clone());
@@ -24,14 +24,20 @@ async fn happy_path_completes_and_records_history() {
     }
     let out: EchoOutput = view.output("b").unwrap().unwrap();
     assert_eq!(out, EchoOutput { step: "b".into(), n: 7 });
-    let dispatched: Vec<_> = view
-        .history()
+    let timeline = client.timeline(&id).await.unwrap();
+    let dispatched: Vec<_> = timeline
         .iter()
-        .filter(|h| h.kind == HistoryKind::Dispatched)
-        .map(|h| h.step.as_ref().unwrap().to_string())
+        .filter_map(|e| match &e.event {
+            T::Dispatched { step, .. } => Some(step.to_string()),
+            _ => None,
+        })
         .collect();
     assert_eq!(dispatched, ["a", "b", "c"]);
-    assert_eq!(view.history().last().unwrap().kind, HistoryKind::Finished);
+    assert!(matches!(timeline.first().unwrap().event, T::Started), "{timeline:?}");
+    assert!(
+        matches!(timeline.last().unwrap().event, T::Finished { status: SagaStatus::Completed }),
+        "{timeline:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +55,7 @@ async fn failure_at_step_two_compensates_in_reverse() {
     assert_eq!(fx.count(&id, "b", "a"), 0, "b failed: no effect");
     assert_eq!(fx.count(&id, "b", "c"), 0, "a failed step is not compensated");
     assert_eq!(fx.count(&id, "c", "a"), 0, "c never ran");
-    let states: Vec<_> = view.state.steps.iter().map(|s| s.status).collect();
+    let states: Vec<_> = view.snapshot.steps.iter().map(|s| s.status).collect();
     assert_eq!(states, [StepStatus::Compensated, StepStatus::Failed, StepStatus::Pending]);
 }
 
@@ -88,13 +94,15 @@ async fn parallel_branches_fail_and_compensate_the_sibling() {
     assert_eq!(fx.count(&bad, "root", "c"), 1);
     assert_eq!(fx.count(&bad, "join", "a"), 0);
     // root is compensated after left.
-    let comps: Vec<_> = view
-        .history()
-        .iter()
-        .filter(|h| {
-            h.kind == HistoryKind::Dispatched && h.phase == Some(saga_core::Phase::Compensation)
+    let comps: Vec<_> = client
+        .timeline(&bad)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.event {
+            T::Dispatched { step, phase: Phase::Compensation, .. } => Some(step.to_string()),
+            _ => None,
         })
-        .map(|h| h.step.as_ref().unwrap().to_string())
         .collect();
     assert_eq!(comps, ["left", "root"]);
 }
@@ -118,16 +126,21 @@ async fn timeout_retry_then_compensation() {
 
     let v = client.wait(&recovered, WAIT).await.unwrap();
     assert_eq!(v.status(), SagaStatus::Completed);
-    assert!(v.history().iter().any(|h| h.kind == HistoryKind::TimedOut), "a timeout is recorded");
+    let timeline = client.timeline(&recovered).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(e.event, T::TimedOut { .. })),
+        "a timeout is recorded: {timeline:?}"
+    );
     assert_eq!(fx.count(&recovered, "b", "a"), 1);
 
     let v = client.wait(&gave_up, WAIT).await.unwrap();
     assert_eq!(v.status(), SagaStatus::Compensated);
-    // (The compensation may time out too, while the hung action still holds its claim.)
-    let timeouts = v
-        .history()
+    let timeouts = client
+        .timeline(&gave_up)
+        .await
+        .unwrap()
         .iter()
-        .filter(|h| h.kind == HistoryKind::TimedOut && h.phase == Some(Phase::Action))
+        .filter(|e| matches!(e.event, T::TimedOut { phase: Phase::Action, .. }))
         .count();
     assert_eq!(timeouts, 3, "three attempts of the action, each timed out");
     assert_eq!(fx.count(&gave_up, "a", "c"), 1, "a compensated");
@@ -152,7 +165,7 @@ async fn pivot_then_retriable_steps_complete() {
     let id = client.start("pv", &input).await.unwrap();
     let v = client.wait(&id, WAIT).await.unwrap();
     assert_eq!(v.status(), SagaStatus::Completed);
-    assert_eq!(v.state.steps[2].attempt, 5);
+    assert_eq!(v.snapshot.steps[2].attempt, 5);
     assert_eq!(fx.count(&id, "reserve", "c"), 0);
     assert_eq!(fx.count(&id, "charge", "a"), 1);
 }
@@ -173,8 +186,14 @@ async fn idempotent_start_and_errors_callers_can_match() {
     assert_eq!(third, first);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fx.count(&first, "a", "a"), 1, "the step ran once");
-    let view = client.get(&first).await.unwrap().unwrap();
-    assert_eq!(view.history().iter().filter(|h| h.kind == HistoryKind::Started).count(), 1);
+    let timeline = client.timeline(&first).await.unwrap();
+    assert_eq!(timeline.iter().filter(|e| matches!(e.event, T::Started)).count(), 1);
+
+    // The same key with another input is refused, and names the conflict.
+    let other = TestInput { n: 6, ..Default::default() };
+    let err = client.start_with_key("one", "order-5", &other).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("another input"), "{err}");
 
     let err = client.start("no-such-saga", &input).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UnknownSaga);
@@ -190,7 +209,8 @@ async fn idempotent_start_and_errors_callers_can_match() {
 async fn compensation_that_keeps_failing_parks_and_operators_act() {
     init_logging();
     let stack = echo_stack("park", &["a", "b"], Duration::from_secs(10)).await;
-    let (fx, client) = (stack.effects.clone(), stack.client.clone());
+    let fx = stack.effects.clone();
+    let client = stack.client.clone().with_operator("test-operator");
 
     // a's compensation fails 3 times (its retry budget), then would succeed.
     let input = |n| TestInput {
@@ -224,10 +244,14 @@ async fn compensation_that_keeps_failing_parks_and_operators_act() {
     let v = until_terminal(&client, &retried).await;
     assert_eq!(v.status(), SagaStatus::Compensated);
     assert_eq!(fx.count(&retried, "a", "c"), 1);
-    assert!(v.history().iter().any(|h| h.kind == HistoryKind::OperatorRetry
-        && h.detail.as_deref().unwrap_or("").contains("downstream fixed")));
+    let timeline = client.timeline(&retried).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(&e.event,
+            T::OperatorRetry { reason, by } if reason == "downstream fixed" && by.as_deref() == Some("test-operator"))),
+        "the retry and its operator are recorded: {timeline:?}"
+    );
     let v = until_terminal(&client, &skipped).await;
     assert_eq!(v.status(), SagaStatus::Compensated);
-    assert_eq!(v.state.steps[0].status, StepStatus::CompensationSkipped);
+    assert_eq!(v.snapshot.steps[0].status, StepStatus::CompensationSkipped);
     assert_eq!(until_terminal(&client, &resolved).await.status(), SagaStatus::Resolved);
 }

@@ -23,12 +23,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    saga_nats::telemetry::init_logging("info");
+    saga_coordinator::init_logging("info");
     let args = Args::parse();
     let nats = args.nats.connect("logistics").await?;
     let participant = logistics::run(nats, args.behaviour, args.concurrency).await?;
     info!("logistics ready");
-    saga_nats::cli::shutdown_signal().await;
+    saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;
     info!("logistics stopped");
     Ok(())

@@ -16,12 +16,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    saga_nats::telemetry::init_logging("info");
+    saga_coordinator::init_logging("info");
     let args = Args::parse();
     let nats = args.nats.connect("notification").await?;
     let following = notification::run(nats).await?;
     info!("notification ready");
-    saga_nats::cli::shutdown_signal().await;
+    saga_coordinator::shutdown_signal().await;
     following.shutdown().await;
     info!("notification stopped");
     Ok(())

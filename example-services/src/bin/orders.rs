@@ -55,7 +55,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    saga_nats::telemetry::init_logging(match args.command {
+    saga_coordinator::init_logging(match args.command {
         Cmd::Serve { .. } => "info",
         Cmd::Batch { .. } => "warn",
     });
@@ -78,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
             info!(%listen, "orders API listening: POST /orders, GET /orders/{{id}}");
             axum::serve(listener, router(Arc::new(orders)))
-                .with_graceful_shutdown(saga_nats::cli::shutdown_signal())
+                .with_graceful_shutdown(saga_coordinator::shutdown_signal())
                 .await?;
             info!("orders stopped");
             Ok(ExitCode::SUCCESS)

@@ -21,13 +21,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    saga_nats::telemetry::init_logging("info");
+    saga_coordinator::init_logging("info");
     let args = Args::parse();
     let stock = seller::parse_stock(&args.stock).map_err(|e| anyhow::anyhow!("--stock: {e}"))?;
     let nats = args.nats.connect("seller").await?;
     let participant = seller::run(nats, &stock, args.concurrency).await?;
     info!("seller ready");
-    saga_nats::cli::shutdown_signal().await;
+    saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;
     info!("seller stopped");
     Ok(())

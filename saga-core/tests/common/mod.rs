@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use saga_core::{
     Dispatch, Effect, Event, Handled, Payload, Phase, Plan, Rejection, RetryPolicy, SagaDefinition,
-    SagaId, SagaState, SagaStatus, StepKind, StepName, StepStatus, Timer, TimerKind, Timestamp,
+    SagaId, SagaSnapshot, SagaState, SagaStatus, StepKind, StepName, StepStatus, TimelineEntry,
+    Timer, TimerKind, Timestamp,
 };
 
 /// The id of every simulated saga, so command ids read `id.<step>.<a|c>.<attempt>`.
@@ -69,9 +70,19 @@ pub(crate) fn backoff(step: &str, attempt: u32) -> Event {
     timer(step, Phase::Action, attempt, TimerKind::Backoff)
 }
 
+/// `Undelivered` for `step`'s action `attempt`.
+pub(crate) fn undelivered(step: &str, attempt: u32) -> Event {
+    Event::Undelivered { step: step.into(), phase: Phase::Action, attempt }
+}
+
+/// The redelivery of `step`'s action `attempt`.
+pub(crate) fn redeliver(step: &str, attempt: u32) -> Event {
+    timer(step, Phase::Action, attempt, TimerKind::Redeliver)
+}
+
 /// `Cancel`.
 pub(crate) fn cancel() -> Event {
-    Event::Cancel { reason: "customer changed their mind".into() }
+    Event::Cancel { reason: "customer changed their mind".into(), by: None }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,13 +92,14 @@ fn timer_str(t: &Timer) -> String {
     let kind = match t.kind {
         TimerKind::Timeout => "timeout",
         TimerKind::Backoff => "backoff",
+        TimerKind::Redeliver => "redeliver",
     };
     format!("{}.{}.{}.{kind}", t.step, t.phase.code(), t.attempt)
 }
 
 /// One line per effect: `dispatch <command id> <command> @<deadline>`, `arm <timer> @<at>`,
 /// `disarm <timer>`, `publish <kind> [<step>]`, `finish <status>`; timers read
-/// `<step>.<a|c>.<attempt>.<timeout|backoff>`.
+/// `<step>.<a|c>.<attempt>.<timeout|backoff|redeliver>`.
 pub(crate) fn summary(effects: &[Effect]) -> Vec<String> {
     effects
         .iter()
@@ -359,10 +371,16 @@ pub(crate) struct Sim {
     pub(crate) sent: Vec<Dispatch>,
     /// Armed timers, keyed by step.
     pub(crate) timers: BTreeMap<StepName, (Timer, Timestamp)>,
+    /// Every timer ever armed, in order.
+    pub(crate) armed_ever: Vec<Timer>,
     /// The accepted events, for [`SagaState::replay`].
     pub(crate) log: Vec<(Timestamp, Event)>,
     /// Every event handled, accepted or not.
     pub(crate) records: Vec<Record>,
+    /// The timeline: every accepted event's [`Handled::timeline`], in order.
+    pub(crate) timeline: Vec<TimelineEntry>,
+    /// `Undelivered` events handed to the machine (for duplicates).
+    pub(crate) undelivered: Vec<Event>,
     /// Replies handed to the machine (for duplicates).
     pub(crate) delivered: Vec<Event>,
     /// The participant.
@@ -384,8 +402,11 @@ impl Sim {
             inflight: Vec::new(),
             sent: Vec::new(),
             timers: BTreeMap::new(),
+            armed_ever: Vec::new(),
             log: Vec::new(),
             records: Vec::new(),
+            timeline: Vec::new(),
+            undelivered: Vec::new(),
             delivered: Vec::new(),
             participant: Participant::default(),
             anomalies: Vec::new(),
@@ -407,10 +428,17 @@ impl Sim {
         match &handled.result {
             Ok(fx) => {
                 self.log.push((self.now, event.clone()));
+                self.timeline.extend(handled.timeline.iter().cloned());
                 let fx = fx.clone();
                 self.apply(&fx);
+                if let Some(why) = self.snapshot_mismatch() {
+                    self.anomalies.push(format!("after {event:?}: {why}"));
+                }
             }
             Err(rejection) => {
+                if !handled.timeline.is_empty() {
+                    self.anomalies.push(format!("rejected {event:?} but wrote a timeline"));
+                }
                 if self.state != before {
                     self.anomalies.push(format!(
                         "rejected {event:?} ({rejection}) but the state changed:\nbefore {before:?}\nafter {:?}",
@@ -423,10 +451,37 @@ impl Sim {
             at: self.now,
             event,
             handled: handled.clone(),
-            status_after: self.state.status,
-            steps_after: self.state.steps.iter().map(|s| s.status).collect(),
+            status_after: self.state.status(),
+            steps_after: self.statuses(),
         });
         handled
+    }
+
+    /// Each step's status, in definition order.
+    pub(crate) fn statuses(&self) -> Vec<StepStatus> {
+        self.state.snapshot().steps.iter().map(|s| s.status).collect()
+    }
+
+    /// Why the state does not come back from its snapshot, directly and through MessagePack,
+    /// if it does not.
+    pub(crate) fn snapshot_mismatch(&self) -> Option<String> {
+        let snap = self.state.snapshot();
+        match SagaState::from_snapshot(&self.plan, &snap) {
+            Ok(back) if back == self.state => {}
+            Ok(back) => {
+                return Some(format!("from_snapshot differs:\n{back:?}\n!=\n{:?}", self.state))
+            }
+            Err(e) => return Some(format!("from_snapshot refused its own snapshot: {e}")),
+        }
+        let bytes = match rmp_serde::to_vec_named(&snap) {
+            Ok(bytes) => bytes,
+            Err(e) => return Some(format!("snapshot does not encode: {e}")),
+        };
+        match rmp_serde::from_slice::<SagaSnapshot>(&bytes) {
+            Ok(back) if back == snap => None,
+            Ok(back) => Some(format!("MessagePack round trip differs: {back:?}")),
+            Err(e) => Some(format!("snapshot does not decode: {e}")),
+        }
     }
 
     fn apply(&mut self, fx: &[Effect]) {
@@ -437,6 +492,7 @@ impl Sim {
                     self.sent.push(d.clone());
                 }
                 Effect::ScheduleTimer { timer, at } => {
+                    self.armed_ever.push(timer.clone());
                     if let Some((old, _)) =
                         self.timers.insert(timer.step.clone(), (timer.clone(), *at))
                     {
@@ -462,7 +518,7 @@ impl Sim {
         let shown = format!("{event:?}");
         match self.handle(event).result {
             Ok(fx) => fx,
-            Err(e) => panic!("{shown} rejected: {e:?}\nstate: {:?}", self.state.steps),
+            Err(e) => panic!("{shown} rejected: {e:?}\nstate: {:?}", self.state.snapshot().steps),
         }
     }
 
@@ -487,8 +543,7 @@ impl Sim {
 
     /// The status of step `name`.
     pub(crate) fn step(&self, name: &str) -> StepStatus {
-        let i = self.plan.step_index(&StepName::from(name)).expect("known step");
-        self.state.steps[i].status
+        self.state.step_status(&StepName::from(name)).expect("known step")
     }
 
     /// Delivers in-flight command `idx` to the participant and its reply to the machine.
@@ -497,6 +552,15 @@ impl Sim {
         let reply = self.participant.handle(&d, wish);
         self.delivered.push(reply.clone());
         self.handle(reply)
+    }
+
+    /// The driver finds no responder for in-flight command `idx`: it never reaches the
+    /// participant, and the machine is told.
+    pub(crate) fn undeliver(&mut self, idx: usize) -> Handled {
+        let d = self.inflight.remove(idx);
+        let event = Event::Undelivered { step: d.step, phase: d.phase, attempt: d.attempt };
+        self.undelivered.push(event.clone());
+        self.handle(event)
     }
 
     /// Fires the armed timer of `step`, advancing the time to it.
@@ -516,7 +580,7 @@ impl Sim {
 
     /// Whether the saga has ended.
     pub(crate) fn terminal(&self) -> bool {
-        self.state.status.is_terminal()
+        self.state.status().is_terminal()
     }
 
     /// Drives the saga to its end: delivers every command with success, fires timers, and
@@ -530,12 +594,13 @@ impl Sim {
                 self.deliver(0, Wish::Success);
             } else if let Some(step) = self.earliest_timer() {
                 self.fire(&step);
-            } else if self.state.status == SagaStatus::NeedsIntervention {
+            } else if self.state.status() == SagaStatus::NeedsIntervention {
                 self.handle(operator_event(operator));
             } else {
                 panic!(
                     "deadlock: saga {} with nothing in flight and no timer armed: {:?}",
-                    self.state.status, self.state.steps
+                    self.state.status(),
+                    self.state.snapshot().steps
                 );
             }
         }
@@ -589,9 +654,9 @@ impl Sim {
 /// The operator event numbered `n % 3`: retry, skip, resolve.
 pub(crate) fn operator_event(n: u32) -> Event {
     match n % 3 {
-        0 => Event::OperatorRetry { reason: "fixed the downstream".into() },
-        1 => Event::OperatorSkip { reason: "undone by hand".into() },
-        _ => Event::OperatorResolve { reason: "written off".into() },
+        0 => Event::OperatorRetry { reason: "fixed the downstream".into(), by: Some("ops".into()) },
+        1 => Event::OperatorSkip { reason: "undone by hand".into(), by: None },
+        _ => Event::OperatorResolve { reason: "written off".into(), by: None },
     }
 }
 
@@ -663,9 +728,12 @@ impl Choices<'_> {
 /// end (see [`Sim::drain`]) and flushes what is left in flight (see [`Sim::flush`]).
 ///
 /// Each choice picks one move: deliver an in-flight command (the participant answers per
-/// `behaviours`), duplicate a delivered reply, send a stale reply (an attempt that was never
-/// sent), fire the earliest or a random armed timer, cancel, act as the operator (as a fix when
-/// parked, or out of place), or send junk (a second start, an unknown step).
+/// `behaviours`), lose an in-flight command and report it undelivered (sometimes twice),
+/// duplicate a delivered reply or an undelivered report, send a stale reply or report (an
+/// attempt that was never sent), fire the earliest or a random armed timer or one armed earlier
+/// (late, or after it was disarmed), cancel, act as the
+/// operator (as a fix when parked, or out of place), or send junk (a second start, an unknown
+/// step).
 pub(crate) fn run_random(plan: &Plan, behaviours: &[Behaviour], choices: &[u32]) -> Sim {
     assert_eq!(behaviours.len(), plan.steps().len());
     let mut sim = Sim::new(plan);
@@ -682,7 +750,13 @@ pub(crate) fn run_random(plan: &Plan, behaviours: &[Behaviour], choices: &[u32])
     let mut cancelled = false;
     while !sim.terminal() && sim.records.len() < MAX_RANDOM_EVENTS {
         if let Some(k) = cancel_after {
-            let done = sim.state.steps.iter().filter(|s| s.status == StepStatus::Succeeded).count();
+            let done = sim
+                .state
+                .snapshot()
+                .steps
+                .iter()
+                .filter(|s| s.status == StepStatus::Succeeded)
+                .count();
             if !cancelled && done >= k {
                 cancelled = true;
                 sim.handle(cancel());
@@ -722,9 +796,31 @@ fn random_move(
         category = 11;
     }
     match category {
-        0..=8 | 12 | 13 | 18 | 19 => deliver_random(sim, behaviours, ch),
+        0..=8 | 12 | 18 => deliver_random(sim, behaviours, ch),
+        13 | 19 => {
+            // No responder: the command is lost and the machine is told (for an older attempt
+            // still on its way, that report is stale). Now and then the report comes twice.
+            if sim.inflight.is_empty() {
+                deliver_random(sim, behaviours, ch);
+            } else {
+                let idx = ch.pick() as usize % sim.inflight.len();
+                sim.undeliver(idx);
+                if ch.pick() % 4 == 0 {
+                    let again = sim.undelivered.last().cloned().expect("just sent");
+                    if sim.handle(again.clone()).result.is_ok() {
+                        sim.anomalies.push(format!("repeated report accepted: {again:?}"));
+                    }
+                }
+            }
+        }
         9 => {
-            if sim.delivered.is_empty() {
+            if !sim.undelivered.is_empty() && ch.pick() % 4 == 0 {
+                // An old no-responder report again: stale, a duplicate, or (if that attempt
+                // was sent again since) indistinguishable from a new report.
+                let i = ch.pick() as usize % sim.undelivered.len();
+                let old = sim.undelivered[i].clone();
+                sim.handle(old);
+            } else if sim.delivered.is_empty() {
                 deliver_random(sim, behaviours, ch);
             } else {
                 let i = ch.pick() as usize % sim.delivered.len();
@@ -736,7 +832,8 @@ fn random_move(
         }
         10 => {
             let i = (ch.pick() % n) as usize;
-            let s = &sim.state.steps[i];
+            let snap = sim.state.snapshot();
+            let s = &snap.steps[i];
             let phase = if ch.pick() % 2 == 0 { Phase::Action } else { Phase::Compensation };
             let current = match phase {
                 Phase::Action => s.attempt,
@@ -747,7 +844,8 @@ fn random_move(
                 k => current + k + ch.pick() % 3,
             };
             let step = s.name.clone();
-            let event = match (phase, ch.pick() % 3) {
+            let event = match (phase, ch.pick() % 4) {
+                (_, 3) => Event::Undelivered { step, phase, attempt },
                 (Phase::Action, 0) => {
                     Event::StepSucceeded { output: output_of(&step), step, attempt }
                 }
@@ -769,6 +867,23 @@ fn random_move(
             }
             None => deliver_random(sim, behaviours, ch),
         },
+        14 if !sim.armed_ever.is_empty() && ch.pick() % 3 == 0 => {
+            // A timer armed earlier fires (late, or after it was disarmed): taken only if it is
+            // the step's armed one.
+            let i = ch.pick() as usize % sim.armed_ever.len();
+            let old = sim.armed_ever[i].clone();
+            match sim.timers.get(&old.step) {
+                Some((armed, _)) if *armed == old => {
+                    sim.fire(&old.step);
+                }
+                _ => {
+                    let event = Event::TimerFired(old);
+                    if sim.handle(event.clone()).result.is_ok() {
+                        sim.anomalies.push(format!("timer that is not armed accepted: {event:?}"));
+                    }
+                }
+            }
+        }
         14 => {
             if sim.timers.is_empty() {
                 deliver_random(sim, behaviours, ch);
@@ -785,7 +900,7 @@ fn random_move(
         }
         16 => {
             let op = ch.pick();
-            if sim.state.status == SagaStatus::NeedsIntervention || op % 4 == 0 {
+            if sim.state.status() == SagaStatus::NeedsIntervention || op % 4 == 0 {
                 sim.handle(operator_event(op / 4));
             }
         }

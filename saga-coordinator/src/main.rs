@@ -3,5 +3,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    saga_nats::cli::main().await
+    saga_coordinator::main().await
 }

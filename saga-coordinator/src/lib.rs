@@ -1,12 +1,13 @@
-//! The `saga-coordinator` command line: flags, environment, config file, signals.
+//! The `saga-coordinator` command line: flags, environment, config file, logging, signals.
+//! Its [`init_logging`] and [`shutdown_signal`] serve the demo services too.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::{Coordinator, CoordinatorConfig, ProvisionConfig};
 use clap::Parser;
 use saga_core::SagaDefinition;
+use saga_nats::{Coordinator, CoordinatorConfig, ProvisionConfig};
 use tracing::{error, info};
 
 /// Runs the saga coordinator: starts sagas, sends each step's command, records every outcome
@@ -68,17 +69,23 @@ struct Args {
     #[arg(long, env = "SAGA_WORKERS")]
     workers: Option<usize>,
 
-    /// Seconds an input may take before it is redelivered (to another replica) [default: 30].
+    /// Seconds after which another replica takes over the sagas of a replica that stopped
+    /// answering (this one confirms its sagas every third of it) [default: 15].
     #[arg(long, env = "SAGA_ACK_WAIT_SECS")]
     ack_wait_secs: Option<u64>,
 
-    /// Hours a finished saga's state and history are kept [default: 168].
+    /// Hours a saga's log records are kept (a live saga's newest record is kept alive)
+    /// [default: 168].
     #[arg(long, env = "SAGA_RETENTION_HOURS")]
     retention_hours: Option<u64>,
 
     /// JetStream replicas of each stream (3 on a cluster) [default: 1].
     #[arg(long, env = "SAGA_REPLICAS")]
     replicas: Option<usize>,
+
+    /// This replica's name in reply subjects (letters, digits, '_' and '-') [default: random].
+    #[arg(long, env = "SAGA_REPLICA_NAME")]
+    replica_name: Option<String>,
 
     /// Log filter (error, warn, info, debug, trace, or per-module: saga_nats=debug).
     #[arg(long, env = "RUST_LOG")]
@@ -104,6 +111,7 @@ impl Args {
             ack_wait_secs: self.ack_wait_secs.or(file.ack_wait_secs),
             retention_hours: self.retention_hours.or(file.retention_hours),
             replicas: self.replicas.or(file.replicas),
+            replica_name: self.replica_name.or(file.replica_name),
             log: self.log.or(file.log),
         }
     }
@@ -128,7 +136,7 @@ pub async fn main() -> ExitCode {
             }
         }
     }
-    crate::telemetry::init_logging(args.log.as_deref().unwrap_or("info"));
+    init_logging(args.log.as_deref().unwrap_or("info"));
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -158,6 +166,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ..defaults
         },
         workers: args.workers.unwrap_or(32),
+        replica: args.replica_name.clone(),
         definitions,
         ..Default::default()
     };
@@ -229,4 +238,13 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Installs a `tracing` subscriber that logs to stderr, filtered by `RUST_LOG` or `default`
+/// (e.g. `info`, `saga_nats=debug`). Does nothing if one is installed already.
+pub fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
