@@ -3,7 +3,7 @@
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p saga-nats -p example-services --bins
+RUN cargo build --release --locked -p saga-coordinator -p example-services --bins
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 saga

@@ -64,7 +64,7 @@ fn every_service_image_command_and_variable_named_exists() {
         ["nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"].into();
     assert_eq!(names, want);
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    let coordinator_env = declared_env(&["saga-nats/src"]);
+    let coordinator_env = declared_env(&["saga-coordinator/src"]);
     let services_env = declared_env(&["example-services/src"]);
 
     for (name, service) in services {
@@ -103,8 +103,19 @@ fn every_service_image_command_and_variable_named_exists() {
             dockerfile.contains(&format!("/src/target/release/{program}")),
             "{name}: the image does not contain {program}"
         );
+        // The image's `cargo build` builds the package that holds the program.
+        let package = if program == "saga-coordinator" { program } else { "example-services" };
+        let build_line = dockerfile.lines().find(|l| l.contains("cargo build")).unwrap_or("");
+        assert!(
+            build_line
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w == ["-p", package]),
+            "{name}: the Dockerfile does not build package {package}: {build_line:?}"
+        );
         let declared = if program == "saga-coordinator" {
-            assert!(repo().join("saga-nats/src/bin/saga-coordinator.rs").is_file());
+            assert!(repo().join("saga-coordinator/src/main.rs").is_file());
             &coordinator_env
         } else {
             // The binary accepts the subcommand and flags the compose file gives it.

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use crate::load::{planned_failure, SagaFuture, System};
+use crate::load::{planned_failure, CountFuture, SagaFuture, System};
 use crate::measure::MessageCounter;
 
 const STREAM: &str = "FLOOR_STATE";
@@ -167,8 +167,8 @@ impl System for Floor {
         Box::pin(self.run(n))
     }
 
-    fn messages(&self) -> u64 {
-        self.counter.total()
+    fn messages(&self) -> CountFuture<'_> {
+        Box::pin(std::future::ready(Ok(self.counter.total())))
     }
 }
 

@@ -10,24 +10,36 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::measure::{CpuSample, Latencies, Percentiles, Processes};
+use crate::measure::{
+    stored_between, CpuSample, Latencies, Percentiles, Processes, StoredMessages,
+};
 use crate::progress::Progress;
 
 /// One saga, run to its end.
 pub(crate) type SagaFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
+/// A count that may need to ask another process.
+pub(crate) type CountFuture<'a> = Pin<Box<dyn Future<Output = anyhow::Result<u64>> + Send + 'a>>;
+
 /// A system under test: something that runs whole sagas.
 pub(crate) trait System: Send + Sync + 'static {
     /// Runs one new saga to its end, and fails if it did not end as planned.
     fn saga(self: Arc<Self>) -> SagaFuture;
-    /// NATS messages sent plus received so far by every connection of the system.
-    fn messages(&self) -> u64;
+    /// NATS messages sent plus received so far by every connection of the system, those of
+    /// its child processes included.
+    fn messages(&self) -> CountFuture<'_>;
+    /// The system's own child processes (coordinator replicas), whose CPU time counts.
+    fn processes(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// How each setting is timed and observed.
 #[derive(Clone)]
 pub(crate) struct Env {
     pub(crate) processes: Processes,
+    /// The system's server, for the messages JetStream stored.
+    pub(crate) stored: StoredMessages,
     pub(crate) progress: Progress,
     pub(crate) warmup: Duration,
     pub(crate) measure: Duration,
@@ -63,6 +75,8 @@ pub(crate) struct Measurement {
     pub(crate) cpu: CpuSample,
     /// NATS messages sent and received within the window.
     pub(crate) messages: u64,
+    /// Messages JetStream stored within the window (durable writes), over every stream.
+    pub(crate) writes: u64,
 }
 
 impl Measurement {
@@ -71,9 +85,9 @@ impl Measurement {
         per(self.completed as f64, self.window.as_secs_f64())
     }
 
-    /// CPU milliseconds (bench + server) per completed saga.
+    /// CPU milliseconds (bench, its coordinator processes, server) per completed saga.
     pub(crate) fn cpu_ms_per_saga(&self) -> f64 {
-        per((self.cpu.bench + self.cpu.server).as_secs_f64() * 1000.0, self.completed as f64)
+        per(self.cpu.sagas().as_secs_f64() * 1000.0, self.completed as f64)
     }
 
     /// Server CPU milliseconds per completed saga.
@@ -81,7 +95,8 @@ impl Measurement {
         per(self.cpu.server.as_secs_f64() * 1000.0, self.completed as f64)
     }
 
-    /// CPU (in cores) used during the window by processes other than the bench and the server.
+    /// CPU (in cores) used during the window by processes other than the bench, its children
+    /// and the server.
     pub(crate) fn other_load(&self) -> f64 {
         per(self.cpu.others().as_secs_f64(), self.window.as_secs_f64())
     }
@@ -89,6 +104,11 @@ impl Measurement {
     /// NATS messages (sent + received by the clients) per completed saga.
     pub(crate) fn messages_per_saga(&self) -> f64 {
         per(self.messages as f64, self.completed as f64)
+    }
+
+    /// Messages stored by JetStream per completed saga.
+    pub(crate) fn writes_per_saga(&self) -> f64 {
+        per(self.writes as f64, self.completed as f64)
     }
 }
 
@@ -171,19 +191,36 @@ async fn run_saga(system: Arc<dyn System>, timeout: Duration) -> anyhow::Result<
     }
 }
 
-/// Samples CPU and messages at the window's edges.
+/// What was counted between the window's edges.
+struct Observed {
+    cpu: CpuSample,
+    messages: u64,
+    writes: u64,
+}
+
+/// Samples CPU, messages and stored messages at the window's edges.
 async fn observe_window(
     system: &dyn System,
     env: &Env,
     rec: &Recorder,
-) -> anyhow::Result<(CpuSample, u64)> {
+) -> anyhow::Result<Observed> {
     tokio::time::sleep_until(rec.start).await;
-    let cpu0 = env.processes.sample()?;
-    let msgs0 = system.messages();
+    // The requests that count (a stream listing, a line to each coordinator process) are made
+    // before the CPU window opens and after it closes, so that they cost it nothing; they take
+    // a millisecond or so, against a window of seconds.
+    let stored0 = env.stored.snapshot().await?;
+    let msgs0 = system.messages().await?;
+    let children = system.processes();
+    let cpu0 = env.processes.sample(&children)?;
     tokio::time::sleep_until(rec.end).await;
-    let cpu1 = env.processes.sample()?;
-    let msgs1 = system.messages();
-    Ok((cpu1.since(&cpu0), msgs1.saturating_sub(msgs0)))
+    let cpu1 = env.processes.sample(&children)?;
+    let msgs1 = system.messages().await?;
+    let stored1 = env.stored.snapshot().await?;
+    Ok(Observed {
+        cpu: cpu1.since(&cpu0),
+        messages: msgs1.saturating_sub(msgs0),
+        writes: stored_between(&stored0, &stored1),
+    })
 }
 
 fn measurement(
@@ -192,7 +229,7 @@ fn measurement(
     coordinators: usize,
     env: &Env,
     rec: &Recorder,
-    (cpu, messages): (CpuSample, u64),
+    Observed { cpu, messages, writes }: Observed,
 ) -> Measurement {
     Measurement {
         system: name,
@@ -205,6 +242,7 @@ fn measurement(
         latency: rec.latencies.percentiles(),
         cpu,
         messages,
+        writes,
     }
 }
 
@@ -314,5 +352,36 @@ mod tests {
     fn per_saga_figures_guard_against_zero() {
         assert_eq!(per(5.0, 0.0), 0.0);
         assert_eq!(per(5.0, 2.0), 2.5);
+    }
+
+    #[test]
+    fn per_saga_figures_divide_by_the_sagas_completed() {
+        let ms = Duration::from_millis;
+        let mut m = Measurement {
+            system: "floor",
+            load: Load::Closed { concurrency: 1 },
+            coordinators: 0,
+            completed: 400,
+            errors: 0,
+            first_error: None,
+            window: Duration::from_secs(2),
+            latency: Percentiles::default(),
+            cpu: CpuSample {
+                bench: ms(300),
+                replicas: ms(500),
+                server: ms(200),
+                machine: ms(1400),
+            },
+            messages: 8_000,
+            writes: 1_610,
+        };
+        assert_eq!(m.throughput(), 200.0);
+        assert_eq!(m.cpu_ms_per_saga(), 2.5);
+        assert_eq!(m.server_cpu_ms_per_saga(), 0.5);
+        assert_eq!(m.messages_per_saga(), 20.0);
+        assert_eq!(m.writes_per_saga(), 4.025);
+        assert_eq!(m.other_load(), 0.2);
+        m.completed = 0;
+        assert_eq!(m.writes_per_saga(), 0.0);
     }
 }

@@ -4,14 +4,16 @@
 //! For each system it starts a fresh `nats-server` (own store directory) in the chosen
 //! durability profile, then measures closed loops at several concurrencies and an open loop
 //! at half the system's measured peak, and prints one table: completed sagas/s, latency
-//! p50/p99/p99.9, CPU milliseconds per saga (the bench process and the server, from
-//! `/proc/<pid>/stat`), NATS messages per saga, and ours/floor. See `BENCHMARKS.md`.
+//! p50/p99/p99.9, CPU milliseconds per saga (the bench process, its coordinator processes if
+//! any, and the server, from `/proc/<pid>/stat`), NATS messages per saga, messages JetStream
+//! stored per saga, and ours/floor. See `BENCHMARKS.md`.
 
 mod floor;
 mod load;
 mod measure;
 mod ours;
 mod progress;
+mod replica;
 mod report;
 
 use std::process::ExitCode;
@@ -24,7 +26,7 @@ use saga_tests::{NatsServer, NatsServerOptions};
 
 use crate::floor::Floor;
 use crate::load::{closed_loop, open_loop, Env, Measurement, System};
-use crate::measure::Processes;
+use crate::measure::{Processes, StoredMessages};
 use crate::ours::Ours;
 use crate::progress::Progress;
 
@@ -34,9 +36,11 @@ use crate::progress::Progress;
 ///
 /// Each system gets its own fresh nats-server. Closed loops run at each concurrency, then an
 /// open loop at half the system's own peak, with latency measured from each saga's intended
-/// start time (no coordinated omission). Everything runs in this process except nats-server;
-/// CPU per saga counts both. The last line printed is `ours/floor throughput ratio: X.XX` at
-/// concurrency 64.
+/// start time (no coordinated omission). Everything runs in this process except nats-server
+/// (and, with --coordinator-processes, the coordinator replicas); CPU per saga counts them
+/// all. writes/saga is what JetStream stored: the growth of every stream's last sequence
+/// (KV buckets included) over the window, per saga. The last line printed is
+/// `ours/floor throughput ratio: X.XX` at concurrency 64.
 #[derive(Debug, Parser)]
 #[command(name = "saga-bench", version, about, long_about, verbatim_doc_comment)]
 struct Args {
@@ -53,10 +57,17 @@ struct Args {
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     failure_rate: f64,
 
-    /// Coordinator replicas for ours (in-process, each on its own NATS connection). A full
-    /// run also measures concurrency 64 with one replica more.
+    /// Coordinator replicas for ours (in this process, each on its own NATS connection; see
+    /// --coordinator-processes). A full run also measures concurrency 64 with one replica
+    /// more.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     coordinators: u16,
+
+    /// Run each coordinator replica of ours, the extra one of the replica check included, as
+    /// a child process of its own (this program again), killed at the end; their CPU time and
+    /// NATS messages count in the per-saga figures.
+    #[arg(long)]
+    coordinator_processes: bool,
 
     /// nats-server durability: `default` settings, or `fsync` (`sync_interval: always`: every
     /// write is fsynced before it is acknowledged).
@@ -84,6 +95,15 @@ struct Args {
     /// Which systems to run (a single one is for profiling; the ratio then reads n/a).
     #[arg(long, value_enum, default_value_t = Systems::Both)]
     systems: Systems,
+
+    /// Internal: run one coordinator replica of the bench saga (`--steps`) against
+    /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
+    #[arg(long, hide = true, requires = "nats_url")]
+    serve_coordinator: bool,
+
+    /// Internal: the server a --serve-coordinator replica connects to.
+    #[arg(long, hide = true, requires = "serve_coordinator")]
+    nats_url: Option<String>,
 }
 
 /// nats-server durability profiles.
@@ -145,6 +165,7 @@ struct Plan {
     payload: usize,
     failure_rate: f64,
     coordinators: usize,
+    coordinator_processes: bool,
     profile: Profile,
     warmup: Duration,
     measure: Duration,
@@ -166,6 +187,7 @@ impl Plan {
             payload: args.payload,
             failure_rate: args.failure_rate,
             coordinators: usize::from(args.coordinators),
+            coordinator_processes: args.coordinator_processes,
             profile: args.profile,
             warmup: args.warmup.unwrap_or(warmup),
             measure: args.duration.unwrap_or(measure),
@@ -198,6 +220,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let (true, Some(url)) = (args.serve_coordinator, &args.nats_url) {
+        return match runtime.block_on(replica::serve(url, usize::from(args.steps))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("saga-bench --serve-coordinator: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(Plan::from_args(&args))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -214,7 +245,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let mut server_version = String::new();
     if plan.floor {
         let server = start_server(&plan, &progress, "floor").await?;
-        let env = env(&plan, &server, progress)?;
+        let env = env(&plan, &server, progress).await?;
         server_version = server.connect().await.server_info().version;
         let floor =
             Floor::start(&server.url(), plan.steps, plan.payload, plan.failure_rate).await?;
@@ -223,11 +254,13 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     }
     if plan.ours {
         let server = start_server(&plan, &progress, "ours").await?;
-        let env = env(&plan, &server, progress)?;
+        let env = env(&plan, &server, progress).await?;
         server_version = server.connect().await.server_info().version;
         progress.note(&format!(
-            "[ours] starting {} coordinator(s) and {} participants",
-            plan.coordinators, plan.steps
+            "[ours] starting {} coordinator(s) {} and {} participants",
+            plan.coordinators,
+            replicas_where(&plan),
+            plan.steps
         ));
         let ours = Ours::start(
             &server.url(),
@@ -235,6 +268,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             plan.payload,
             plan.failure_rate,
             plan.coordinators,
+            plan.coordinator_processes,
         )
         .await?;
         measure_system("ours", plan.coordinators, ours.clone(), &plan, &env, &mut results).await?;
@@ -242,7 +276,8 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             ours.add_coordinator().await?;
             let replicas = ours.coordinators();
             let c = report::MAIN_CONCURRENCY;
-            let label = format!("[ours] closed c={c}, {replicas} coordinators");
+            let label =
+                format!("[ours] closed c={c}, {replicas} coordinators {}", replicas_where(&plan));
             results.push(closed_loop("ours", replicas, ours.clone(), c, &env, label).await?);
         }
         ours.stop().await;
@@ -299,10 +334,20 @@ async fn start_server(
         .context("nats-server did not start (see the message above)")
 }
 
-fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Result<Env> {
+/// Where ours' coordinator replicas run.
+fn replicas_where(plan: &Plan) -> &'static str {
+    if plan.coordinator_processes {
+        "in child processes"
+    } else {
+        "in the bench process"
+    }
+}
+
+async fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Result<Env> {
     let pid = server.pid().context("nats-server is not running")?;
     Ok(Env {
         processes: Processes::new(pid),
+        stored: StoredMessages::connect(&server.url()).await?,
         progress,
         warmup: plan.warmup,
         measure: plan.measure,
@@ -313,12 +358,13 @@ fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Result<E
 fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
     println!();
     println!(
-        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile, {} coordinator(s), {:?} measured after {:?} warm-up per setting",
+        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
         plan.steps,
         plan.payload,
         plan.failure_rate,
         plan.profile,
         plan.coordinators,
+        replicas_where(plan),
         plan.measure,
         plan.warmup
     );
@@ -326,17 +372,11 @@ fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
     println!();
     print!("{}", report::table(results));
     println!();
-    println!(
-        "CPU ms/saga: bench process (load generator, {}) + nats-server; (server): its share. \
-         msgs/saga: NATS messages sent + received by all the bench's connections. \
-         other load: cores used by other processes meanwhile. \
-         open: latency from each saga's intended start.",
-        if plan.ours { "coordinators, participants, client" } else { "orchestrator, responders" }
-    );
+    println!("{}", footnote(plan));
     if let Some(warning) = report::other_load_warning(results) {
         println!("{warning}");
     }
-    let goals = report::goals(results, plan.coordinators);
+    let goals = report::goals(results, plan.coordinators, plan.coordinator_processes);
     if !goals.is_empty() {
         println!();
         println!("goals:");
@@ -345,6 +385,30 @@ fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
     println!();
     println!("reproduce: {}", reproduce_command());
     println!("{}", report::ratio_line(results, plan.coordinators));
+}
+
+/// The line under the table that explains its columns.
+fn footnote(plan: &Plan) -> String {
+    let cpu = match (plan.ours, plan.coordinator_processes) {
+        (false, _) => "bench process (load generator, orchestrator, responders)",
+        (true, false) => "bench process (load generator, coordinators, participants, client)",
+        (true, true) => {
+            "bench process (load generator, participants, client) + coordinator processes"
+        }
+    };
+    let msgs = if plan.ours && plan.coordinator_processes {
+        "all the bench's connections and the coordinator processes'"
+    } else {
+        "all the bench's connections"
+    };
+    format!(
+        "CPU ms/saga: {cpu} + nats-server; (server): its share. \
+         msgs/saga: NATS messages sent + received by {msgs}. \
+         writes/saga: messages JetStream stored (growth of every stream's last sequence, \
+         KV buckets included). \
+         other load: cores used by other processes meanwhile. \
+         open: latency from each saga's intended start."
+    )
 }
 
 fn reproduce_command() -> String {
@@ -428,6 +492,43 @@ mod tests {
         assert_eq!(full.concurrencies, vec![1, 16, 64, 256]);
         assert_eq!(full.measure, Duration::from_secs(10));
         assert!(full.replica_check && full.floor && full.ours);
+        assert!(!full.coordinator_processes);
+        let processes =
+            Plan::from_args(&Args::parse_from(["saga-bench", "--coordinator-processes"]));
+        assert!(processes.coordinator_processes && processes.replica_check);
+    }
+
+    #[test]
+    fn the_replica_entry_point_needs_a_server_and_is_hidden() {
+        use clap::CommandFactory;
+        let args = Args::parse_from([
+            "saga-bench",
+            "--serve-coordinator",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--steps",
+            "5",
+        ]);
+        assert!(args.serve_coordinator);
+        assert_eq!(args.nats_url.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(args.steps, 5);
+        assert!(Args::try_parse_from(["saga-bench", "--serve-coordinator"]).is_err());
+        assert!(Args::try_parse_from(["saga-bench", "--nats-url", "nats://x:1"]).is_err());
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--coordinator-processes"), "{help}");
+        assert!(!help.contains("--serve-coordinator"), "{help}");
+    }
+
+    #[test]
+    fn the_footnote_says_where_the_figures_come_from() {
+        let mut plan = Plan::from_args(&Args::parse_from(["saga-bench"]));
+        let inside = footnote(&plan);
+        assert!(inside.contains("writes/saga: messages JetStream stored"), "{inside}");
+        assert!(inside.contains("(load generator, coordinators, participants, client)"));
+        plan.coordinator_processes = true;
+        let children = footnote(&plan);
+        assert!(children.contains("client) + coordinator processes + nats-server"), "{children}");
+        assert!(children.contains("and the coordinator processes'"), "{children}");
     }
 
     #[test]

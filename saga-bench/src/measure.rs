@@ -1,11 +1,15 @@
 //! What a measurement window records: latencies, CPU time of every process involved (from
-//! `/proc/<pid>/stat`), and the NATS messages the bench's connections sent and received.
+//! `/proc/<pid>/stat`), the NATS messages the bench's connections sent and received, and the
+//! messages JetStream stored.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use async_nats::jetstream;
+use futures::TryStreamExt;
 use hdrhistogram::Histogram;
 
 /// The largest latency recorded, in microseconds; slower sagas count as this.
@@ -127,7 +131,8 @@ impl CpuProbe {
     }
 }
 
-/// The processes whose CPU time a saga costs: the bench itself and the nats-server child.
+/// The processes whose CPU time a saga costs: the bench itself and the nats-server child
+/// (and the system's own child processes, given to each [`Processes::sample`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Processes {
     probe: CpuProbe,
@@ -135,12 +140,15 @@ pub(crate) struct Processes {
     server: u32,
 }
 
-/// CPU time of the bench, the server and the whole machine at one instant.
+/// CPU time of the bench, its coordinator processes, the server and the whole machine at one
+/// instant.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CpuSample {
     pub(crate) bench: Duration,
+    /// Coordinator replicas running as child processes (zero when they run in the bench).
+    pub(crate) replicas: Duration,
     pub(crate) server: Duration,
-    /// Every process on the machine, these two included.
+    /// Every process on the machine, these included.
     pub(crate) machine: Duration,
 }
 
@@ -149,14 +157,21 @@ impl CpuSample {
     pub(crate) fn since(&self, earlier: &CpuSample) -> CpuSample {
         CpuSample {
             bench: self.bench.saturating_sub(earlier.bench),
+            replicas: self.replicas.saturating_sub(earlier.replicas),
             server: self.server.saturating_sub(earlier.server),
             machine: self.machine.saturating_sub(earlier.machine),
         }
     }
 
-    /// CPU used by processes other than the bench and the server (a shared machine).
+    /// CPU used by the bench, its child processes and the server: what the sagas cost.
+    pub(crate) fn sagas(&self) -> Duration {
+        self.bench + self.replicas + self.server
+    }
+
+    /// CPU used by processes other than the bench, its children and the server (a shared
+    /// machine).
     pub(crate) fn others(&self) -> Duration {
-        self.machine.saturating_sub(self.bench + self.server)
+        self.machine.saturating_sub(self.sagas())
     }
 }
 
@@ -165,13 +180,61 @@ impl Processes {
         Processes { probe: CpuProbe::new(), bench: std::process::id(), server }
     }
 
-    pub(crate) fn sample(&self) -> anyhow::Result<CpuSample> {
+    /// CPU time so far, with that of the coordinator processes `replicas`.
+    pub(crate) fn sample(&self, replicas: &[u32]) -> anyhow::Result<CpuSample> {
+        let mut replica_time = Duration::ZERO;
+        for &pid in replicas {
+            replica_time += self
+                .probe
+                .cpu_time(pid)
+                .with_context(|| format!("coordinator process {pid} is gone"))?;
+        }
         Ok(CpuSample {
             bench: self.probe.cpu_time(self.bench)?,
+            replicas: replica_time,
             server: self.probe.cpu_time(self.server)?,
             machine: self.probe.machine_time()?,
         })
     }
+}
+
+/// The last sequence number of each JetStream stream, by stream name.
+pub(crate) type Sequences = HashMap<String, u64>;
+
+/// Counts the messages JetStream stores, over every stream of the account (KV buckets are
+/// streams `KV_<bucket>` too): each stored message takes the next sequence number of its
+/// stream, so the growth of the streams' last sequences is the number of messages stored.
+/// Deletions, purges and acknowledgements take none.
+#[derive(Clone)]
+pub(crate) struct StoredMessages {
+    /// On a connection of its own, so that its requests are not counted in msgs/saga.
+    js: jetstream::Context,
+}
+
+impl StoredMessages {
+    pub(crate) async fn connect(url: &str) -> anyhow::Result<Self> {
+        let conn = async_nats::connect(url).await.context("connecting to count stored messages")?;
+        Ok(StoredMessages { js: jetstream::new(conn) })
+    }
+
+    /// Every stream's last sequence now: one `STREAM.LIST` request per 256 streams.
+    pub(crate) async fn snapshot(&self) -> anyhow::Result<Sequences> {
+        let mut streams = self.js.streams();
+        let mut sequences = Sequences::new();
+        while let Some(info) = streams.try_next().await.context("listing the JetStream streams")? {
+            sequences.insert(info.config.name, info.state.last_sequence);
+        }
+        Ok(sequences)
+    }
+}
+
+/// Messages stored between two snapshots: per stream, the growth of its last sequence (a
+/// stream created in between counts from zero; one deleted in between cannot be counted).
+pub(crate) fn stored_between(before: &Sequences, after: &Sequences) -> u64 {
+    after
+        .iter()
+        .map(|(name, &last)| last.saturating_sub(before.get(name).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// Counts the NATS messages sent and received by a set of connections.
@@ -245,11 +308,39 @@ mod tests {
     #[test]
     fn cpu_sample_difference() {
         let ms = Duration::from_millis;
-        let a = CpuSample { bench: ms(100), server: ms(50), machine: ms(1000) };
-        let b = CpuSample { bench: ms(350), server: ms(60), machine: ms(1400) };
+        let a = CpuSample { bench: ms(100), replicas: ms(20), server: ms(50), machine: ms(1000) };
+        let b = CpuSample { bench: ms(350), replicas: ms(70), server: ms(60), machine: ms(1400) };
         let d = b.since(&a);
         assert_eq!(d.bench, ms(250));
+        assert_eq!(d.replicas, ms(50));
         assert_eq!(d.server, ms(10));
-        assert_eq!(d.others(), ms(140));
+        assert_eq!(d.sagas(), ms(310));
+        assert_eq!(d.others(), ms(90));
+    }
+
+    #[test]
+    fn own_cpu_time_counts_as_a_replica_and_a_missing_replica_is_an_error() {
+        let processes = Processes::new(std::process::id());
+        assert!(processes.sample(&[std::process::id()]).is_ok());
+        // Pid numbers stop well below u32::MAX (at most 2^22 on Linux).
+        let err = processes.sample(&[u32::MAX]).unwrap_err();
+        assert!(format!("{err:#}").contains("coordinator process 4294967295"), "{err:#}");
+    }
+
+    fn sequences(pairs: &[(&str, u64)]) -> Sequences {
+        pairs.iter().map(|&(name, seq)| (name.to_owned(), seq)).collect()
+    }
+
+    #[test]
+    fn stored_messages_are_the_growth_of_each_stream() {
+        let before = sequences(&[("SAGA_LOG", 100), ("KV_effects_p0", 40), ("GONE", 7)]);
+        let after = sequences(&[("SAGA_LOG", 130), ("KV_effects_p0", 43), ("NEW", 5)]);
+        // 30 + 3 + 5; the stream deleted in between adds nothing.
+        assert_eq!(stored_between(&before, &after), 38);
+        assert_eq!(stored_between(&after, &after), 0);
+        assert_eq!(stored_between(&Sequences::new(), &Sequences::new()), 0);
+        // A stream deleted and created again with the same name does not count negative.
+        let recreated = sequences(&[("SAGA_LOG", 2)]);
+        assert_eq!(stored_between(&before, &recreated), 0);
     }
 }

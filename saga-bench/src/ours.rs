@@ -1,7 +1,7 @@
-//! Ours: saga-nats as a user runs it, all in this process. Coordinator replicas
-//! ([`Coordinator`], each on its own connection, default settings), one echo
-//! [`Participant`] per step service (each on its own connection), and one [`SagaClient`]
-//! that starts sagas.
+//! Ours: saga-nats as a user runs it. Coordinator replicas ([`Coordinator`], each on its own
+//! connection, default settings; in this process, or each in a child process of its own with
+//! `--coordinator-processes`, see [`crate::replica`]), one echo [`Participant`] per step
+//! service (each on its own connection), and one [`SagaClient`] that starts sagas.
 //!
 //! A saga is done when its terminal lifecycle event arrives. Rather than one
 //! [`SagaClient::wait`] per saga (a subscription and a state read each, and a read per event),
@@ -18,8 +18,9 @@ use saga_nats::{Command, Coordinator, CoordinatorConfig, Participant, SagaClient
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::load::{planned_failure, SagaFuture, System};
+use crate::load::{planned_failure, CountFuture, SagaFuture, System};
 use crate::measure::MessageCounter;
+use crate::replica::CoordinatorProcess;
 
 /// The benchmark saga's definition name.
 const SAGA: &str = "bench";
@@ -129,13 +130,25 @@ pub(crate) fn definition(steps: usize) -> SagaDefinition {
     b.build()
 }
 
+/// One coordinator replica.
+#[derive(Clone)]
+enum Replica {
+    /// In this process, on a connection of its own (counted by [`Ours::counter`]).
+    InProcess(Coordinator),
+    /// In a child process, killed when the last clone is dropped.
+    Process(Arc<CoordinatorProcess>),
+}
+
 /// The coordinators, participants and client of one run.
 pub(crate) struct Ours {
     url: String,
+    steps: usize,
     def: SagaDefinition,
     client: SagaClient,
     waiters: Arc<Waiters>,
-    coordinators: Mutex<Vec<Coordinator>>,
+    coordinators: Mutex<Vec<Replica>>,
+    /// Whether new replicas run as child processes.
+    replica_processes: bool,
     participants: Vec<Participant>,
     counter: Mutex<MessageCounter>,
     dispatcher: tokio::task::JoinHandle<()>,
@@ -145,19 +158,21 @@ pub(crate) struct Ours {
 }
 
 impl Ours {
-    /// Starts `coordinators` replicas, the participants and the client.
+    /// Starts `coordinators` replicas (each in a child process if `replica_processes`), the
+    /// participants and the client.
     pub(crate) async fn start(
         url: &str,
         steps: usize,
         payload: usize,
         failure_rate: f64,
         coordinators: usize,
+        replica_processes: bool,
     ) -> anyhow::Result<Arc<Ours>> {
         let def = definition(steps);
         let mut counter = MessageCounter::default();
         let mut replicas = Vec::new();
         for _ in 0..coordinators {
-            replicas.push(start_coordinator(url, &def, &mut counter).await?);
+            replicas.push(start_replica(url, steps, &def, replica_processes, &mut counter).await?);
         }
         let mut participants = Vec::new();
         for i in 0..steps {
@@ -200,10 +215,12 @@ impl Ours {
         };
         Ok(Arc::new(Ours {
             url: url.to_owned(),
+            steps,
             def,
             client,
             waiters,
             coordinators: Mutex::new(replicas),
+            replica_processes,
             participants,
             counter: Mutex::new(counter),
             dispatcher,
@@ -213,13 +230,36 @@ impl Ours {
         }))
     }
 
-    /// Starts one more coordinator replica.
+    /// Starts one more coordinator replica, in a child process if the others are.
     pub(crate) async fn add_coordinator(&self) -> anyhow::Result<()> {
         let mut counter = self.counter.lock().expect("lock").clone();
-        let replica = start_coordinator(&self.url, &self.def, &mut counter).await?;
+        let replica =
+            start_replica(&self.url, self.steps, &self.def, self.replica_processes, &mut counter)
+                .await?;
         *self.counter.lock().expect("lock") = counter;
         self.coordinators.lock().expect("lock").push(replica);
         Ok(())
+    }
+
+    /// The replicas running as child processes.
+    fn replica_processes(&self) -> Vec<Arc<CoordinatorProcess>> {
+        let replicas = self.coordinators.lock().expect("lock");
+        replicas
+            .iter()
+            .filter_map(|r| match r {
+                Replica::Process(p) => Some(p.clone()),
+                Replica::InProcess(_) => None,
+            })
+            .collect()
+    }
+
+    /// Messages of this process's connections and of every coordinator process.
+    async fn count_messages(&self) -> anyhow::Result<u64> {
+        let mut total = self.counter.lock().expect("lock").total();
+        for replica in self.replica_processes() {
+            total += replica.messages().await?;
+        }
+        Ok(total)
     }
 
     /// Coordinator replicas running.
@@ -227,14 +267,17 @@ impl Ours {
         self.coordinators.lock().expect("lock").len()
     }
 
-    /// Stops everything gracefully.
+    /// Stops everything: gracefully in this process; coordinator processes are killed.
     pub(crate) async fn stop(&self) {
         for p in &self.participants {
             p.shutdown().await;
         }
         let replicas = std::mem::take(&mut *self.coordinators.lock().expect("lock"));
-        for c in replicas {
-            c.shutdown().await;
+        for replica in replicas {
+            match replica {
+                Replica::InProcess(c) => c.shutdown().await,
+                Replica::Process(p) => drop(p),
+            }
         }
         self.dispatcher.abort();
     }
@@ -252,13 +295,29 @@ impl Ours {
     }
 }
 
-async fn start_coordinator(
+/// Starts a replica in this process (its connection watched by `counter`) or in a child
+/// process.
+async fn start_replica(
     url: &str,
+    steps: usize,
     def: &SagaDefinition,
+    in_child_process: bool,
     counter: &mut MessageCounter,
-) -> anyhow::Result<Coordinator> {
+) -> anyhow::Result<Replica> {
+    if in_child_process {
+        return Ok(Replica::Process(Arc::new(CoordinatorProcess::start(url, steps).await?)));
+    }
     let conn = async_nats::connect(url).await.context("connecting a coordinator")?;
     counter.watch(&conn);
+    Ok(Replica::InProcess(start_coordinator(conn, def).await?))
+}
+
+/// A coordinator of the benchmark saga with default settings, in this process or in a
+/// coordinator process.
+pub(crate) async fn start_coordinator(
+    conn: async_nats::Client,
+    def: &SagaDefinition,
+) -> anyhow::Result<Coordinator> {
     let config = CoordinatorConfig { definitions: vec![def.clone()], ..Default::default() };
     Coordinator::start(conn, config).await.context("starting a coordinator")
 }
@@ -269,8 +328,12 @@ impl System for Ours {
         Box::pin(self.run(n))
     }
 
-    fn messages(&self) -> u64 {
-        self.counter.lock().expect("lock").total()
+    fn messages(&self) -> CountFuture<'_> {
+        Box::pin(self.count_messages())
+    }
+
+    fn processes(&self) -> Vec<u32> {
+        self.replica_processes().iter().map(|p| p.pid()).collect()
     }
 }
 

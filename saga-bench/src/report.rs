@@ -136,6 +136,7 @@ pub(crate) fn table(results: &[Measurement]) -> String {
         "CPU ms/saga",
         "(server)",
         "msgs/saga",
+        "writes/saga",
         "errors",
         "other load",
         "ours/floor",
@@ -157,6 +158,7 @@ pub(crate) fn table(results: &[Measurement]) -> String {
             format!("{:.3}", m.cpu_ms_per_saga()),
             format!("{:.3}", m.server_cpu_ms_per_saga()),
             format!("{:.1}", m.messages_per_saga()),
+            format!("{:.1}", m.writes_per_saga()),
             m.errors.to_string(),
             format!("{:.2}", m.other_load()),
             vs_floor.map_or_else(String::new, |r| format!("{r:.2}")),
@@ -196,8 +198,13 @@ pub(crate) fn table(results: &[Measurement]) -> String {
     out
 }
 
-/// The goals of issue 5, each with what was measured.
-pub(crate) fn goals(results: &[Measurement], base_coordinators: usize) -> String {
+/// The goals of issue 5, each with what was measured. `replica_processes`: the coordinator
+/// replicas ran as child processes rather than in the bench process.
+pub(crate) fn goals(
+    results: &[Measurement],
+    base_coordinators: usize,
+    replica_processes: bool,
+) -> String {
     let mut out = String::new();
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(r) = throughput_ratio(results, MAIN_CONCURRENCY, base_coordinators) {
@@ -231,9 +238,10 @@ pub(crate) fn goals(results: &[Measurement], base_coordinators: usize) -> String
         let gain = ratio(m.throughput(), b.throughput()).map(|r| (r - 1.0) * 100.0);
         let _ = writeln!(
             out,
-            "- {} -> {} coordinator replicas at c={MAIN_CONCURRENCY}: {:.0} -> {:.0} sagas/s ({}%) (goal: adds throughput): {}",
+            "- {} -> {} coordinator replicas ({}) at c={MAIN_CONCURRENCY}: {:.0} -> {:.0} sagas/s ({}%) (goal: adds throughput): {}",
             b.coordinators,
             m.coordinators,
+            if replica_processes { "separate processes" } else { "in the bench process" },
             b.throughput(),
             m.throughput(),
             gain.map_or_else(|| "n/a".into(), |g| format!("{g:+.0}")),
@@ -280,11 +288,13 @@ mod tests {
             window: Duration::from_secs(10),
             latency: Percentiles { p50: 1500, p99: 12_340, p999: 250_000 },
             cpu: CpuSample {
-                bench: Duration::from_millis(700),
+                bench: Duration::from_millis(500),
+                replicas: Duration::from_millis(200),
                 server: Duration::from_millis(300),
                 machine: Duration::from_millis(1000),
             },
             messages: completed * 10,
+            writes: completed * 4,
         }
     }
 
@@ -306,13 +316,23 @@ mod tests {
             m("ours", Load::Closed { concurrency: 64 }, 2, 30_000),
         ];
         assert_eq!(ratio_line(&results, 1), "ours/floor throughput ratio: 0.25");
-        let goals = goals(&results, 1);
-        assert!(goals.contains("ours/floor = 0.25 (goal >= 0.50): NOT met"), "{goals}");
+        let goals_text = goals(&results, 1, false);
+        assert!(goals_text.contains("ours/floor = 0.25 (goal >= 0.50): NOT met"), "{goals_text}");
         assert!(
-            goals.contains("1000 -> 3000 sagas/s (+200%) (goal: adds throughput): met"),
-            "{goals}"
+            goals_text.contains(
+                "- 1 -> 2 coordinator replicas (in the bench process) at c=64: \
+                 1000 -> 3000 sagas/s (+200%) (goal: adds throughput): met"
+            ),
+            "{goals_text}"
         );
-        assert!(goals.contains("ratio 1.00 (goal <= 2): met"), "{goals}");
+        assert!(goals_text.contains("ratio 1.00 (goal <= 2): met"), "{goals_text}");
+        let processes = goals(&results, 1, true);
+        assert!(
+            processes.contains("2 coordinator replicas (separate processes) at"),
+            "{processes}"
+        );
+        // Without the replica setting there is no replica line.
+        assert!(!goals(&results[..4], 1, true).contains("replicas"));
     }
 
     #[test]
@@ -344,9 +364,10 @@ mod tests {
         ];
         let t = table(&results);
         assert_eq!(t.lines().count(), 4, "{t}");
+        assert!(t.lines().next().unwrap().contains("| msgs/saga | writes/saga |"), "{t}");
         let cells: Vec<&str> = t.lines().nth(3).unwrap().split('|').map(str::trim).collect();
         // 1,000 sagas/s, 1 s of CPU over 10,000 sagas (0.3 s of it the server's), 10 messages
-        // each, no other load, a quarter of the floor's 4,000 sagas/s.
+        // and 4 stored messages each, no other load, a quarter of the floor's 4,000 sagas/s.
         assert_eq!(
             cells,
             [
@@ -360,6 +381,7 @@ mod tests {
                 "0.100",
                 "0.030",
                 "10.0",
+                "4.0",
                 "0",
                 "0.00",
                 "0.25",

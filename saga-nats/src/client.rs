@@ -24,7 +24,7 @@ use crate::subjects::{self, headers, InputKind};
 pub enum ErrorKind {
     /// No definition has that name.
     UnknownSaga,
-    /// The definition is invalid.
+    /// The definition is invalid, or the stored one does not match its digest.
     InvalidDefinition,
     /// The input could not be encoded, or is too large.
     InvalidInput,
@@ -69,7 +69,9 @@ impl From<RegistryError> for SagaClientError {
             RegistryError::UnknownSaga { .. } | RegistryError::UnknownVersion { .. } => {
                 ErrorKind::UnknownSaga
             }
-            RegistryError::Invalid(_) => ErrorKind::InvalidDefinition,
+            RegistryError::Invalid(_) | RegistryError::Tampered { .. } => {
+                ErrorKind::InvalidDefinition
+            }
             _ => ErrorKind::Nats,
         };
         SagaClientError::new(kind, e.to_string())

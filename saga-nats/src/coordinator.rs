@@ -243,13 +243,10 @@ async fn run(
         senders.push(tx);
         tasks.push(tokio::spawn(Worker::new(shared.clone()).run(rx, n)));
     }
-    let route = |work: Work, senders: &Vec<mpsc::Sender<Work>>| {
+    let shard_of = |work: &Work| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         work.saga_id().hash(&mut h);
-        let shard = (h.finish() % senders.len() as u64) as usize;
-        senders[shard].clone().try_send(work).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => (shard, w),
-        })
+        (h.finish() % workers as u64) as usize
     };
     'outer: loop {
         let mut messages = match consumer.stream().max_messages_per_batch(256).messages().await {
@@ -287,11 +284,9 @@ async fn run(
                     None => break 'outer,
                 },
             };
-            if let Err((shard, work)) = route(work, &senders) {
-                // The worker is busy: wait for room rather than drop (backpressure).
-                if senders[shard].send(work).await.is_err() {
-                    break 'outer;
-                }
+            // A busy worker makes the pull wait (backpressure), never drops.
+            if senders[shard_of(&work)].send(work).await.is_err() {
+                break 'outer;
             }
         }
     }
@@ -485,6 +480,15 @@ impl Worker {
         msg: jetstream::Message,
     ) -> Result<(), HandleError> {
         if let Some(live) = self.sagas.get_mut(id) {
+            let state = &live.state;
+            if state.input() != &start.input
+                || state.digest() != start.digest
+                || state.saga() != &start.saga
+            {
+                return Err(HandleError::Refused(format!(
+                    "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
+                )));
+            }
             // Redelivered while held here (a missed keep-alive): keep holding it.
             live.handles.push(msg);
             return Ok(());
@@ -617,8 +621,9 @@ impl Worker {
                 }
             };
             let mut timeline = std::mem::take(&mut live.timeline);
-            timeline.extend(handled.timeline);
             let mut events = std::mem::take(&mut live.events);
+            let pending = (timeline.len(), events.len());
+            timeline.extend(handled.timeline);
             events.extend(notes(&effects));
             let record = LogRecord {
                 v: PROTOCOL_VERSION,
@@ -652,10 +657,14 @@ impl Worker {
                     fresh = true;
                 }
                 Err(e) => {
-                    // Not logged: nothing happened.
+                    // Not logged: nothing happened. Only the entries pending before this
+                    // transition stay pending; this transition's would go into every later
+                    // record (and keep failing it when they are what made it fail).
                     live.state = before;
                     live.timeline = record.timeline;
+                    live.timeline.truncate(pending.0);
                     live.events = record.events;
+                    live.events.truncate(pending.1);
                     return Err(e.into());
                 }
             }

@@ -417,6 +417,19 @@ struct Barrier {
     output: Option<Payload>,
 }
 
+/// A command's outcome, and the claim to settle once it is replied (none when the outcome
+/// was already recorded).
+struct Decided {
+    outcome: ReplyOutcome,
+    claim: Option<(String, u64, InFlight)>,
+}
+
+impl Decided {
+    fn recorded(outcome: ReplyOutcome) -> Decided {
+        Decided { outcome, claim: None }
+    }
+}
+
 /// The command is not handled now: no reply (the coordinator's timer sends it again).
 struct Skip(String);
 
@@ -460,12 +473,17 @@ impl Shared {
         let cmd = Arc::new(cmd);
         async {
             match self.process(&msg, cmd.clone(), traceparent.clone()).await {
-                Ok(outcome) => {
+                Ok(decided) => {
+                    // Reply first, record after: the coordinator moves on one round trip
+                    // sooner. A crash between the two leaves a claim that lapses at the
+                    // deadline, as a crash inside the handler would.
+                    let outcome = decided.outcome.clone();
                     if let Err(e) =
                         self.reply(&reply_to, &cmd, outcome, traceparent.as_deref()).await
                     {
                         warn!(error = %e, "reply failed; the coordinator will ask again");
                     }
+                    self.settle(decided, cmd.attempt).await;
                 }
                 Err(Skip(why)) => debug!(why, "command not handled now"),
             }
@@ -507,13 +525,14 @@ impl Shared {
         None
     }
 
-    /// Decides and runs. `Ok(outcome)`: reply with it; `Err`: no reply now.
+    /// Decides and runs. `Ok`: reply with its outcome, then settle its claim; `Err`: no
+    /// reply now.
     async fn process(
         &self,
         msg: &async_nats::Message,
         cmd: Arc<CommandMessage>,
         traceparent: Option<String>,
-    ) -> Result<ReplyOutcome, Skip> {
+    ) -> Result<Decided, Skip> {
         if now() >= cmd.deadline {
             return Err(Skip(format!("its deadline {} has passed", cmd.deadline.0)));
         }
@@ -525,7 +544,7 @@ impl Shared {
                 cmd.command.as_str()
             );
             error!(%reason);
-            return Ok(ReplyOutcome::Failure { reason, transient: false });
+            return Ok(Decided::recorded(ReplyOutcome::Failure { reason, transient: false }));
         };
         let key = cmd.effect_key();
         // One delivery of an effect at a time in this process: a second one waits for the
@@ -542,15 +561,15 @@ impl Shared {
         let rev = match self.claim(&key, &cmd).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
-                return Ok(outcome);
+                return Ok(Decided::recorded(outcome));
             }
             Claim::Barrier => {
                 info!("action arrived after its compensation: not executed");
-                return Ok(ReplyOutcome::Failure {
+                return Ok(Decided::recorded(ReplyOutcome::Failure {
                     reason: "not executed: the step was compensated before this action arrived"
                         .into(),
                     transient: false,
-                });
+                }));
             }
             Claim::Run(rev) => rev,
         };
@@ -579,14 +598,19 @@ impl Shared {
                 }
             }
         };
-        match &outcome {
+        Ok(Decided { outcome, claim: Some((key, rev, guard)) })
+    }
+
+    /// Records a decided outcome (or gives the claim up after a transient failure).
+    async fn settle(&self, decided: Decided, attempt: u32) {
+        let Some((key, rev, guard)) = decided.claim else { return };
+        match &decided.outcome {
             ReplyOutcome::Success { .. } | ReplyOutcome::Failure { transient: false, .. } => {
-                self.record_done(&key, rev, &outcome, cmd.attempt).await;
+                self.record_done(&key, rev, &decided.outcome, attempt).await;
             }
             ReplyOutcome::Failure { transient: true, .. } => self.release(&key, rev).await,
         }
         drop(guard);
-        Ok(outcome)
     }
 
     async fn run_handler(

@@ -259,3 +259,98 @@ pub fn init_logging() {
             .try_init();
     }
 }
+
+/// The key-value bucket where [`recording_participant`] records each run of a handler.
+pub const RUNS_BUCKET: &str = "test_runs";
+
+/// Opens (creating it if needed) the [`RUNS_BUCKET`].
+pub async fn runs_bucket(nats: async_nats::Client) -> async_nats::jetstream::kv::Store {
+    async_nats::jetstream::new(nats)
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: RUNS_BUCKET.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the runs bucket opens")
+}
+
+/// Starts an echo participant for `service` handling `steps` (action `s`, compensation
+/// `undo-s`) that records every run of a handler durably, so that runs survive the process:
+/// each handler sleeps the input's `delay_ms`, then creates key
+/// `<saga>.<step>.<a|c>.<instance>.<n>` in [`RUNS_BUCKET`]. It prints `start <effect>` and
+/// `end <effect>` lines on stdout around each handler, for a test watching the process.
+pub async fn recording_participant(
+    client: async_nats::Client,
+    service: &str,
+    steps: &[&str],
+    instance: &str,
+) -> Participant {
+    let runs = runs_bucket(client.clone()).await;
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut builder = Participant::builder(client, service);
+    for step in steps {
+        for (phase, command) in [("a", step.to_string()), ("c", format!("undo-{step}"))] {
+            let name = step.to_string();
+            let runs = runs.clone();
+            let counter = counter.clone();
+            let instance = instance.to_owned();
+            let handler = move |cmd: Command<TestInput>| {
+                let (name, runs, counter, instance) =
+                    (name.clone(), runs.clone(), counter.clone(), instance.clone());
+                async move {
+                    let effect = format!("{}.{name}.{phase}", cmd.saga_id);
+                    println!("start {effect}");
+                    tokio::time::sleep(Duration::from_millis(cmd.input.delay_ms)).await;
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    runs.create(format!("{effect}.{instance}.{n}"), bytes::Bytes::new())
+                        .await
+                        .map_err(|e| StepError::transient(format!("run not recorded: {e}")))?;
+                    println!("end {effect}");
+                    Ok(EchoOutput { step: name, n: cmd.input.n })
+                }
+            };
+            builder = match phase {
+                "a" => builder.action(&command, handler),
+                _ => builder.compensation(&command, handler),
+            };
+        }
+    }
+    builder.start().await.expect("participant starts")
+}
+
+/// The runs [`recording_participant`]s recorded, by effect (`<saga>.<step>.<a|c>`): the
+/// instance of each run.
+pub async fn recorded_runs(nats: async_nats::Client) -> HashMap<String, Vec<String>> {
+    use futures::TryStreamExt;
+    let keys: Vec<String> =
+        runs_bucket(nats).await.keys().await.expect("keys").try_collect().await.expect("keys");
+    let mut runs: HashMap<String, Vec<String>> = HashMap::new();
+    for key in keys {
+        let parts: Vec<&str> = key.split('.').collect();
+        assert_eq!(parts.len(), 5, "run key {key}");
+        runs.entry(parts[..3].join(".")).or_default().push(parts[3].to_owned());
+    }
+    runs
+}
+
+/// The effect records in service `service`'s bucket, by effect key (`<saga>.<step>.<a|c>`).
+pub async fn effect_records(
+    nats: async_nats::Client,
+    service: &str,
+) -> HashMap<String, saga_core::wire::EffectRecord> {
+    use futures::TryStreamExt;
+    let js = async_nats::jetstream::new(nats);
+    let bucket = saga_nats::subjects::effects_bucket(&saga_core::ServiceName::from(service));
+    let store = js.get_key_value(bucket).await.expect("the effects bucket exists");
+    let keys: Vec<String> = store.keys().await.expect("keys").try_collect().await.expect("keys");
+    let mut records = HashMap::new();
+    for key in keys {
+        if let Some(value) = store.get(&key).await.expect("get") {
+            let record = saga_core::Codec::default()
+                .decode_value("effect record", &value)
+                .unwrap_or_else(|e| panic!("effect record {key}: {e}"));
+            records.insert(key, record);
+        }
+    }
+    records
+}

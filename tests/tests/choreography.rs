@@ -65,6 +65,45 @@ async fn a_follower_that_starts_late_sees_every_finished_saga_once() {
         assert_eq!(seen.get(id.as_str()), Some(&vec![status]), "saga {id}: one terminal event");
     }
     following.shutdown().await;
+
+    // Step events share log records with more significant ones (the last step's success is
+    // in the record of the saga's completion): a follower of them still gets each one once.
+    let steps: Arc<Mutex<Vec<(String, LifecycleKind, String)>>> = Arc::default();
+    let s = steps.clone();
+    let following = follow_sagas(
+        nats.clone(),
+        "audit",
+        Some("ch"),
+        &[LifecycleKind::StepSucceeded, LifecycleKind::StepCompensated],
+        move |ev| {
+            let s = s.clone();
+            async move {
+                let step = ev.step.map(|s| s.to_string()).unwrap_or_default();
+                s.lock().unwrap().push((ev.saga_id.to_string(), ev.kind, step));
+                Ok::<(), String>(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let mut expected = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let succeeded = LifecycleKind::StepSucceeded;
+        expected.push((id.to_string(), succeeded, "a".to_owned()));
+        if i % 3 == 0 {
+            expected.push((id.to_string(), LifecycleKind::StepCompensated, "a".to_owned()));
+        } else {
+            expected.push((id.to_string(), succeeded, "b".to_owned()));
+        }
+    }
+    until(|| steps.lock().unwrap().len() >= expected.len()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got = steps.lock().unwrap().clone();
+    let key = |e: &(String, LifecycleKind, String)| (e.0.clone(), e.1.as_str(), e.2.clone());
+    got.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(got, expected);
+    following.shutdown().await;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
