@@ -131,10 +131,9 @@ pub(crate) fn definition(steps: usize) -> SagaDefinition {
 }
 
 /// One coordinator replica.
-#[derive(Clone)]
 enum Replica {
     /// In this process, on a connection of its own (counted by [`Ours::counter`]).
-    InProcess(Coordinator),
+    InProcess(Box<Coordinator>),
     /// In a child process, killed when the last clone is dropped.
     Process(Arc<CoordinatorProcess>),
 }
@@ -309,7 +308,7 @@ async fn start_replica(
     }
     let conn = async_nats::connect(url).await.context("connecting a coordinator")?;
     counter.watch(&conn);
-    Ok(Replica::InProcess(start_coordinator(conn, def).await?))
+    Ok(Replica::InProcess(Box::new(start_coordinator(conn, def).await?)))
 }
 
 /// A coordinator of the benchmark saga with default settings, in this process or in a

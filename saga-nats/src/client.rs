@@ -409,7 +409,8 @@ impl SagaClient {
     }
 
     /// Cancels a running saga: what is done is compensated, and it ends `cancelled`. Refused
-    /// once its pivot succeeded (the coordinator records the refusal in its log).
+    /// once its pivot succeeded (the coordinator logs the refusal with its reason; the saga is
+    /// unchanged).
     pub async fn cancel(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
         self.operate(id, OperatorAction::Cancel, reason, &[SagaStatus::Running]).await
     }
