@@ -138,6 +138,8 @@ pub struct ReplyMessage {
     pub attempt: u32,
     /// The service that ran it.
     pub service: ServiceName,
+    /// The command it ran: the coordinator checks it is the one the step's phase sends.
+    pub command: CommandName,
     /// How it ended.
     pub outcome: ReplyOutcome,
 }
@@ -152,6 +154,7 @@ impl ReplyMessage {
             phase: cmd.phase,
             attempt: cmd.attempt,
             service: cmd.service.clone(),
+            command: cmd.command.clone(),
             outcome,
         }
     }
@@ -446,7 +449,8 @@ impl WireMessage for ReplyMessage {
     fn check(&self) -> Result<(), CodecError> {
         token(Self::WHAT, "saga_id", self.saga_id.as_str())?;
         token(Self::WHAT, "step", self.step.as_str())?;
-        token(Self::WHAT, "service", self.service.as_str())
+        token(Self::WHAT, "service", self.service.as_str())?;
+        token(Self::WHAT, "command", self.command.as_str())
     }
 }
 

@@ -449,7 +449,7 @@ impl Worker {
                         )));
                     }
                     info!(action = op.action.as_str(), by = ?op.by.as_deref().map(quote), reason = %quote(&op.reason), "operator action");
-                    self.apply(&id, op.to_event(), Some(msg.clone())).await
+                    self.apply(&id, bounded(op.to_event()), Some(msg.clone())).await
                 }
             }
         }
@@ -676,6 +676,7 @@ impl Worker {
     async fn reply(&mut self, to: ReplyTo, msg: async_nats::Message) {
         let span = info_span!("saga.reply", saga_id = %to.saga_id, step = %to.step, phase = %to.phase, attempt = to.attempt, service = %to.service);
         async {
+            let mut command = None;
             let event = if msg.status == Some(StatusCode::NO_RESPONDERS) {
                 debug!("no responders: the command was not delivered");
                 Event::Undelivered { step: to.step.clone(), phase: to.phase, attempt: to.attempt }
@@ -698,7 +699,8 @@ impl Worker {
                     );
                     return self.refuse_reply(&msg, &why).await;
                 }
-                reply.to_event()
+                command = Some(reply.command.clone());
+                bounded(reply.to_event())
             };
             if !self.sagas.contains_key(&to.saga_id) {
                 match self.load(&to.saga_id).await {
@@ -708,7 +710,21 @@ impl Worker {
                 }
             }
             let live = &self.sagas[&to.saga_id];
-            match live.plan.step_index(&to.step).map(|i| &live.plan.steps()[i].service) {
+            let step = live.plan.step_index(&to.step).map(|i| &live.plan.steps()[i]);
+            if let (Some(def), Some(command)) = (step, &command) {
+                let sent = match to.phase {
+                    Phase::Action => Some(&def.action),
+                    Phase::Compensation => def.compensation.as_ref(),
+                };
+                if sent != Some(command) {
+                    let why = format!(
+                        "reply for step {} {} of saga {} ran command {:?}, which that step does not send: refused",
+                        to.step, to.phase, to.saga_id, command.as_str()
+                    );
+                    return self.refuse_reply(&msg, &why).await;
+                }
+            }
+            match step.map(|def| &def.service) {
                 Some(owner) if owner == &to.service => {}
                 owner => {
                     let why = format!(
@@ -922,6 +938,36 @@ impl Live {
             last_progress: Instant::now(),
         }
     }
+}
+
+/// The most characters of a reason (a failure's, an operator's) or an operator's name that a
+/// saga keeps: longer ones are cut, so that a hostile or careless sender cannot bloat every
+/// later record of the saga.
+pub const MAX_REASON: usize = 1000;
+
+fn cut(s: &mut String) {
+    if let Some((i, _)) = s.char_indices().nth(MAX_REASON) {
+        s.truncate(i);
+        s.push('…');
+    }
+}
+
+/// `event` with its reason and operator name cut to [`MAX_REASON`] characters.
+fn bounded(mut event: Event) -> Event {
+    match &mut event {
+        Event::StepFailed { reason, .. } | Event::CompensationFailed { reason, .. } => cut(reason),
+        Event::Cancel { reason, by }
+        | Event::OperatorRetry { reason, by }
+        | Event::OperatorSkip { reason, by }
+        | Event::OperatorResolve { reason, by } => {
+            cut(reason);
+            if let Some(by) = by {
+                cut(by);
+            }
+        }
+        _ => {}
+    }
+    event
 }
 
 /// The lifecycle events among a transition's effects.

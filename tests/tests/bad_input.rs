@@ -103,6 +103,7 @@ fn reply(
         phase: Phase::Action,
         attempt,
         service: service.into(),
+        command: step.into(),
         outcome,
     }
 }
@@ -1075,6 +1076,56 @@ async fn forged_command_naming_another_command_is_dead_lettered() {
     assert_eq!(client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Completed);
     assert_eq!(fx.count(&id, "a", "a"), 1);
     assert_eq!(fx.count(&id, "b", "a"), 0, "command b ran for step a");
+}
+
+/// A reply must name the command its step's phase sends: one that names another command (say,
+/// the reply of a forged command `b` that reused step `a`'s reply subject) is refused, and the
+/// saga's outcome does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_naming_another_command_is_refused() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let js = jetstream::new(nats.clone());
+    // Step a hangs on its first attempt, so that only the forged command can answer it then.
+    let def = chain("one", &["a"], Duration::from_secs(5));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+    let attacker = server.connect().await;
+    let mut seen = attacker.subscribe("saga.cmd.svc.a").await.unwrap();
+    attacker.flush().await.unwrap();
+
+    let input = TestInput { n: 1, hang: vec![("a".into(), 1)], ..Default::default() };
+    let id = client.start("one", &input).await.unwrap();
+    let msg = tokio::time::timeout(WAIT, seen.next()).await.expect("command seen").unwrap();
+    let reply_to_subject = msg.reply.clone().expect("commands carry a reply subject").to_string();
+    let cmd: CommandMessage = Codec::default().decode(&msg.payload).unwrap();
+    assert_eq!(cmd.step.as_str(), "a");
+    let answer = ReplyMessage {
+        command: "b".into(),
+        ..reply(
+            &id,
+            "svc",
+            "a",
+            1,
+            ReplyOutcome::Success { output: Payload::new(echo_output("b", 1)) },
+        )
+    };
+    let expected = vec![Expected::new(
+        "the reply of command b for step a",
+        "coordinator",
+        &reply_to_subject,
+        encode(&answer),
+        &["ran command \"b\", which that step does not send: refused"],
+    )];
+    publish_core(&attacker, &reply_to_subject, None, encode(&answer)).await;
+    expect_dead_lettered_within(&js, &expected, PROMPT).await;
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.snapshot.steps[0].attempt, 2, "step a completed by its own second attempt");
+    assert_eq!(fx.count(&id, "a", "a"), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
