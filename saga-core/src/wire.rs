@@ -287,6 +287,21 @@ pub struct LogRecord {
     pub trace: Option<String>,
 }
 
+impl LifecycleNote {
+    /// The lifecycle events among a transition's effects, in order.
+    pub fn of(effects: &[crate::Effect]) -> Vec<LifecycleNote> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                crate::Effect::Publish { kind, step, reason } => {
+                    Some(LifecycleNote { kind: *kind, step: step.clone(), reason: reason.clone() })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// The most significant of a record's lifecycle events, named in its subject so that
 /// followers can filter on it: a terminal event, else needs-intervention, compensating, a
 /// failed step, started, a compensated step, a succeeded step; `updated` when none.

@@ -99,18 +99,6 @@ fn dispatches(effects: &[Effect]) -> Vec<saga_core::Dispatch> {
         .collect()
 }
 
-fn notes(effects: &[Effect]) -> Vec<LifecycleNote> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Publish { kind, step, reason } => {
-                Some(LifecycleNote { kind: *kind, step: step.clone(), reason: reason.clone() })
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 fn reply_subject(d: &saga_core::Dispatch, id: &SagaId) -> String {
     format!("saga.reply.r1.{}.{id}.{}.{}.{}", d.service, d.step, d.phase.code(), d.attempt)
 }
@@ -151,7 +139,7 @@ fn record() -> Vec<(String, Vector)> {
     let mut state = SagaState::new(id.clone(), &plan);
     let h = state.handle(&plan, tick(), &Event::Start { input: input.clone() });
     let mut timeline = h.timeline;
-    let mut events = notes(h.result.as_ref().unwrap());
+    let mut events = LifecycleNote::of(h.result.as_ref().unwrap());
     let d = dispatches(h.result.as_ref().unwrap()).remove(0);
     let cmd = CommandMessage::from_dispatch(&id, plan.name(), &d);
     out.push(vector(
@@ -190,7 +178,7 @@ fn record() -> Vec<(String, Vector)> {
 
     let h = state.handle(&plan, tick(), &reply.to_event());
     timeline.extend(h.timeline);
-    events.extend(notes(h.result.as_ref().unwrap()));
+    events.extend(LifecycleNote::of(h.result.as_ref().unwrap()));
     let record = LogRecord {
         v: PROTOCOL_VERSION,
         snapshot: state.snapshot(),
@@ -228,7 +216,7 @@ fn record() -> Vec<(String, Vector)> {
         v: PROTOCOL_VERSION,
         snapshot: state.snapshot(),
         timeline: h.timeline,
-        events: notes(h.result.as_ref().unwrap()),
+        events: LifecycleNote::of(h.result.as_ref().unwrap()),
         trace: Some(trace.clone()),
     };
     out.push(vector(
@@ -255,7 +243,7 @@ fn record() -> Vec<(String, Vector)> {
         v: PROTOCOL_VERSION,
         snapshot: state.snapshot(),
         timeline: h.timeline,
-        events: notes(h.result.as_ref().unwrap()),
+        events: LifecycleNote::of(h.result.as_ref().unwrap()),
         trace: Some(trace),
     };
     out.push(vector(

@@ -529,7 +529,7 @@ impl Worker {
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with these entries.
         live.timeline = handled.timeline;
-        live.events = notes(&effects);
+        live.events = LifecycleNote::of(&effects);
         self.sagas.insert(id.clone(), live);
         self.execute(id, &effects).await;
         Ok(())
@@ -561,7 +561,7 @@ impl Worker {
         let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
         let mut live = Live::new(state, plan, 0, None, Vec::new());
         live.timeline = handled.timeline;
-        live.events = notes(&effects);
+        live.events = LifecycleNote::of(&effects);
         if let Some(old) = self.sagas.remove(id) {
             live.handles = old.handles;
         }
@@ -624,7 +624,7 @@ impl Worker {
             let mut events = std::mem::take(&mut live.events);
             let pending = (timeline.len(), events.len());
             timeline.extend(handled.timeline);
-            events.extend(notes(&effects));
+            events.extend(LifecycleNote::of(&effects));
             let record = LogRecord {
                 v: PROTOCOL_VERSION,
                 snapshot: live.state.snapshot(),
@@ -968,17 +968,4 @@ fn bounded(mut event: Event) -> Event {
         _ => {}
     }
     event
-}
-
-/// The lifecycle events among a transition's effects.
-fn notes(effects: &[Effect]) -> Vec<LifecycleNote> {
-    effects
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Publish { kind, step, reason } => {
-                Some(LifecycleNote { kind: *kind, step: step.clone(), reason: reason.clone() })
-            }
-            _ => None,
-        })
-        .collect()
 }
