@@ -12,7 +12,7 @@
 //!
 //! Each transition is decided by the pure state machine, appended to the saga's log with a
 //! compare-and-swap over all of the saga's log subjects, and only then carried out
-//! ([`Worker::execute`] is the one place where effects happen). A replica that loses the
+//! (`Worker::execute` is the one place where effects happen). A replica that loses the
 //! compare-and-swap reloads and decides again, so two replicas never both act on one state.
 
 use std::cmp::Reverse;
@@ -544,11 +544,7 @@ impl Worker {
                 HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
             })?;
             let trace = v.record.trace.clone();
-            let mut live = Live::new(state, plan, v.seq, trace, Vec::new());
-            if let Some(old) = self.sagas.remove(id) {
-                live.handles = old.handles;
-            }
-            self.sagas.insert(id.clone(), live);
+            self.install(id, Live::new(state, plan, v.seq, trace, Vec::new()));
             return Ok(true);
         }
         let Some(start) = self.shared.log.pending_start(id).await? else {
@@ -562,11 +558,24 @@ impl Worker {
         let mut live = Live::new(state, plan, 0, None, Vec::new());
         live.timeline = handled.timeline;
         live.events = LifecycleNote::of(&effects);
+        self.install(id, live);
+        Ok(true)
+    }
+
+    /// Puts a freshly read saga in memory, keeping what this replica held of it, and arms
+    /// the timers its state asks for (the ones armed for an older state would be stale).
+    fn install(&mut self, id: &SagaId, mut live: Live) {
         if let Some(old) = self.sagas.remove(id) {
             live.handles = old.handles;
+            live.last_progress = old.last_progress;
+        }
+        for effect in live.state.outstanding(&live.plan) {
+            if let Effect::ScheduleTimer { timer, at } = effect {
+                self.timers.push(Reverse((at, id.clone(), TimerKey::of(&timer))));
+                live.armed.insert(timer.step.clone(), (timer, at));
+            }
         }
         self.sagas.insert(id.clone(), live);
-        Ok(true)
     }
 
     /// Decides `event`, logs the transition and carries out its effects. `input` is the
@@ -605,6 +614,8 @@ impl Worker {
                         continue;
                     }
                     debug!(saga_id = %id, event = event.name(), rule = ?handled.rule, reason = %rejection, "input changed nothing");
+                    // Another replica may have finished it: then let it go here too.
+                    self.let_go_if_finished(id).await;
                     if let Some(msg) = input {
                         if matches!(
                             event,
@@ -777,25 +788,54 @@ impl Worker {
         }
     }
 
+    /// Forgets a saga that has finished (another replica may have finished it) and
+    /// acknowledges what this replica held of it.
+    async fn let_go_if_finished(&mut self, id: &SagaId) {
+        if !self.sagas.get(id).is_some_and(|live| live.state.status().is_terminal()) {
+            return;
+        }
+        let live = self.sagas.remove(id).expect("present");
+        for msg in live.handles {
+            let _ = msg.ack().await;
+        }
+    }
+
     /// Confirms to the server that the sagas held here are alive, and rewrites the newest
-    /// record of a saga that has lived half the log's retention so it never expires.
+    /// record of a saga that has lived half the log's retention so it never expires. A saga
+    /// held here with no timer armed (parked, or driven by another replica since an operator
+    /// action reached this one) is read again from its log, so that it is let go when it ends
+    /// and its timers are armed when it moves on.
     async fn keep_alive(&mut self) {
         let every = self.shared.ack_wait / 3;
         let refresh_after = self.shared.retention / 2;
         let mut stale = Vec::new();
+        let mut idle = Vec::new();
         for (id, live) in &mut self.sagas {
             if live.last_progress.elapsed() >= every {
                 live.last_progress = Instant::now();
                 for msg in &live.handles {
                     let _ = msg.ack_with(AckKind::Progress).await;
                 }
+                if live.armed.is_empty() && !live.handles.is_empty() {
+                    idle.push(id.clone());
+                }
             }
             if live.seq > 0 && live.last_write.elapsed() >= refresh_after {
                 stale.push(id.clone());
             }
         }
+        for id in idle {
+            let seq = self.sagas[&id].seq;
+            match self.load(&id).await {
+                Ok(true) if self.sagas.get(&id).is_some_and(|l| l.seq != seq) => {
+                    self.let_go_if_finished(&id).await;
+                }
+                Ok(_) => {}
+                Err(e) => debug!(saga_id = %id, error = %e, "reading an idle saga again failed"),
+            }
+        }
         for id in stale {
-            let live = self.sagas.get_mut(&id).expect("listed above");
+            let Some(live) = self.sagas.get_mut(&id) else { continue };
             let record = LogRecord {
                 v: PROTOCOL_VERSION,
                 snapshot: live.state.snapshot(),
