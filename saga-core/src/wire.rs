@@ -352,8 +352,15 @@ pub enum EffectRecord {
         #[serde(default)]
         attempt: u32,
     },
-    /// The compensation came first: the action must never run.
-    Barrier,
+    /// The action must never run: its compensation came first (`lapsed: false`: the action
+    /// never ran, the compensation is a no-op), or took over the action's lapsed claim
+    /// (`lapsed: true`: the action may have partly run, so every compensation attempt
+    /// compensates for real).
+    Barrier {
+        /// Whether it was written over a lapsed claim of the action.
+        #[serde(default)]
+        lapsed: bool,
+    },
 }
 
 /// Why a message could not be encoded or decoded.

@@ -258,7 +258,7 @@ fn record() -> Vec<(String, Vector)> {
         "effect_record",
         format!("$KV.saga_fx_logistics.{id}.schedule-shipment.a"),
         None,
-        &EffectRecord::Barrier,
+        &EffectRecord::Barrier { lapsed: false },
     ));
     let op = OperatorMessage {
         v: PROTOCOL_VERSION,

@@ -457,7 +457,9 @@ impl Worker {
         .await;
         if let Err(e) = result {
             let delivered = msg.info().map_or(1, |i| i.delivered);
-            if e.is_permanent() || delivered >= self.shared.max_deliveries {
+            // A start is delivered again at every take-over: only a permanent error ends it.
+            let bounded = kind == InputKind::Operator && delivered >= self.shared.max_deliveries;
+            if e.is_permanent() || bounded {
                 let reason = if e.is_permanent() {
                     format!("cannot be handled: {e}")
                 } else {
@@ -511,7 +513,9 @@ impl Worker {
             info!(saga_id = %id, status = %state.status(), "taking over a saga another replica held");
             let outstanding = state.outstanding(&plan);
             let trace = v.record.trace.clone();
-            self.sagas.insert(id.clone(), Live::new(state, plan, v.seq, trace, vec![msg]));
+            let mut live = Live::new(state, plan, v.seq, trace, vec![msg]);
+            live.last_write = written_at(v.written);
+            self.sagas.insert(id.clone(), live);
             self.execute(id, &outstanding).await;
             return Ok(());
         }
@@ -544,7 +548,9 @@ impl Worker {
                 HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
             })?;
             let trace = v.record.trace.clone();
-            self.install(id, Live::new(state, plan, v.seq, trace, Vec::new()));
+            let mut live = Live::new(state, plan, v.seq, trace, Vec::new());
+            live.last_write = written_at(v.written);
+            self.install(id, live);
             return Ok(true);
         }
         let Some(start) = self.shared.log.pending_start(id).await? else {
@@ -568,6 +574,9 @@ impl Worker {
         if let Some(old) = self.sagas.remove(id) {
             live.handles = old.handles;
             live.last_progress = old.last_progress;
+            if live.trace.is_none() {
+                live.trace = old.trace;
+            }
         }
         for effect in live.state.outstanding(&live.plan) {
             if let Effect::ScheduleTimer { timer, at } = effect {
@@ -643,19 +652,27 @@ impl Worker {
                 events,
                 trace: live.trace.clone(),
             };
-            match self.shared.log.append(&record, live.seq).await {
+            let mut appended = self.shared.log.append(&record, live.seq).await;
+            if let Err(StoreError::Nats { .. }) = &appended {
+                // The write may have landed although its acknowledgement was lost: then it
+                // is the saga's newest record, and its effects must be carried out.
+                if let Ok(Some(v)) = self.shared.log.load(id).await {
+                    if v.record.snapshot == record.snapshot && v.record.timeline == record.timeline
+                    {
+                        appended = Ok(v.seq);
+                    }
+                }
+            }
+            let live = self.sagas.get_mut(id).expect("loaded above");
+            match appended {
                 Ok(seq) => {
                     live.seq = seq;
                     live.last_write = Instant::now();
                     debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
-                    let terminal = live.state.status().is_terminal();
+                    // The saga's start is held until it ends; an operator action is done with
+                    // once logged (held, a redelivery would apply it a second time).
                     if let Some(msg) = input {
-                        if !terminal && live.handles.is_empty() {
-                            live.handles.push(msg);
-                            live.last_progress = Instant::now();
-                        } else {
-                            let _ = msg.ack().await;
-                        }
+                        let _ = msg.ack().await;
                     }
                     self.execute(id, &effects).await;
                     return Ok(());
@@ -816,7 +833,7 @@ impl Worker {
                 for msg in &live.handles {
                     let _ = msg.ack_with(AckKind::Progress).await;
                 }
-                if live.armed.is_empty() && !live.handles.is_empty() {
+                if live.armed.is_empty() {
                     idle.push(id.clone());
                 }
             }
@@ -825,12 +842,13 @@ impl Worker {
             }
         }
         for id in idle {
-            let seq = self.sagas[&id].seq;
+            if self.sagas.get(&id).is_some_and(|l| l.handles.is_empty()) {
+                // A copy this replica does not hold and that waits for nothing here.
+                self.sagas.remove(&id);
+                continue;
+            }
             match self.load(&id).await {
-                Ok(true) if self.sagas.get(&id).is_some_and(|l| l.seq != seq) => {
-                    self.let_go_if_finished(&id).await;
-                }
-                Ok(_) => {}
+                Ok(_) => self.let_go_if_finished(&id).await,
                 Err(e) => debug!(saga_id = %id, error = %e, "reading an idle saga again failed"),
             }
         }
@@ -850,7 +868,9 @@ impl Worker {
                 }
                 Err(e) => {
                     debug!(saga_id = %id, error = %e, "refreshing the newest record failed; reloading");
-                    let _ = self.load(&id).await;
+                    if self.load(&id).await.is_ok() {
+                        self.let_go_if_finished(&id).await;
+                    }
                 }
             }
         }
@@ -955,6 +975,13 @@ impl Worker {
             warn!(error = %e, "terminating a dead-lettered input failed");
         }
     }
+}
+
+/// The instant (on this process's clock) matching the time a record was written, so that a
+/// record read back is refreshed when it is really old, however often it is read.
+fn written_at(written: Timestamp) -> Instant {
+    let age = Duration::from_millis(now().0.saturating_sub(written.0));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
 impl Live {

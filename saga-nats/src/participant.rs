@@ -483,7 +483,7 @@ impl Shared {
                     {
                         warn!(error = %e, "reply failed; the coordinator will ask again");
                     }
-                    self.settle(decided, cmd.attempt).await;
+                    self.settle(decided, &cmd).await;
                 }
                 Err(Skip(why)) => debug!(why, "command not handled now"),
             }
@@ -601,14 +601,20 @@ impl Shared {
         Ok(Decided { outcome, claim: Some((key, rev, guard)) })
     }
 
-    /// Records a decided outcome (or gives the claim up after a transient failure).
-    async fn settle(&self, decided: Decided, attempt: u32) {
+    /// Records a decided outcome, or gives the claim up so that the next attempt runs the
+    /// handler: after a transient failure, and after any failure of a compensation (the
+    /// coordinator retries a compensation whatever its failure, so none is final).
+    async fn settle(&self, decided: Decided, cmd: &CommandMessage) {
         let Some((key, rev, guard)) = decided.claim else { return };
-        match &decided.outcome {
-            ReplyOutcome::Success { .. } | ReplyOutcome::Failure { transient: false, .. } => {
-                self.record_done(&key, rev, &decided.outcome, attempt).await;
-            }
-            ReplyOutcome::Failure { transient: true, .. } => self.release(&key, rev).await,
+        let last = match (&decided.outcome, cmd.phase) {
+            (ReplyOutcome::Success { .. }, _) => true,
+            (ReplyOutcome::Failure { transient, .. }, Phase::Action) => !transient,
+            (ReplyOutcome::Failure { .. }, Phase::Compensation) => false,
+        };
+        if last {
+            self.record_done(&key, rev, &decided.outcome, cmd.attempt).await;
+        } else {
+            self.release(&key, rev).await;
         }
         drop(guard);
     }
@@ -686,7 +692,7 @@ impl Shared {
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
             Err(e) => return Err(unavailable(e)),
         }
-        for _ in 0..64 {
+        loop {
             if now() >= cmd.deadline {
                 break;
             }
@@ -697,7 +703,7 @@ impl Shared {
                         Some(EffectRecord::Done { outcome, .. }) => {
                             return Ok(Claim::Recorded(outcome))
                         }
-                        Some(EffectRecord::Barrier) => return Ok(Claim::Barrier),
+                        Some(EffectRecord::Barrier { .. }) => return Ok(Claim::Barrier),
                         Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
                             self.wait_for(cmd, until).await?;
                         }
@@ -707,13 +713,13 @@ impl Shared {
                                 info!(key, "took over a lapsed claim: an earlier delivery may have partly run");
                                 return Ok(Claim::Run(rev));
                             }
-                            Err(_) => continue,
+                            Err(_) => contended().await,
                         },
                     }
                 }
                 _ => match self.effects.create(key, claim.clone()).await {
                     Ok(rev) => return Ok(Claim::Run(rev)),
-                    Err(_) => continue,
+                    Err(_) => contended().await,
                 },
             }
         }
@@ -724,8 +730,9 @@ impl Shared {
     /// blocking the action from ever running if it has not, and the action's recorded output.
     async fn barrier(&self, cmd: &CommandMessage) -> Result<Barrier, Skip> {
         let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, Phase::Action);
-        let barrier = self.encode(&EffectRecord::Barrier);
-        for _ in 0..64 {
+        let first = self.encode(&EffectRecord::Barrier { lapsed: false });
+        let over_lapsed = self.encode(&EffectRecord::Barrier { lapsed: true });
+        loop {
             if now() >= cmd.deadline {
                 break;
             }
@@ -740,22 +747,28 @@ impl Shared {
                         Some(EffectRecord::Done {
                             outcome: ReplyOutcome::Failure { .. }, ..
                         })
-                        | Some(EffectRecord::Barrier) => {
+                        | Some(EffectRecord::Barrier { lapsed: false }) => {
                             return Ok(Barrier { noop: true, output: None })
+                        }
+                        // An earlier compensation attempt found the action's claim lapsed:
+                        // the action may have partly run.
+                        Some(EffectRecord::Barrier { lapsed: true }) => {
+                            return Ok(Barrier { noop: false, output: None })
                         }
                         Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
                             self.wait_for(cmd, until).await?;
                         }
                         // A lapsed claim: the action may have partly run. Block it and compensate.
-                        _ => match self.effects.update(&key, barrier.clone(), e.revision).await {
+                        _ => match self.effects.update(&key, over_lapsed.clone(), e.revision).await
+                        {
                             Ok(_) => return Ok(Barrier { noop: false, output: None }),
-                            Err(_) => continue,
+                            Err(_) => contended().await,
                         },
                     }
                 }
-                _ => match self.effects.create(&key, barrier.clone()).await {
+                _ => match self.effects.create(&key, first.clone()).await {
                     Ok(_) => return Ok(Barrier { noop: true, output: None }),
-                    Err(_) => continue,
+                    Err(_) => contended().await,
                 },
             }
         }
@@ -792,7 +805,7 @@ impl Shared {
             Some(e) if e.operation == kv::Operation::Put => {
                 match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
                     Some(EffectRecord::Done { .. }) => return Ok(()),
-                    Some(EffectRecord::Barrier) => {
+                    Some(EffectRecord::Barrier { .. }) => {
                         error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
                         return Ok(());
                     }
@@ -858,6 +871,11 @@ impl Shared {
             warn!(error = %e, "dead-lettering failed");
         }
     }
+}
+
+/// A short pause before trying a contended effect key again.
+async fn contended() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Skip {

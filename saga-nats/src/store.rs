@@ -18,6 +18,8 @@ pub struct Versioned {
     pub record: LogRecord,
     /// Its sequence in the log stream.
     pub seq: u64,
+    /// When the stream stored it.
+    pub written: saga_core::Timestamp,
 }
 
 /// A store operation failed.
@@ -86,7 +88,10 @@ impl SagaLog {
             Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
         };
         let record = self.decode(id, &msg.payload)?;
-        Ok(Some(Versioned { record, seq: msg.sequence }))
+        let written = saga_core::Timestamp(
+            u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+        );
+        Ok(Some(Versioned { record, seq: msg.sequence, written }))
     }
 
     fn decode(&self, id: &SagaId, bytes: &[u8]) -> Result<LogRecord, StoreError> {
