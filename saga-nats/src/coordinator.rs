@@ -314,8 +314,9 @@ struct Live {
     /// Timeline entries and lifecycle events decided but not yet logged (the start's).
     timeline: Vec<TimelineEntry>,
     events: Vec<LifecycleNote>,
-    /// Inputs held unacknowledged while the saga lives: the start (or an operator action
-    /// that revived it). Another replica takes the saga over if they are redelivered.
+    /// Inputs held unacknowledged while the saga lives: its start (twice, if it was
+    /// redelivered here after a late keep-alive). Another replica takes the saga over if the
+    /// start is redelivered to it.
     handles: Vec<jetstream::Message>,
     /// The pending timer of each step.
     armed: HashMap<StepName, (Timer, Timestamp)>,
