@@ -392,8 +392,19 @@ async fn run(
             },
         }
     }
-    // Stop taking commands (the others instances get them), then wait for the handlers.
-    let _ = commands.unsubscribe().await;
+    // Stop taking new commands (the other instances get them), handle the ones already
+    // received (dropping them would cost their sagas an attempt each), and wait for the
+    // handlers.
+    if commands.drain().await.is_ok() {
+        while let Some(msg) = commands.next().await {
+            let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                shared.handle(msg).await;
+                drop(permit);
+            });
+        }
+    }
     let _ = permits.acquire_many(shared.config.concurrency as u32).await;
     let _ = shared.client.flush().await;
     info!(service = %shared.service, "participant stopped");
