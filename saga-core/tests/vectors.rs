@@ -149,9 +149,9 @@ fn record() -> Vec<(String, Vector)> {
         Some(reply_subject(&d, &id)),
         &cmd,
     ));
-    let claim = EffectRecord::InProgress { until: d.deadline.0, attempt: 1 };
+    let claim = EffectRecord::InProgress { until: d.deadline.0 + 500, attempt: 1 };
     out.push(vector(
-        "seller claims the effect until the command's deadline (KV saga_fx_seller, update at revision 0)",
+        "seller claims the effect until the command's deadline plus 500 ms (KV saga_fx_seller, update at revision 0)",
         "effect_record",
         format!("$KV.saga_fx_seller.{}", cmd.effect_key()),
         None,

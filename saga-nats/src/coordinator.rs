@@ -492,9 +492,13 @@ impl Worker {
                     "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
                 )));
             }
-            // Redelivered while held here (a missed keep-alive): keep holding it.
-            live.handles.push(msg);
-            return Ok(());
+            if !live.handles.is_empty() {
+                // Redelivered while held here (a missed keep-alive): keep holding it.
+                live.handles.push(msg);
+                return Ok(());
+            }
+            // A copy of a saga another replica held: take it over from its log, as below.
+            self.sagas.remove(id);
         }
         if let Some(v) = self.shared.log.load(id).await? {
             let snap = &v.record.snapshot;

@@ -694,8 +694,10 @@ impl Shared {
 
     /// Claims the effect key until the command's deadline.
     async fn claim(&self, key: &str, cmd: &CommandMessage) -> Result<Claim, Skip> {
-        let claim =
-            self.encode(&EffectRecord::InProgress { until: cmd.deadline.0, attempt: cmd.attempt });
+        let claim = self.encode(&EffectRecord::InProgress {
+            until: cmd.deadline.0 + CLAIM_GRACE_MS,
+            attempt: cmd.attempt,
+        });
         // The common case: nothing is recorded for this effect yet. Claim it straight away
         // (an update expecting revision 0 is a create) and read only if something is there.
         match self.effects.update(key, claim.clone(), 0).await {
@@ -883,6 +885,11 @@ impl Shared {
         }
     }
 }
+
+/// How long after the command's deadline a claim still holds: the handler is stopped at the
+/// deadline, and this leaves its outcome time to be recorded before another delivery may take
+/// the claim over.
+const CLAIM_GRACE_MS: u64 = 500;
 
 /// A short pause before trying a contended effect key again.
 async fn contended() {
