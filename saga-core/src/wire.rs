@@ -352,6 +352,14 @@ pub enum EffectRecord {
         #[serde(default)]
         attempt: u32,
     },
+    /// Attempt `attempt` failed transiently (or, for a compensation, failed): a later copy of
+    /// that attempt gets the same answer without running; a later attempt takes the key over.
+    Failed {
+        /// The attempt that failed.
+        attempt: u32,
+        /// Its reason.
+        reason: String,
+    },
     /// The action must never run: its compensation came first (`lapsed: false`: the action
     /// never ran, the compensation is a no-op), or took over the action's lapsed claim
     /// (`lapsed: true`: the action may have partly run, so every compensation attempt

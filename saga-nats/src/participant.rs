@@ -589,7 +589,7 @@ impl Shared {
             Phase::Compensation => match self.barrier(&cmd).await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.release(&key, rev).await;
+                    self.unclaim(&key, rev).await;
                     return Err(e);
                 }
             },
@@ -625,7 +625,11 @@ impl Shared {
         if last {
             self.record_done(&key, rev, &decided.outcome, cmd.attempt).await;
         } else {
-            self.release(&key, rev).await;
+            let reason = match &decided.outcome {
+                ReplyOutcome::Failure { reason, .. } => reason.clone(),
+                ReplyOutcome::Success { .. } => String::new(),
+            };
+            self.release(&key, rev, cmd.attempt, reason).await;
         }
         drop(guard);
     }
@@ -717,6 +721,16 @@ impl Shared {
                             return Ok(Claim::Recorded(outcome))
                         }
                         Some(EffectRecord::Barrier { .. }) => return Ok(Claim::Barrier),
+                        // A copy of an attempt that already failed gets the same answer: one
+                        // attempt has one outcome.
+                        Some(EffectRecord::Failed { attempt, reason })
+                            if cmd.attempt <= attempt =>
+                        {
+                            return Ok(Claim::Recorded(ReplyOutcome::Failure {
+                                reason,
+                                transient: true,
+                            }))
+                        }
                         Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
                             self.wait_for(cmd, until).await?;
                         }
@@ -762,6 +776,13 @@ impl Shared {
                         })
                         | Some(EffectRecord::Barrier { lapsed: false }) => {
                             return Ok(Barrier { noop: true, output: None })
+                        }
+                        // Its last attempt failed without effect: block it for good.
+                        Some(EffectRecord::Failed { .. }) => {
+                            match self.effects.update(&key, first.clone(), e.revision).await {
+                                Ok(_) => return Ok(Barrier { noop: true, output: None }),
+                                Err(_) => contended().await,
+                            }
                         }
                         // An earlier compensation attempt found the action's claim lapsed:
                         // the action may have partly run.
@@ -852,10 +873,19 @@ impl Shared {
         written
     }
 
-    /// Gives up a claim so that the next attempt runs the handler.
-    async fn release(&self, key: &str, rev: u64) {
+    /// Gives up a claim before the handler ran.
+    async fn unclaim(&self, key: &str, rev: u64) {
         let lapsed = self.encode(&EffectRecord::InProgress { until: 0, attempt: 0 });
         if let Err(e) = self.effects.update(key, lapsed, rev).await {
+            debug!(error = %e, "giving up the claim failed (it will lapse)");
+        }
+    }
+
+    /// Gives up a claim after attempt `attempt` failed, so that the next attempt runs the
+    /// handler (and a late copy of this one gets the same failure).
+    async fn release(&self, key: &str, rev: u64, attempt: u32, reason: String) {
+        let failed = self.encode(&EffectRecord::Failed { attempt, reason });
+        if let Err(e) = self.effects.update(key, failed, rev).await {
             debug!(error = %e, "releasing the claim failed (it will lapse)");
         }
     }

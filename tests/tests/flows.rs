@@ -255,3 +255,66 @@ async fn compensation_that_keeps_failing_parks_and_operators_act() {
     assert_eq!(v.snapshot.steps[0].status, StepStatus::CompensationSkipped);
     assert_eq!(until_terminal(&client, &resolved).await.status(), SagaStatus::Resolved);
 }
+
+/// One attempt has one outcome: a late copy of an attempt that failed transiently (a take-over
+/// can send one) gets the same failure without running the handler, and the next attempt runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
+    use futures::StreamExt;
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let slow_retry = saga_core::RetryPolicy {
+        initial_backoff: Duration::from_secs(3),
+        max_backoff: Duration::from_secs(3),
+        ..quick_retry(3)
+    };
+    let def = saga_core::SagaDefinition::builder("one")
+        .step("a", "svc", "a", |s| s.compensation("undo-a").retry(slow_retry))
+        .build();
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+    let spy = server.connect().await;
+    let mut commands = spy.subscribe("saga.cmd.svc.a").await.unwrap();
+    spy.flush().await.unwrap();
+
+    let input = TestInput { n: 1, transient: vec![("a".into(), 1)], ..Default::default() };
+    let id = client.start("one", &input).await.unwrap();
+    let first = tokio::time::timeout(WAIT, commands.next()).await.unwrap().unwrap();
+    let reply_to = first.reply.clone().unwrap();
+    // Attempt 1 failed: the effect record says so.
+    let key = format!("{id}.a.a");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let failed = loop {
+        match effect_records(nats.clone(), "svc").await.remove(&key) {
+            Some(r @ saga_core::wire::EffectRecord::Failed { .. }) => break r,
+            other => {
+                assert!(tokio::time::Instant::now() < deadline, "no failed record: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+        }
+    };
+    assert!(matches!(failed, saga_core::wire::EffectRecord::Failed { attempt: 1, .. }));
+    // A copy of attempt 1, answered on a subject the test listens to as well.
+    let mut answers = spy.subscribe(reply_to.clone()).await.unwrap();
+    spy.flush().await.unwrap();
+    spy.publish_with_reply("saga.cmd.svc.a", reply_to, first.payload.clone()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, answers.next()).await.unwrap().unwrap();
+    let reply: saga_core::wire::ReplyMessage =
+        saga_core::Codec::default().decode(&answer.payload).unwrap();
+    assert!(
+        matches!(&reply.outcome, saga_core::wire::ReplyOutcome::Failure { transient: true, .. }),
+        "{reply:?}"
+    );
+    assert_eq!(
+        effect_records(nats.clone(), "svc").await.remove(&key),
+        Some(failed),
+        "the copy did not run: the record is unchanged"
+    );
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.snapshot.steps[0].attempt, 2);
+    assert_eq!(fx.count(&id, "a", "a"), 1);
+}

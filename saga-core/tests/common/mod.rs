@@ -210,7 +210,8 @@ pub(crate) enum Wish {
     Success,
     /// A business failure (recorded: later attempts get the same answer).
     Business,
-    /// A transient failure (nothing recorded, nothing done).
+    /// A transient failure (nothing done; later copies of the same attempt get the same
+    /// answer, a later attempt runs).
     Transient,
 }
 
@@ -218,6 +219,8 @@ pub(crate) enum Wish {
 enum ActionRecord {
     Executed(Payload),
     Declined(String),
+    /// This attempt failed transiently (the SDK's `failed` effect record).
+    Failed(u32),
 }
 
 /// A participant with the usual guarantees: an action runs at most once per step (effects
@@ -268,7 +271,15 @@ impl Participant {
                     transient: false,
                 }
             }
-            None => {}
+            Some(ActionRecord::Failed(failed)) if attempt <= *failed => {
+                return Event::StepFailed {
+                    step,
+                    attempt,
+                    reason: "unavailable".into(),
+                    transient: true,
+                }
+            }
+            Some(ActionRecord::Failed(_)) | None => {}
         }
         match wish {
             Wish::Success => {
@@ -283,6 +294,7 @@ impl Participant {
                 Event::StepFailed { step, attempt, reason, transient: false }
             }
             Wish::Transient => {
+                self.actions.insert(step.clone(), ActionRecord::Failed(attempt));
                 Event::StepFailed { step, attempt, reason: "unavailable".into(), transient: true }
             }
         }
