@@ -264,9 +264,10 @@ async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
+    // Attempt 2 comes 10 s after attempt 1 failed: the test's copy of attempt 1 goes in between.
     let slow_retry = saga_core::RetryPolicy {
-        initial_backoff: Duration::from_secs(3),
-        max_backoff: Duration::from_secs(3),
+        initial_backoff: Duration::from_secs(10),
+        max_backoff: Duration::from_secs(10),
         ..quick_retry(3)
     };
     let def = saga_core::SagaDefinition::builder("one")
