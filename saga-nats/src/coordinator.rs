@@ -39,7 +39,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::deliver::{dead_letter, now, redelivery_delay};
 use crate::provision::{provision, ProvisionConfig, ProvisionError};
-use crate::store::{Registry, RegistryError, SagaLog, StoreError};
+use crate::store::{Registry, RegistryError, SagaLog, StoreError, Versioned};
 use crate::subjects::{self, headers, InputKind, ReplyTo};
 
 /// How a coordinator runs.
@@ -483,15 +483,7 @@ impl Worker {
         msg: jetstream::Message,
     ) -> Result<(), HandleError> {
         if let Some(live) = self.sagas.get_mut(id) {
-            let state = &live.state;
-            if state.input() != &start.input
-                || state.digest() != start.digest
-                || state.saga() != &start.saga
-            {
-                return Err(HandleError::Refused(format!(
-                    "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
-                )));
-            }
+            same_saga(id, live.state.saga(), live.state.digest(), live.state.input(), &start)?;
             if !live.handles.is_empty() {
                 // Redelivered while held here (a missed keep-alive): keep holding it.
                 live.handles.push(msg);
@@ -502,59 +494,74 @@ impl Worker {
         }
         if let Some(v) = self.shared.log.load(id).await? {
             let snap = &v.record.snapshot;
-            if snap.input != start.input || snap.digest != start.digest || snap.saga != start.saga {
-                return Err(HandleError::Refused(format!(
-                    "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
-                )));
-            }
-            let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
-            let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
-                HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
-            })?;
-            if state.status().is_terminal() {
-                let _ = msg.ack().await;
+            same_saga(id, &snap.saga, &snap.digest, &snap.input, &start)?;
+            let live = self.resume(id, v, vec![msg]).await?;
+            if live.state.status().is_terminal() {
+                for msg in live.handles {
+                    let _ = msg.ack().await;
+                }
                 return Ok(());
             }
-            info!(saga_id = %id, status = %state.status(), "taking over a saga another replica held");
-            let outstanding = state.outstanding(&plan);
-            let trace = v.record.trace.clone();
-            let mut live = Live::new(state, plan, v.seq, trace, vec![msg]);
-            live.last_write = written_at(v.written);
+            info!(saga_id = %id, status = %live.state.status(), "taking over a saga another replica held");
+            let outstanding = live.state.outstanding(&live.plan);
             self.sagas.insert(id.clone(), live);
             self.execute(id, &outstanding).await;
             return Ok(());
         }
-        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
         let trace = msg
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::TRACEPARENT))
             .map(|v| v.as_str().to_owned())
             .filter(|tp| crate::telemetry::trace_id(tp).is_some());
-        let mut state = SagaState::new(id.clone(), &plan);
-        let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
-        let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
-        let mut live = Live::new(state, plan, 0, trace, vec![msg]);
         // Not logged now: the held start is the saga's durable record until its first
-        // transition is logged, with these entries.
-        live.timeline = handled.timeline;
-        live.events = LifecycleNote::of(&effects);
+        // transition is logged, with the timeline entries `begin` keeps.
+        let (live, effects) = self.begin(id, start, trace, vec![msg]).await?;
         self.sagas.insert(id.clone(), live);
         self.execute(id, &effects).await;
         Ok(())
     }
 
+    /// A saga rebuilt from its newest log record.
+    async fn resume(
+        &self,
+        id: &SagaId,
+        v: Versioned,
+        handles: Vec<jetstream::Message>,
+    ) -> Result<Live, HandleError> {
+        let snap = &v.record.snapshot;
+        let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
+        let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
+            HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
+        })?;
+        let mut live = Live::new(state, plan, v.seq, v.record.trace, handles);
+        live.last_write = written_at(v.written);
+        Ok(live)
+    }
+
+    /// A saga begun from its start: the state after `Start`, with the transition's timeline
+    /// entries and lifecycle events kept for its first log record, and the effects to carry out.
+    async fn begin(
+        &self,
+        id: &SagaId,
+        start: StartMessage,
+        trace: Option<String>,
+        handles: Vec<jetstream::Message>,
+    ) -> Result<(Live, Vec<Effect>), HandleError> {
+        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
+        let mut state = SagaState::new(id.clone(), &plan);
+        let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
+        let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
+        let mut live = Live::new(state, plan, 0, trace, handles);
+        live.timeline = handled.timeline;
+        live.events = LifecycleNote::of(&effects);
+        Ok((live, effects))
+    }
+
     /// Loads a saga into memory: from its log, or from its pending start.
     async fn load(&mut self, id: &SagaId) -> Result<bool, HandleError> {
         if let Some(v) = self.shared.log.load(id).await? {
-            let snap = &v.record.snapshot;
-            let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
-            let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
-                HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
-            })?;
-            let trace = v.record.trace.clone();
-            let mut live = Live::new(state, plan, v.seq, trace, Vec::new());
-            live.last_write = written_at(v.written);
+            let live = self.resume(id, v, Vec::new()).await?;
             self.install(id, live);
             return Ok(true);
         }
@@ -562,13 +569,7 @@ impl Worker {
             return Ok(false);
         };
         // Started, but its first transition is not logged yet: rebuild it from the start.
-        let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
-        let mut state = SagaState::new(id.clone(), &plan);
-        let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
-        let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;
-        let mut live = Live::new(state, plan, 0, None, Vec::new());
-        live.timeline = handled.timeline;
-        live.events = LifecycleNote::of(&effects);
+        let (live, _) = self.begin(id, start, None, Vec::new()).await?;
         self.install(id, live);
         Ok(true)
     }
@@ -980,6 +981,22 @@ impl Worker {
             warn!(error = %e, "terminating a dead-lettered input failed");
         }
     }
+}
+
+/// Refuses a start whose definition or input is not that of the saga it names.
+fn same_saga(
+    id: &SagaId,
+    saga: &saga_core::SagaName,
+    digest: &str,
+    input: &saga_core::Payload,
+    start: &StartMessage,
+) -> Result<(), HandleError> {
+    if *saga == start.saga && digest == start.digest && *input == start.input {
+        return Ok(());
+    }
+    Err(HandleError::Refused(format!(
+        "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
+    )))
 }
 
 /// The instant (on this process's clock) matching the time a record was written, so that a
