@@ -30,6 +30,12 @@ use crate::measure::{Processes, StoredMessages};
 use crate::ours::Ours;
 use crate::progress::Progress;
 
+/// The same allocator as the `saga-coordinator` binary, for both systems measured here: the
+/// coordinator and participants allocate a little per message, which mimalloc does markedly
+/// cheaper than the system allocator (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Saga throughput and latency: saga-nats ("ours") against the floor, a minimal hand-written
 /// 3-step saga on async-nats with the fewest messages and durable writes any durable
 /// orchestrator needs.
