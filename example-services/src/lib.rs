@@ -21,33 +21,8 @@ pub mod orders;
 pub mod scenario;
 pub mod seller;
 
-use std::time::Duration;
-
 /// The saga every order starts.
 pub const PLACE_ORDER: &str = "place-order";
-
-/// How a service reaches NATS: flags shared by every demo binary.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsArgs {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-}
-
-impl NatsArgs {
-    /// Connects, naming the connection after the service (it shows in the server's
-    /// connection list).
-    pub async fn connect(&self, service: &str) -> anyhow::Result<async_nats::Client> {
-        async_nats::ConnectOptions::new()
-            .name(service)
-            .connection_timeout(Duration::from_secs(5))
-            .connect(&self.nats_url)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("{service}: cannot connect to NATS at {}: {e}", self.nats_url)
-            })
-    }
-}
 
 /// Opens a key-value bucket, creating it (one value per key) if it does not exist.
 pub(crate) async fn open_bucket(

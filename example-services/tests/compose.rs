@@ -64,8 +64,8 @@ fn every_service_image_command_and_variable_named_exists() {
         ["nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"].into();
     assert_eq!(names, want);
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    let coordinator_env = declared_env(&["saga-coordinator/src"]);
-    let services_env = declared_env(&["example-services/src"]);
+    let coordinator_env = declared_env(&["saga-coordinator/src", "saga-nats/src/connect.rs"]);
+    let services_env = declared_env(&["example-services/src", "saga-nats/src/connect.rs"]);
 
     for (name, service) in services {
         let name = name.as_str().unwrap();
@@ -148,7 +148,7 @@ fn every_service_image_command_and_variable_named_exists() {
 #[test]
 fn the_services_read_the_variables_compose_sets() {
     // A mistyped variable in the source would make the test above vacuous; pin the names.
-    let env = declared_env(&["example-services/src"]);
+    let env = declared_env(&["example-services/src", "saga-nats/src/connect.rs"]);
     for name in ["NATS_URL", "SELLER_STOCK", "LOGISTICS_FAILURE_RATE", "ORDERS_LISTEN"] {
         assert!(env.contains(name), "{name} not declared: {env:?}");
     }

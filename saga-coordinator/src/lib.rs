@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use saga_core::SagaDefinition;
-use saga_nats::{Coordinator, CoordinatorConfig, ProvisionConfig};
+use saga_nats::{Coordinator, CoordinatorConfig, NatsOptions, ProvisionConfig};
 use tracing::{error, info};
 
 /// Runs the saga coordinator: starts sagas, sends each step's command, records every outcome
@@ -15,7 +15,8 @@ use tracing::{error, info};
 /// share the work with no leader.
 ///
 /// Every flag can also be set by the environment variable shown, or in a TOML file given by
-/// --config (keys are the long flag names with '_' for '-', e.g. nats_url = "...").
+/// --config (keys are the long flag names with '_' for '-'; the connection settings go in a
+/// [nats] table: url = "nats://...", creds = "/etc/saga/coordinator.creds").
 #[derive(Debug, Parser, serde::Deserialize, Default)]
 #[command(name = "saga-coordinator", version, about, long_about)]
 #[serde(default, deny_unknown_fields)]
@@ -24,42 +25,6 @@ struct Args {
     #[arg(long, env = "SAGA_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
-
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL")]
-    nats_url: Option<String>,
-
-    /// NATS credentials file (JWT + nkey seed).
-    #[arg(long, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
-
-    /// NATS nkey seed file.
-    #[arg(long, env = "NATS_NKEY")]
-    nkey: Option<PathBuf>,
-
-    /// NATS user (with --password).
-    #[arg(long, env = "NATS_USER")]
-    user: Option<String>,
-
-    /// NATS password (with --user).
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    password: Option<String>,
-
-    /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-
-    /// CA certificate (PEM) to verify the server's TLS certificate.
-    #[arg(long, env = "NATS_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-
-    /// Client certificate (PEM) for mutual TLS (with --tls-key).
-    #[arg(long, env = "NATS_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-
-    /// Client key (PEM) for mutual TLS (with --tls-cert).
-    #[arg(long, env = "NATS_TLS_KEY")]
-    tls_key: Option<PathBuf>,
 
     /// A directory of saga definitions (*.yaml, *.yml, *.toml, *.json) registered at start.
     #[arg(long, env = "SAGA_DEFINITIONS")]
@@ -90,6 +55,11 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace, or per-module: saga_nats=debug).
     #[arg(long, env = "RUST_LOG")]
     log: Option<String>,
+
+    /// How to reach NATS (in the config file: a `[nats]` table with `url`, `creds`, `nkey`,
+    /// `user`, `password`, `token`, `tls_ca`, `tls_cert`, `tls_key`).
+    #[command(flatten)]
+    nats: NatsOptions,
 }
 
 impl Args {
@@ -97,15 +67,7 @@ impl Args {
     fn merge(self, file: Args) -> Args {
         Args {
             config: self.config,
-            nats_url: self.nats_url.or(file.nats_url),
-            creds: self.creds.or(file.creds),
-            nkey: self.nkey.or(file.nkey),
-            user: self.user.or(file.user),
-            password: self.password.or(file.password),
-            token: self.token.or(file.token),
-            tls_ca: self.tls_ca.or(file.tls_ca),
-            tls_cert: self.tls_cert.or(file.tls_cert),
-            tls_key: self.tls_key.or(file.tls_key),
+            nats: self.nats.or(file.nats),
             definitions: self.definitions.or(file.definitions),
             workers: self.workers.or(file.workers),
             ack_wait_secs: self.ack_wait_secs.or(file.ack_wait_secs),
@@ -152,9 +114,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(dir) => load_definitions(dir)?,
         None => Vec::new(),
     };
-    let url = args.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-    let client = connect(&args, &url).await?;
-    info!(%url, "connected to NATS");
+    let client = args.nats.connect("saga-coordinator").await?;
+    info!(url = %args.nats.display_urls(), auth = %args.nats.describe_auth(), "connected to NATS");
     let defaults = ProvisionConfig::default();
     let config = CoordinatorConfig {
         provision: ProvisionConfig {
@@ -195,31 +156,6 @@ fn load_definitions(dir: &PathBuf) -> Result<Vec<SagaDefinition>, Box<dyn std::e
         defs.push(def);
     }
     Ok(defs)
-}
-
-async fn connect(args: &Args, url: &str) -> Result<async_nats::Client, Box<dyn std::error::Error>> {
-    let mut opts = async_nats::ConnectOptions::new().name("saga-coordinator");
-    if let Some(creds) = &args.creds {
-        opts = opts.credentials_file(creds).await?;
-    }
-    if let Some(nkey) = &args.nkey {
-        let seed = std::fs::read_to_string(nkey)
-            .map_err(|e| format!("cannot read nkey file {}: {e}", nkey.display()))?;
-        opts = opts.nkey(seed.trim().to_owned());
-    }
-    if let (Some(user), Some(password)) = (&args.user, &args.password) {
-        opts = opts.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &args.token {
-        opts = opts.token(token.clone());
-    }
-    if let Some(ca) = &args.tls_ca {
-        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
-    }
-    opts.connect(url).await.map_err(|e| format!("cannot connect to NATS at {url}: {e}").into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT): what a service waits for before it drains and

@@ -26,6 +26,7 @@
 //! it is built this way.
 
 pub mod client;
+pub mod connect;
 pub mod coordinator;
 mod deliver;
 pub mod follow;
@@ -36,6 +37,7 @@ pub mod subjects;
 pub mod telemetry;
 
 pub use client::{ErrorKind, ListFilter, SagaClient, SagaClientError, SagaView};
+pub use connect::{ConnectError, NatsOptions};
 pub use coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
 pub use follow::LifecycleEvent;
 pub use participant::{

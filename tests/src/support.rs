@@ -2,6 +2,8 @@
 //! counters, and a coordinator with test-friendly settings.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -353,4 +355,76 @@ pub async fn effect_records(
         }
     }
     records
+}
+
+/// A coordinator running as its own process (the real command line), killed on drop.
+pub struct CoordinatorProcess {
+    child: Child,
+}
+
+impl CoordinatorProcess {
+    /// Starts `binary` (an integration test's `env!("CARGO_BIN_EXE_saga-coordinator")`)
+    /// against `url` with the definitions in `definitions`, a 2 s ack wait and 16 workers.
+    pub fn start(binary: &str, url: &str, definitions: &Path) -> Self {
+        Self::start_with(binary, &["--nats-url", url], definitions)
+    }
+
+    /// Like [`CoordinatorProcess::start`], with `args` (connection flags included) instead
+    /// of `--nats-url`.
+    pub fn start_with(binary: &str, args: &[&str], definitions: &Path) -> Self {
+        let child = Process::new(binary)
+            .args(args)
+            .args(["--ack-wait-secs", "2", "--workers", "16"])
+            .arg("--definitions")
+            .arg(definitions)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("coordinator process starts");
+        CoordinatorProcess { child }
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh directory holding `defs` as JSON files, for `saga-coordinator --definitions`.
+pub fn definitions_dir(defs: &[SagaDefinition]) -> PathBuf {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!("saga-defs-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for def in defs {
+        let json = serde_json::to_string_pretty(def).unwrap();
+        std::fs::write(dir.join(format!("{}.json", def.name)), json).unwrap();
+    }
+    dir
+}
+
+/// Waits until a client can start sagas of `name` (a coordinator process provisioned and
+/// registered it), probing with a start of a throwaway saga keyed `probe`.
+pub async fn client_when_ready(nats: async_nats::Client, name: &str) -> SagaClient {
+    for _ in 0..300 {
+        if let Ok(client) = SagaClient::new(nats.clone()).await {
+            if client.list(&Default::default()).await.is_ok() {
+                // `register` would overwrite; probe with a start of a throwaway saga instead.
+                let probe = client.start_with_key(name, "probe", &TestInput::default()).await;
+                if probe.is_ok() {
+                    return client;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("coordinator did not become ready");
 }

@@ -5,7 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,75 +13,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use saga_core::wire::{EffectRecord, ReplyOutcome};
 use saga_core::{Codec, Phase, SagaDefinition, SagaId, SagaStatus, TimelineEvent};
-use saga_nats::{Coordinator, Participant, SagaClient, StepError};
+use saga_nats::{Coordinator, Participant, StepError};
 use saga_tests::support::*;
 use saga_tests::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A coordinator running as its own process (the real command line), killed on drop.
-struct CoordinatorProcess {
-    child: Child,
-}
-
-impl CoordinatorProcess {
-    fn start(url: &str, definitions: &PathBuf) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_saga-coordinator"))
-            .args(["--nats-url", url, "--ack-wait-secs", "2", "--workers", "16"])
-            .arg("--definitions")
-            .arg(definitions)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("coordinator process starts");
-        CoordinatorProcess { child }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn definitions_dir(defs: &[SagaDefinition]) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("saga-defs-{}-{}", std::process::id(), uuid_like()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for def in defs {
-        let json = serde_json::to_string_pretty(def).unwrap();
-        std::fs::write(dir.join(format!("{}.json", def.name)), json).unwrap();
-    }
-    dir
-}
-
-fn uuid_like() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-}
-
-/// Waits until a client can start sagas of `name` (the coordinator process provisioned and
-/// registered it).
-async fn client_when_ready(nats: async_nats::Client, name: &str) -> SagaClient {
-    for _ in 0..300 {
-        if let Ok(client) = SagaClient::new(nats.clone()).await {
-            if client.list(&Default::default()).await.is_ok() {
-                // `register` would overwrite; probe with a start of a throwaway saga instead.
-                let probe = client.start_with_key(name, "probe", &TestInput::default()).await;
-                if probe.is_ok() {
-                    return client;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("coordinator did not become ready");
-}
+/// The coordinator command line, as a process of its own.
+const COORDINATOR: &str = env!("CARGO_BIN_EXE_saga-coordinator");
 
 /// Checks what every saga's effects must be: completed sagas ran each action once and no
 /// compensation; compensated ones ran a and b once, compensated each once, never ran c.
@@ -154,7 +92,7 @@ async fn kill_9_coordinator_with_sagas_in_flight_loses_nothing() {
     let nats = server.connect().await;
     let def = chain("k9", &["a", "b", "c"], Duration::from_secs(30));
     let dir = definitions_dir(&[def]);
-    let mut coord = CoordinatorProcess::start(&server.url(), &dir);
+    let mut coord = CoordinatorProcess::start(COORDINATOR, &server.url(), &dir);
     let client = client_when_ready(nats.clone(), "k9").await;
     let fx = Effects::default();
     let _p = echo_participant(nats.clone(), "svc", &["a", "b", "c"], fx.clone()).await;
@@ -175,7 +113,7 @@ async fn kill_9_coordinator_with_sagas_in_flight_loses_nothing() {
     // The held starts are redelivered after the ack wait (2 s) to the new process, which
     // takes the sagas over from their logs.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _coord2 = CoordinatorProcess::start(&server.url(), &dir);
+    let _coord2 = CoordinatorProcess::start(COORDINATOR, &server.url(), &dir);
 
     let statuses = wait_all(&client, &ids, WAIT).await;
     check_effects(&fx, &ids, &statuses, failing);

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use example_services::logistics::{self, LogisticsConfig};
-use example_services::NatsArgs;
+use saga_nats::NatsOptions;
 use tracing::info;
 
 /// The Logistics service of the saga demo: schedules shipments and cancels them when a saga
@@ -13,12 +13,12 @@ use tracing::info;
 #[command(name = "logistics", version, about, long_about)]
 struct Args {
     #[command(flatten)]
-    nats: NatsArgs,
-    #[command(flatten)]
     behaviour: LogisticsConfig,
     /// Commands handled at once.
     #[arg(long, env = "LOGISTICS_CONCURRENCY", default_value_t = 64)]
     concurrency: usize,
+    #[command(flatten)]
+    nats: NatsOptions,
 }
 
 #[tokio::main]

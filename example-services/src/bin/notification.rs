@@ -2,7 +2,8 @@
 //! lifecycle events and notifies the customer when an order ends.
 
 use clap::Parser;
-use example_services::{notification, NatsArgs};
+use example_services::notification;
+use saga_nats::NatsOptions;
 use tracing::info;
 
 /// The Notification service of the saga demo: follows saga events (choreography) and
@@ -11,7 +12,7 @@ use tracing::info;
 #[command(name = "notification", version, about, long_about)]
 struct Args {
     #[command(flatten)]
-    nats: NatsArgs,
+    nats: NatsOptions,
 }
 
 #[tokio::main]

@@ -9,18 +9,18 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use example_services::orders::{router, Orders};
 use example_services::scenario::{self, ScenarioConfig};
-use example_services::NatsArgs;
 use saga_nats::ErrorKind;
+use saga_nats::NatsOptions;
 use tracing::info;
 
 /// The Orders service of the saga demo: places orders, each starting a `place-order` saga.
 #[derive(Debug, Parser)]
 #[command(name = "orders", version, about, long_about)]
 struct Args {
-    #[command(flatten)]
-    nats: NatsArgs,
     #[command(subcommand)]
     command: Cmd,
+    #[command(flatten)]
+    nats: NatsOptions,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,8 @@
 //! `seller`: the Seller service (step `reserve-items`: `reserve`, compensation `release`).
 
 use clap::Parser;
-use example_services::{seller, NatsArgs};
+use example_services::seller;
+use saga_nats::NatsOptions;
 use tracing::info;
 
 /// The Seller service of the saga demo: reserves items from a durable stock and releases
@@ -9,14 +10,14 @@ use tracing::info;
 #[derive(Debug, Parser)]
 #[command(name = "seller", version, about, long_about)]
 struct Args {
-    #[command(flatten)]
-    nats: NatsArgs,
     /// Initial stock, SKU=COUNT comma-separated; SKUs already stocked keep their stock.
     #[arg(long, env = "SELLER_STOCK", default_value = "apple=200,pear=200,plum=200")]
     stock: String,
     /// Commands handled at once.
     #[arg(long, env = "SELLER_CONCURRENCY", default_value_t = 32)]
     concurrency: usize,
+    #[command(flatten)]
+    nats: NatsOptions,
 }
 
 #[tokio::main]
