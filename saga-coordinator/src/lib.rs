@@ -10,6 +10,8 @@ use saga_core::SagaDefinition;
 use saga_nats::{Coordinator, CoordinatorConfig, NatsOptions, ProvisionConfig};
 use tracing::{error, info};
 
+mod permissions;
+
 /// Runs the saga coordinator: starts sagas, sends each step's command, records every outcome
 /// in NATS JetStream and decides what comes next. Run as many replicas as you like; they
 /// share the work with no leader.
@@ -21,6 +23,10 @@ use tracing::{error, info};
 #[command(name = "saga-coordinator", version, about, long_about)]
 #[serde(default, deny_unknown_fields)]
 struct Args {
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<Command>,
+
     /// A TOML file with any of these settings; flags and environment override it.
     #[arg(long, env = "SAGA_CONFIG")]
     #[serde(skip)]
@@ -62,10 +68,35 @@ struct Args {
     nats: NatsOptions,
 }
 
+/// Tools beside running the coordinator.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Write the NATS permissions of every role (coordinator, participants, starters,
+    /// followers, operators) from the saga definitions.
+    ///
+    /// Writes the nats-server `authorization` block (or, with --json, the same permissions for
+    /// `nsc`) giving every role only what it needs: the coordinator; each participant service
+    /// the definitions name; the services that start or follow sagas; the operators.
+    ///
+    /// With --keys DIR, each user gets an nkey seed in DIR/<user>.nk (kept if it exists), and the
+    /// block names their public keys; each process then connects with `--nkey DIR/<user>.nk
+    /// --inbox-prefix _INBOX.<user>`.
+    ///
+    /// Example, for the demo:
+    ///
+    ///   saga-coordinator permissions --definitions example-services/sagas \
+    ///       --starts orders=place-order --follows notification=place-order \
+    ///       --bucket seller=demo_stock --bucket orders=demo_orders \
+    ///       --bucket notification=demo_notifications --operator ops --keys ./keys > auth.conf
+    #[command(verbatim_doc_comment)]
+    Permissions(permissions::PermissionsArgs),
+}
+
 impl Args {
     /// Fills what flags and environment left unset from the config file.
     fn merge(self, file: Args) -> Args {
         Args {
+            command: self.command,
             config: self.config,
             nats: self.nats.or(file.nats),
             definitions: self.definitions.or(file.definitions),
@@ -82,6 +113,15 @@ impl Args {
 /// Runs the coordinator command line with the process's arguments; returns the exit code.
 pub async fn main() -> ExitCode {
     let mut args = Args::parse();
+    if let Some(Command::Permissions(permissions)) = args.command.take() {
+        return match permissions::run(permissions) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("saga-coordinator permissions: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(path) = args.config.clone() {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,

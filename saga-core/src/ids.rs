@@ -126,10 +126,35 @@ token_type!(
     CommandName
 );
 token_type!(
-    /// The id of one saga instance. Generated ids are UUIDv7 in simple (hex) form; ids derived
-    /// from an idempotency key are a hash of the saga name and the key.
+    /// The id of one saga instance: derived from the saga's name and its start's key (see
+    /// [`SagaId::for_key`]), so an id belongs to one saga name and no other can claim it.
     SagaId
 );
+
+impl SagaId {
+    /// The id of the saga of definition `saga` started with `key` (an idempotency key, or a
+    /// random one): the first 16 bytes of SHA-256 over `saga`, a zero byte and `key`, in
+    /// lowercase hex. The coordinator refuses a start whose id is not this.
+    ///
+    /// ```
+    /// use saga_core::{SagaId, SagaName};
+    ///
+    /// let id = SagaId::for_key(&SagaName::from("place-order"), "order-42");
+    /// assert_eq!(id.as_str().len(), 32);
+    /// assert_ne!(id, SagaId::for_key(&SagaName::from("place-order"), "order-43"));
+    /// assert_ne!(id, SagaId::for_key(&SagaName::from("refund"), "order-42"));
+    /// ```
+    pub fn for_key(saga: &SagaName, key: &str) -> SagaId {
+        use sha2::{Digest as _, Sha256};
+        use std::fmt::Write as _;
+        let hash = Sha256::digest(format!("{saga}\u{0}{key}").as_bytes());
+        let mut hex = String::with_capacity(32);
+        for b in &hash[..16] {
+            let _ = write!(hex, "{b:02x}");
+        }
+        SagaId(hex)
+    }
+}
 
 /// Whether a command is a step's action or its compensation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

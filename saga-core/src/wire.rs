@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 /// The most characters of an attacker-supplied value that a log line or an error repeats.
 pub const MAX_QUOTED: usize = 120;
 
+/// The longest start key (idempotency key) accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+
 /// `s` cut to at most [`MAX_QUOTED`] characters (with `…` when cut), control characters
 /// replaced: for repeating a received value in a log line or an error.
 pub fn quote(s: &str) -> String {
@@ -180,7 +183,7 @@ impl ReplyMessage {
     }
 }
 
-/// A request to start a saga (client to coordinator), on `saga.in.<id>.start`.
+/// A request to start a saga (client to coordinator), on `saga.in.<id>.<saga>.start`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartMessage {
     /// Protocol version.
@@ -193,9 +196,9 @@ pub struct StartMessage {
     pub digest: String,
     /// The saga's input (MessagePack bytes).
     pub input: Payload,
-    /// The idempotency key the id was derived from, if any.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
+    /// The key the id derives from (`saga_id` is [`SagaId::for_key`] of `saga` and `key`):
+    /// the caller's idempotency key, or a random one.
+    pub key: String,
 }
 
 /// What an operator (or a client cancelling) asks for.
@@ -224,7 +227,9 @@ impl OperatorAction {
     }
 }
 
-/// An operator action on a saga (client to coordinator), on `saga.in.<id>.op`.
+/// An operator action on a saga (client to coordinator), on
+/// `saga.in.<id>.<saga>.op.<operator>`: the subject names the operator, so NATS permissions
+/// decide who may act and the history records who did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OperatorMessage {
     /// Protocol version.
@@ -235,16 +240,14 @@ pub struct OperatorMessage {
     pub action: OperatorAction,
     /// Why (recorded in the saga's timeline).
     pub reason: String,
-    /// Who asked (recorded in the saga's timeline).
-    #[serde(default)]
-    pub by: Option<String>,
 }
 
 impl OperatorMessage {
-    /// The state-machine event this action stands for.
-    pub fn to_event(&self) -> Event {
+    /// The state-machine event this action stands for, asked by operator `by` (the operator
+    /// token of the subject it arrived on).
+    pub fn to_event(&self, by: &str) -> Event {
         let reason = self.reason.clone();
-        let by = self.by.clone();
+        let by = Some(by.to_owned());
         match self.action {
             OperatorAction::Cancel => Event::Cancel { reason, by },
             OperatorAction::Retry => Event::OperatorRetry { reason, by },
@@ -500,6 +503,25 @@ impl WireMessage for StartMessage {
                 problem: "is not a definition digest (32 hexadecimal digits)".into(),
             });
         }
+        if self.key.is_empty() || self.key.len() > MAX_KEY_LEN {
+            return Err(CodecError::BadField {
+                what: Self::WHAT,
+                field: "key",
+                value: quote(&self.key),
+                problem: format!("must be 1 to {MAX_KEY_LEN} bytes long"),
+            });
+        }
+        if self.saga_id != SagaId::for_key(&self.saga, &self.key) {
+            return Err(CodecError::BadField {
+                what: Self::WHAT,
+                field: "saga_id",
+                value: quote(self.saga_id.as_str()),
+                problem: format!(
+                    "is not the id of a saga {} started with this key (the first 16 bytes of SHA-256 over the saga name, a zero byte and the key)",
+                    self.saga
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -630,7 +652,6 @@ mod tests {
             saga_id: SagaId::new_unchecked(">"),
             action: OperatorAction::Cancel,
             reason: "r".into(),
-            by: None,
         };
         let bytes = codec.encode(&op).unwrap();
         let err = codec.decode::<OperatorMessage>(&bytes).unwrap_err();
@@ -645,7 +666,6 @@ mod tests {
             saga_id: SagaId::new_unchecked("a"),
             action: OperatorAction::Cancel,
             reason: "r".into(),
-            by: None,
         };
         let bytes = codec.encode(&op).unwrap();
         let err = codec.decode::<OperatorMessage>(&bytes).unwrap_err();

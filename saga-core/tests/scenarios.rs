@@ -1014,9 +1014,9 @@ fn an_operator_message_passes_who_asked_to_the_timeline() {
         saga_id: SagaId::from(SAGA_ID),
         action: OperatorAction::Cancel,
         reason: "duplicate order".into(),
-        by: Some("support".into()),
     };
-    let event = msg.to_event();
+    // Who asked comes from the subject the message arrived on (its operator token).
+    let event = msg.to_event("support");
     assert_eq!(
         event,
         Event::Cancel { reason: "duplicate order".into(), by: Some("support".into()) }

@@ -107,7 +107,7 @@ fn reply_subject(d: &saga_core::Dispatch, id: &SagaId) -> String {
 /// is released) and records every message of it, in order.
 fn record() -> Vec<(String, Vector)> {
     let plan = definition().validate().expect("valid");
-    let id = SagaId::from("0192d3b4c5e6f708a1b2c3d4e5f60718");
+    let id = SagaId::for_key(plan.name(), "o-42");
     let input = Payload::new(
         rmp_serde::to_vec_named(&Order { id: "o-42", customer: "ada", sku: "apple", quantity: 2 })
             .unwrap(),
@@ -126,12 +126,12 @@ fn record() -> Vec<(String, Vector)> {
         saga: plan.name().clone(),
         digest: plan.digest().to_owned(),
         input: input.clone(),
-        idempotency_key: Some("o-42".into()),
+        key: "o-42".into(),
     };
     out.push(vector(
         "a client starts place-order for order o-42 (JetStream publish, Nats-Msg-Id start.<id>, Nats-Expected-Last-Subject-Sequence 0)",
         "start",
-        format!("saga.in.{id}.start"),
+        format!("saga.in.{id}.{}.start", plan.name()),
         None,
         &start,
     ));
@@ -265,12 +265,11 @@ fn record() -> Vec<(String, Vector)> {
         saga_id: id.clone(),
         action: OperatorAction::Cancel,
         reason: "customer changed their mind".into(),
-        by: Some("ada@example.org".into()),
     };
     out.push(vector(
-        "a client asks to cancel a saga (JetStream publish)",
+        "operator ada cancels a saga (JetStream publish; the subject names the operator)",
         "operator",
-        format!("saga.in.{id}.op"),
+        format!("saga.in.{id}.{}.op.ada", plan.name()),
         None,
         &op,
     ));

@@ -13,10 +13,9 @@ use saga_core::{
     SagaStatus, StepStatus, TimelineEntry,
 };
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::store::{Registry, RegistryError, SagaLog, TimelinePage};
-use crate::subjects::{self, headers, InputKind};
+use crate::subjects::{self, headers};
 
 /// The kinds of [`SagaClientError`], for matching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +146,8 @@ pub struct SagaClient {
     registry: Registry,
     log: SagaLog,
     codec: Codec,
-    operator: Option<String>,
+    operator: String,
+    scope: Arc<[SagaName]>,
 }
 
 impl SagaClient {
@@ -174,15 +174,55 @@ impl SagaClient {
         let registry = Registry::open(&js).await?;
         let codec = Codec::default();
         let log = SagaLog::open(js.clone(), codec).await.map_err(SagaClientError::nats)?;
-        let operator = std::env::var("USER").ok();
-        Ok(SagaClient { client, js, registry, log, codec, operator })
+        let operator = std::env::var("USER")
+            .ok()
+            .filter(|u| saga_core::check_token(u).is_ok())
+            .unwrap_or_else(|| "anonymous".into());
+        Ok(SagaClient { client, js, registry, log, codec, operator, scope: Arc::new([]) })
     }
 
-    /// Names the operator recorded with this client's cancellations and operator actions
-    /// (default: the `USER` environment variable).
+    /// Names the operator of this client's cancellations and operator actions (a token:
+    /// letters, digits, `_` and `-`; default: the `USER` environment variable, or
+    /// `anonymous`). The name travels in the subject (`saga.in.<id>.<saga>.op.<operator>`):
+    /// with the permissions `saga-coordinator permissions` writes, an operator's NATS user
+    /// may publish only under its own name, and that is the name the history records.
     pub fn with_operator(mut self, name: impl Into<String>) -> Self {
-        self.operator = Some(name.into());
+        self.operator = name.into();
         self
+    }
+
+    /// Reads only sagas of these definitions, on the subjects that name them
+    /// (`saga.log.<id>.<saga>.*`): what a starter's NATS permissions allow. Without it the
+    /// client reads any saga (`saga.log.<id>.>`), as an operator's permissions allow.
+    ///
+    /// Timelines and [`SagaClient::list`] read the log in ways permissions cannot confine to
+    /// one definition: they are for operators.
+    pub fn only<I, S>(mut self, sagas: I) -> Result<Self, SagaClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut names = Vec::new();
+        for saga in sagas {
+            let saga = saga.as_ref();
+            names.push(SagaName::new(saga).map_err(|e| {
+                SagaClientError::new(
+                    ErrorKind::UnknownSaga,
+                    format!("{} is not a saga name: it {e}", quote(saga)),
+                )
+            })?);
+        }
+        self.scope = names.into();
+        Ok(self)
+    }
+
+    /// The definitions whose sagas this client reads: the scope, or every one (`None`).
+    fn scope(&self) -> Vec<Option<&SagaName>> {
+        if self.scope.is_empty() {
+            vec![None]
+        } else {
+            self.scope.iter().map(Some).collect()
+        }
     }
 
     /// Registers a definition (validated first), making it the latest version of its name.
@@ -204,8 +244,8 @@ impl SagaClient {
         saga: &str,
         input: &T,
     ) -> Result<SagaId, SagaClientError> {
-        let id = SagaId::new_unchecked(uuid::Uuid::now_v7().simple().to_string());
-        self.start_as(saga, id, None, input).await
+        let key = uuid::Uuid::now_v7().simple().to_string();
+        self.start_as(saga, key, false, input).await
     }
 
     /// Starts a saga with an idempotency key: the same definition name and key always give
@@ -217,7 +257,7 @@ impl SagaClient {
         key: &str,
         input: &T,
     ) -> Result<SagaId, SagaClientError> {
-        self.start_as(saga, SagaClient::id_for_key(saga, key), Some(key.to_owned()), input).await
+        self.start_as(saga, key.to_owned(), true, input).await
     }
 
     /// The id [`SagaClient::start_with_key`] gives the saga of definition `saga` started with
@@ -231,18 +271,27 @@ impl SagaClient {
     /// assert_ne!(id, SagaClient::id_for_key("place-order", "order-43"));
     /// ```
     pub fn id_for_key(saga: &str, key: &str) -> SagaId {
-        let hash = Sha256::digest(format!("{saga}\u{0}{key}").as_bytes());
-        SagaId::new_unchecked(hash[..16].iter().map(|b| format!("{b:02x}")).collect::<String>())
+        SagaId::for_key(&SagaName::from(saga), key)
     }
 
     async fn start_as<T: Serialize + ?Sized>(
         &self,
         saga: &str,
-        id: SagaId,
-        key: Option<String>,
+        key: String,
+        keyed: bool,
         input: &T,
     ) -> Result<SagaId, SagaClientError> {
+        if key.is_empty() || key.len() > saga_core::wire::MAX_KEY_LEN {
+            return Err(SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "saga {saga:?}: an idempotency key must be 1 to {} bytes long",
+                    saga_core::wire::MAX_KEY_LEN
+                ),
+            ));
+        }
         let plan = self.registry.latest(saga).await?;
+        let id = SagaId::for_key(plan.name(), &key);
         let input = rmp_serde::to_vec_named(input).map_err(|e| {
             SagaClientError::new(
                 ErrorKind::InvalidInput,
@@ -261,7 +310,7 @@ impl SagaClient {
             ));
         }
         let input = Payload::new(input);
-        if key.is_some() {
+        if keyed {
             if let Some(existing) = self.existing(&id, &plan, &input).await? {
                 return existing;
             }
@@ -272,7 +321,7 @@ impl SagaClient {
             saga: plan.name().clone(),
             digest: plan.digest().to_owned(),
             input: input.clone(),
-            idempotency_key: key,
+            key,
         };
         let payload = self.codec.encode(&msg).map_err(|e| {
             SagaClientError::new(ErrorKind::InvalidInput, format!("saga {saga:?}: {e}"))
@@ -286,7 +335,7 @@ impl SagaClient {
             .payload(Bytes::from(payload));
         let ack = self
             .js
-            .send_publish(subjects::input(&id, InputKind::Start), publish)
+            .send_publish(subjects::start(&id, plan.name()), publish)
             .await
             .map_err(SagaClientError::nats)?
             .await;
@@ -327,11 +376,20 @@ impl SagaClient {
 
     /// The saga's snapshot, or `None` if no saga has that id (or it finished and expired).
     pub async fn get(&self, id: &SagaId) -> Result<Option<SagaView>, SagaClientError> {
-        if let Some(v) = self.log.load(id).await.map_err(SagaClientError::nats)? {
-            return Ok(Some(SagaView { snapshot: v.record.snapshot, logged: true }));
+        for saga in self.scope() {
+            if let Some(v) = self.log.load_in(id, saga).await.map_err(SagaClientError::nats)? {
+                return Ok(Some(SagaView { snapshot: v.record.snapshot, logged: true }));
+            }
         }
         // Accepted but not logged yet: its first step is under way.
-        let Some(start) = self.log.pending_start(id).await.map_err(SagaClientError::nats)? else {
+        let mut pending = None;
+        for saga in self.scope() {
+            pending = self.log.pending_start(id, saga).await.map_err(SagaClientError::nats)?;
+            if pending.is_some() {
+                break;
+            }
+        }
+        let Some(start) = pending else {
             return Ok(None);
         };
         let plan = self.registry.version(&start.saga, &start.digest).await?;
@@ -368,8 +426,12 @@ impl SagaClient {
     /// Waits until the saga ends (or needs intervention), up to `timeout`.
     pub async fn wait(&self, id: &SagaId, timeout: Duration) -> Result<SagaView, SagaClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut events =
-            self.client.subscribe(subjects::log_of(id)).await.map_err(SagaClientError::nats)?;
+        let mut subscriptions = Vec::new();
+        for saga in self.scope() {
+            let filter = subjects::log_in(id, saga);
+            subscriptions.push(self.client.subscribe(filter).await.map_err(SagaClientError::nats)?);
+        }
+        let mut events = futures::stream::select_all(subscriptions);
         loop {
             if let Some(view) = self.get(id).await? {
                 if view.status().is_terminal() || view.status() == SagaStatus::NeedsIntervention {
@@ -449,12 +511,17 @@ impl SagaClient {
                 format!("cannot {} saga {id}: it is {}", action.as_str(), view.status()),
             ));
         }
+        saga_core::check_token(&self.operator).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!("operator name {} {e}", quote(&self.operator)),
+            )
+        })?;
         let msg = OperatorMessage {
             v: PROTOCOL_VERSION,
             saga_id: id.clone(),
             action,
             reason: reason.to_owned(),
-            by: self.operator.clone(),
         };
         let payload = self
             .codec
@@ -465,7 +532,7 @@ impl SagaClient {
             .header(headers::SAGA_ID, id.as_str())
             .payload(Bytes::from(payload));
         self.js
-            .send_publish(subjects::input(id, InputKind::Operator), publish)
+            .send_publish(subjects::operator(id, view.saga(), &self.operator), publish)
             .await
             .map_err(SagaClientError::nats)?
             .await

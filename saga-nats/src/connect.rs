@@ -20,9 +20,11 @@
 //! (`NATS_URL`, `NATS_CREDS`, `NATS_NKEY`, `NATS_USER`, `NATS_PASSWORD`, `NATS_TOKEN`,
 //! `NATS_CA`, `NATS_CERT`, `NATS_KEY`).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_nats::{ConnectErrorKind, ServerAddr};
 
@@ -35,7 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection settings: server URLs, at most one way to authenticate, and TLS.
 ///
 /// Every field is optional. In a TOML or JSON configuration file they are the keys `url`,
-/// `creds`, `nkey`, `user`, `password`, `token`, `tls_ca`, `tls_cert` and `tls_key`.
+/// `creds`, `nkey`, `user`, `password`, `token`, `tls_ca`, `tls_cert`, `tls_key` and
+/// `inbox_prefix`.
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 #[cfg_attr(feature = "cli", command(next_help_heading = "Connecting to NATS"))]
@@ -87,6 +90,12 @@ pub struct NatsOptions {
         arg(long, env = "NATS_KEY", value_name = "FILE", requires = "tls_cert")
     )]
     pub tls_key: Option<PathBuf>,
+
+    /// Prefix of this connection's reply inboxes (default _INBOX). With the permissions
+    /// `saga-coordinator permissions` writes, each user's inboxes are `_INBOX.<user>`, so
+    /// no other connection can read the replies it gets.
+    #[cfg_attr(feature = "cli", arg(long, env = "NATS_INBOX_PREFIX", value_name = "PREFIX"))]
+    pub inbox_prefix: Option<String>,
 }
 
 /// Secrets stay out of logs: `Debug` shows which settings are present, never a password, a
@@ -104,6 +113,7 @@ impl fmt::Debug for NatsOptions {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -172,6 +182,7 @@ impl NatsOptions {
             tls_ca: self.tls_ca.or(fallback.tls_ca),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
+            inbox_prefix: self.inbox_prefix.or(fallback.inbox_prefix),
         }
     }
 
@@ -254,6 +265,17 @@ impl NatsOptions {
                 "a user needs a password, and a password a user".into(),
             ));
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            let valid = !prefix.is_empty()
+                && prefix.split('.').all(|t| {
+                    !t.is_empty() && t != "*" && t != ">" && !t.contains(char::is_whitespace)
+                });
+            if !valid {
+                return Err(ConnectError::Invalid(format!(
+                    "the inbox prefix {prefix:?} is not a subject without wildcards"
+                )));
+            }
+        }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConnectError::Invalid(
                 "a client certificate (tls_cert) needs its key (tls_key), and the key its certificate"
@@ -313,6 +335,14 @@ impl NatsOptions {
             read("TLS client key", key)?;
             opts = opts.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
+        }
+        let name = name.to_owned();
+        opts = opts.event_callback(move |event| {
+            let name = name.clone();
+            async move { on_event(&name, event) }
+        });
         Ok(opts)
     }
 
@@ -354,6 +384,58 @@ fn is_tls_failure(reason: &str) -> bool {
     ["certificate", "fatal alert", "handshake", "tls"]
         .iter()
         .any(|word| reason.to_ascii_lowercase().contains(word))
+}
+
+/// How long a permission denial is remembered to explain a failure.
+const DENIAL_MEMORY: Duration = Duration::from_secs(60);
+
+/// The most recent permission denials the server sent to connections made here.
+static DENIALS: Mutex<VecDeque<(Instant, String)>> = Mutex::new(VecDeque::new());
+
+/// Logs a connection event; remembers and loudly logs permission denials, which NATS
+/// otherwise shows only as a request that times out.
+fn on_event(name: &str, event: async_nats::Event) {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+            if text.to_ascii_lowercase().contains("permissions violation") =>
+        {
+            tracing::error!(connection = %name, denial = %text, "NATS refused an operation: this user's permissions do not allow it (docs/SECURITY.md lists what each role needs)");
+            let mut denials = DENIALS.lock().expect("denials lock");
+            if denials.len() >= 64 {
+                denials.pop_front();
+            }
+            denials.push_back((Instant::now(), text));
+        }
+        async_nats::Event::ServerError(e) => {
+            tracing::warn!(connection = %name, error = %e, "NATS server error")
+        }
+        other => tracing::debug!(connection = %name, event = %other, "NATS connection event"),
+    }
+}
+
+/// The newest permission denial (of the last minute) whose text contains `fragment`, sent
+/// to a connection made with [`NatsOptions`]: what turns a timed-out request into "permission
+/// denied for publish to …".
+pub fn recent_denial(fragment: &str) -> Option<String> {
+    let denials = DENIALS.lock().expect("denials lock");
+    denials
+        .iter()
+        .rev()
+        .take_while(|(at, _)| at.elapsed() < DENIAL_MEMORY)
+        .find(|(_, text)| text.contains(fragment))
+        .map(|(_, text)| text.clone())
+}
+
+/// `error`, or when the server recently refused this process something that names
+/// `fragment`, a message that says so: "permission denied: <the server's words> (while
+/// <what>: <error>)".
+pub(crate) fn explain(what: &str, fragment: &str, error: impl fmt::Display) -> String {
+    match recent_denial(fragment) {
+        Some(denial) => format!(
+            "permission denied: {denial} (while {what}: {error}); this user's NATS permissions lack it (see docs/SECURITY.md)"
+        ),
+        None => format!("{what}: {error}"),
+    }
 }
 
 /// Reads a file the options name, with an error that names the setting and the file.
@@ -464,6 +546,8 @@ mod tests {
         assert!(lonely.check().unwrap_err().to_string().contains("a user needs a password"));
         let cert = NatsOptions { tls_cert: Some("c.pem".into()), ..NatsOptions::default() };
         assert!(cert.check().unwrap_err().to_string().contains("needs its key"));
+        let inbox = NatsOptions { inbox_prefix: Some("_INBOX.*".into()), ..NatsOptions::default() };
+        assert!(inbox.check().unwrap_err().to_string().contains("not a subject without wildcards"));
         let bad = NatsOptions::with_url("nats://ok:1,http://nope:2");
         let err = bad.check().unwrap_err().to_string();
         assert!(err.contains("`http://nope:2` is not a NATS server URL"), "{err}");

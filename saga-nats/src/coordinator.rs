@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::deliver::{dead_letter, now, redelivery_delay};
-use crate::provision::{provision, ProvisionConfig, ProvisionError};
+use crate::provision::{open_effects, provision, EffectsConfig, ProvisionConfig, ProvisionError};
 use crate::store::{Registry, RegistryError, SagaLog, StoreError, Versioned};
 use crate::subjects::{self, headers, InputKind, ReplyTo};
 
@@ -144,9 +144,17 @@ impl Coordinator {
         provision(&client, &config.provision).await?;
         let js = jetstream::new(client.clone());
         let registry = Registry::open(&js).await?;
+        let mut services = std::collections::BTreeSet::new();
         for def in &config.definitions {
             let plan = registry.register(def).await?;
             info!(saga = %plan.name(), digest = plan.digest(), "registered saga definition");
+            services.extend(def.steps.iter().map(|s| s.service.clone()));
+        }
+        // The participants' effect buckets, so that participants need no provisioning rights.
+        let effects =
+            EffectsConfig { replicas: config.provision.replicas, ..EffectsConfig::default() };
+        for service in &services {
+            open_effects(&client, service, &effects).await?;
         }
         let codec = Codec::with_max_size(config.max_message_size);
         let log = SagaLog::open(js.clone(), codec).await.map_err(CoordinatorError::Nats)?;
@@ -422,7 +430,9 @@ impl Worker {
     }
 
     async fn input(&mut self, msg: jetstream::Message) {
-        let Some((id, kind)) = subjects::parse_input(&msg.subject) else {
+        let Some(subjects::Input { id, saga, kind, operator }) =
+            subjects::parse_input(&msg.subject)
+        else {
             let reason = format!("not a saga input subject: {}", quote(&msg.subject));
             return self.dead_letter(&msg, &reason).await;
         };
@@ -432,10 +442,10 @@ impl Worker {
                 InputKind::Start => {
                     let start: StartMessage =
                         self.shared.codec.decode(&msg.payload).map_err(HandleError::Codec)?;
-                    if start.saga_id != id {
+                    if start.saga_id != id || start.saga != saga {
                         return Err(HandleError::Refused(format!(
-                            "start for saga {} arrived on the subject of saga {id}",
-                            start.saga_id
+                            "start for saga {} ({}) arrived on the subject of saga {id} ({saga})",
+                            start.saga_id, start.saga
                         )));
                     }
                     self.start(&id, start, msg.clone()).await
@@ -449,8 +459,20 @@ impl Worker {
                             op.saga_id
                         )));
                     }
-                    info!(action = op.action.as_str(), by = ?op.by.as_deref().map(quote), reason = %quote(&op.reason), "operator action");
-                    self.apply(&id, bounded(op.to_event()), Some(msg.clone())).await
+                    let by = operator.as_deref().unwrap_or_default();
+                    // The subject's saga name is what permissions checked: it must be the
+                    // saga's own.
+                    if self.sagas.contains_key(&id) || self.load(&id).await? {
+                        let actual = self.sagas.get(&id).map(|live| live.state.saga().clone());
+                        if actual.as_ref().is_some_and(|actual| *actual != saga) {
+                            return Err(HandleError::Refused(format!(
+                                "operator action by {by} names saga {id} a {saga}, but it is a {}",
+                                actual.expect("checked")
+                            )));
+                        }
+                    }
+                    info!(action = op.action.as_str(), %by, reason = %quote(&op.reason), "operator action");
+                    self.apply(&id, bounded(op.to_event(by)), Some(msg.clone())).await
                 }
             }
         }
@@ -565,7 +587,7 @@ impl Worker {
             self.install(id, live);
             return Ok(true);
         }
-        let Some(start) = self.shared.log.pending_start(id).await? else {
+        let Some(start) = self.shared.log.pending_start(id, None).await? else {
             return Ok(false);
         };
         // Started, but its first transition is not logged yet: rebuild it from the start.

@@ -146,7 +146,9 @@ where
         None => None,
     };
     // A terminal event is always its record's headline, so the server can filter on it;
-    // other kinds may share a record with a more significant one.
+    // other kinds may share a record with a more significant one. One filter subject only:
+    // then it is part of the consumer-create request's subject, where NATS permissions can
+    // confine a follower to the sagas it may follow.
     let terminal = |k: &LifecycleKind| {
         matches!(
             k,
@@ -156,10 +158,9 @@ where
                 | LifecycleKind::Resolved
         )
     };
-    let filters: Vec<String> = if !kinds.is_empty() && kinds.iter().all(terminal) {
-        kinds.iter().map(|k| subjects::log_filter(saga.as_ref(), Some(*k))).collect()
-    } else {
-        vec![subjects::log_filter(saga.as_ref(), None)]
+    let filter = match kinds {
+        [kind] if terminal(kind) => subjects::log_filter(saga.as_ref(), Some(*kind)),
+        _ => subjects::log_filter(saga.as_ref(), None),
     };
     let kinds = kinds.to_vec();
     let codec = Codec::default();
@@ -168,7 +169,7 @@ where
         client,
         subjects::LOG_STREAM,
         durable,
-        filters,
+        filter,
         move |bytes: &[u8]| codec.decode::<LogRecord>(bytes).map_err(|e| e.to_string()),
         move |record: LogRecord| {
             let handler = handler.clone();
@@ -235,12 +236,12 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
 {
-    let filters = vec![format!("domain.{filter}")];
+    let filter = format!("domain.{filter}");
     consume(
         client,
         DOMAIN_STREAM,
         durable,
-        filters,
+        filter,
         |bytes: &[u8]| {
             rmp_serde::from_slice::<T>(bytes)
                 .map_err(|e| format!("domain event does not decode: {e}"))
@@ -254,7 +255,7 @@ async fn consume<T, D, F, Fut, E>(
     client: async_nats::Client,
     stream: &str,
     durable: &str,
-    filters: Vec<String>,
+    filter: String,
     decode: D,
     handler: F,
 ) -> Result<Following, FollowError>
@@ -273,12 +274,15 @@ where
     let js = jetstream::new(client.clone());
     let config = jetstream::consumer::pull::Config {
         durable_name: Some(durable.to_owned()),
-        filter_subjects: filters,
+        filter_subject: filter,
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         ..Default::default()
     };
-    ensure_consumer(&js, stream, config).await.map_err(FollowError::Nats)?;
+    ensure_consumer(&js, stream, config).await.map_err(|e| {
+        let what = format!("creating the durable consumer {durable} on {stream}");
+        FollowError::Nats(crate::connect::explain(&what, &format!("{stream}.{durable}"), e).into())
+    })?;
     let consumer: PullConsumer = js
         .get_consumer_from_stream(durable, stream)
         .await

@@ -11,7 +11,7 @@
 //!
 //! | stream / bucket | subjects | what |
 //! |---|---|---|
-//! | `SAGA_IN` | `saga.in.<id>.{start,op}` | starts and operator actions (work queue); a live saga's start is held by the coordinator replica driving it until the saga ends |
+//! | `SAGA_IN` | `saga.in.<id>.<saga>.start`, `saga.in.<id>.<saga>.op.<operator>` | starts and operator actions (work queue); a live saga's start is held by the coordinator replica driving it until the saga ends |
 //! | `SAGA_LOG` | `saga.log.<id>.<saga>.<event>` | each saga's log: one record per transition (snapshot + typed timeline entries + lifecycle events), compare-and-swap fenced; followers read lifecycle events here |
 //! | `SAGA_DLQ` | `saga.dlq.<component>` | dead letters, with the reason in a header |
 //! | `DOMAIN_EVENTS` | `domain.>` | services' own events |
@@ -31,6 +31,7 @@ pub mod coordinator;
 mod deliver;
 pub mod follow;
 pub mod participant;
+pub mod permissions;
 pub mod provision;
 pub mod store;
 pub mod subjects;

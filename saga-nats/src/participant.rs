@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::deliver::{dead_letter, now};
-use crate::provision::{provision_participant, EffectsConfig, ProvisionError};
+use crate::provision::{open_effects, EffectsConfig, ProvisionError};
 use crate::subjects::{self, headers, ReplyTo};
 
 /// How a handler failed.
@@ -239,18 +239,29 @@ impl ParticipantBuilder {
         self
     }
 
-    /// Makes the service's effect bucket if needed and starts taking commands.
+    /// Opens the service's effect bucket (creating it if no coordinator has) and starts
+    /// taking commands.
     pub async fn start(self) -> Result<Participant, ParticipantError> {
         let service = ServiceName::new(self.service.clone()).map_err(|reason| {
             ParticipantError::InvalidName { name: quote(&self.service), reason }
         })?;
-        let effects = provision_participant(&self.client, &service, &self.config.effects).await?;
+        let effects = open_effects(&self.client, &service, &self.config.effects).await?;
         let js = jetstream::new(self.client.clone());
         let commands = self
             .client
             .queue_subscribe(subjects::commands_of(&service), subjects::participant_group(&service))
             .await
             .map_err(|e| ParticipantError::Nats(e.into()))?;
+        // A subscription the server refuses is not an error here, only a message later: ask.
+        self.client.flush().await.map_err(|e| ParticipantError::Nats(e.into()))?;
+        for _ in 0..4 {
+            if let Some(denial) = crate::connect::recent_denial(&subjects::commands_of(&service)) {
+                return Err(ParticipantError::Nats(
+                    format!("permission denied: {denial}: this user may not take the commands of service {service} (see docs/SECURITY.md)").into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         let codec = Codec::with_max_size(self.config.max_message_size);
         let shared = Arc::new(Shared {
             client: self.client,

@@ -94,8 +94,10 @@ pub async fn provision(
 ) -> Result<(), ProvisionError> {
     check_server(client).await?;
     let js = jetstream::new(client.clone());
-    let create =
-        |what: &str, e: async_nats::Error| ProvisionError::Create { what: what.into(), source: e };
+    let create = |what: &str, e: async_nats::Error| ProvisionError::Create {
+        what: what.into(),
+        source: crate::connect::explain("creating or updating it", "$JS.API", e).into(),
+    };
     let replicas = config.replicas;
 
     js.create_or_update_stream(stream::Config {
@@ -193,6 +195,34 @@ pub async fn provision_participant(
     })
     .await
     .map_err(|e| ProvisionError::Create { what: bucket, source: e.into() })
+}
+
+/// Opens participant service `service`'s effect bucket, creating it only if it does not
+/// exist (the coordinator creates the buckets of every service its definitions name, so a
+/// participant needs no right to create or update streams).
+pub async fn open_effects(
+    client: &async_nats::Client,
+    service: &ServiceName,
+    config: &EffectsConfig,
+) -> Result<jetstream::kv::Store, ProvisionError> {
+    let js = jetstream::new(client.clone());
+    let bucket = subjects::effects_bucket(service);
+    match js.get_key_value(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(open) => match provision_participant(client, service, config).await {
+            Ok(store) => Ok(store),
+            Err(ProvisionError::Create { what, source }) => Err(ProvisionError::Create {
+                source: crate::connect::explain(
+                    "opening or creating it",
+                    &format!("KV_{what}"),
+                    format!("cannot open it ({open}) nor create it ({source})"),
+                )
+                .into(),
+                what,
+            }),
+            Err(e) => Err(e),
+        },
+    }
 }
 
 /// The coordinator's durable consumer.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use saga_core::wire::{quote, LogRecord, StartMessage};
 use saga_core::{Codec, CodecError, Plan, SagaDefinition, SagaId, SagaName, TimelineEntry};
 
-use crate::subjects::{self, headers, InputKind};
+use crate::subjects::{self, headers};
 
 /// A log record and the stream sequence it was read at (the compare-and-swap token).
 #[derive(Debug, Clone)]
@@ -80,7 +80,16 @@ impl SagaLog {
 
     /// The saga's newest record, if it has one.
     pub async fn load(&self, id: &SagaId) -> Result<Option<Versioned>, StoreError> {
-        let msg = match self.log.direct_get_last_for_subject(subjects::log_of(id)).await {
+        self.load_in(id, None).await
+    }
+
+    /// The saga's newest record if it has one and is of definition `saga` (`None`: any).
+    pub async fn load_in(
+        &self,
+        id: &SagaId,
+        saga: Option<&SagaName>,
+    ) -> Result<Option<Versioned>, StoreError> {
+        let msg = match self.log.direct_get_last_for_subject(subjects::log_in(id, saga)).await {
             Ok(msg) => msg,
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
                 return Ok(None)
@@ -141,9 +150,14 @@ impl SagaLog {
     }
 
     /// The saga's start, while it is waiting in the input stream (from the moment it is
-    /// accepted until the saga ends).
-    pub async fn pending_start(&self, id: &SagaId) -> Result<Option<StartMessage>, StoreError> {
-        let subject = subjects::input(id, InputKind::Start);
+    /// accepted until the saga ends). Only a start of definition `saga` counts, unless
+    /// `saga` is `None`.
+    pub async fn pending_start(
+        &self,
+        id: &SagaId,
+        saga: Option<&SagaName>,
+    ) -> Result<Option<StartMessage>, StoreError> {
+        let subject = subjects::starts_of(id, saga);
         let msg = match self.inputs.direct_get_last_for_subject(subject).await {
             Ok(msg) => msg,
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
@@ -262,10 +276,11 @@ pub const LATEST_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 impl Registry {
     /// Opens the registry (the bucket must exist: see [`crate::provision()`]).
     pub async fn open(js: &jetstream::Context) -> Result<Registry, RegistryError> {
-        let kv = js
-            .get_key_value(subjects::DEFINITIONS_BUCKET)
-            .await
-            .map_err(|e| RegistryError::Nats(e.into()))?;
+        let kv = js.get_key_value(subjects::DEFINITIONS_BUCKET).await.map_err(|e| {
+            let bucket = subjects::DEFINITIONS_BUCKET;
+            let what = format!("opening the bucket {bucket}");
+            RegistryError::Nats(crate::connect::explain(&what, bucket, e).into())
+        })?;
         Ok(Registry { kv, plans: Arc::default(), latest: Arc::default() })
     }
 

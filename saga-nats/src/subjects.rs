@@ -47,32 +47,51 @@ impl InputKind {
             InputKind::Operator => "op",
         }
     }
-
-    /// Parses a subject token.
-    pub fn from_token(token: &str) -> Option<InputKind> {
-        Some(match token {
-            "start" => InputKind::Start,
-            "op" => InputKind::Operator,
-            _ => return None,
-        })
-    }
 }
 
-/// The subject of an input to saga `id`.
-pub fn input(id: &SagaId, kind: InputKind) -> String {
-    format!("saga.in.{id}.{}", kind.token())
+/// The subject of the start of saga `id` of definition `saga`: `saga.in.<id>.<saga>.start`.
+/// NATS permissions let a starter publish only the starts of the sagas it may start.
+pub fn start(id: &SagaId, saga: &SagaName) -> String {
+    format!("saga.in.{id}.{saga}.start")
 }
 
-/// Splits an input subject into saga id and kind.
-pub fn parse_input(subject: &str) -> Option<(SagaId, InputKind)> {
-    let mut parts = subject.split('.');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("saga"), Some("in"), Some(id), Some(kind), None) => {
-            let id = SagaId::new(id).ok()?;
-            Some((id, InputKind::from_token(kind)?))
+/// The start subjects of saga `id`: of definition `saga`, or of any (`None`).
+pub fn starts_of(id: &SagaId, saga: Option<&SagaName>) -> String {
+    format!("saga.in.{id}.{}.start", saga.map_or("*", SagaName::as_str))
+}
+
+/// The subject of an action by operator `operator` on saga `id` of definition `saga`:
+/// `saga.in.<id>.<saga>.op.<operator>`. NATS permissions let each operator publish only
+/// with its own name, so the name the history records is the one the server authenticated.
+pub fn operator(id: &SagaId, saga: &SagaName, operator: &str) -> String {
+    format!("saga.in.{id}.{saga}.op.{operator}")
+}
+
+/// A coordinator input subject, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The saga.
+    pub id: SagaId,
+    /// Its definition's name.
+    pub saga: SagaName,
+    /// Start or operator action.
+    pub kind: InputKind,
+    /// The operator, for an operator action.
+    pub operator: Option<String>,
+}
+
+/// Parses an input subject.
+pub fn parse_input(subject: &str) -> Option<Input> {
+    let parts: Vec<&str> = subject.split('.').collect();
+    let (id, saga, kind, operator) = match parts.as_slice() {
+        ["saga", "in", id, saga, "start"] => (id, saga, InputKind::Start, None),
+        ["saga", "in", id, saga, "op", operator] => {
+            check_token(operator).ok()?;
+            (id, saga, InputKind::Operator, Some((*operator).to_owned()))
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    Some(Input { id: SagaId::new(*id).ok()?, saga: SagaName::new(*saga).ok()?, kind, operator })
 }
 
 /// The subject of a log record of saga `id`, named after its most significant event.
@@ -83,6 +102,15 @@ pub fn log(id: &SagaId, saga: &SagaName, event: &str) -> String {
 /// Every log subject of saga `id`: the compare-and-swap filter and the timeline's.
 pub fn log_of(id: &SagaId) -> String {
     format!("saga.log.{id}.>")
+}
+
+/// The log subjects of saga `id` of definition `saga`, or of any definition (`None`): what a
+/// client reads, within what its permissions allow.
+pub fn log_in(id: &SagaId, saga: Option<&SagaName>) -> String {
+    match saga {
+        Some(saga) => format!("saga.log.{id}.{saga}.*"),
+        None => log_of(id),
+    }
 }
 
 /// A filter over log records: `None` parts match anything.
@@ -218,11 +246,26 @@ mod tests {
     #[test]
     fn input_subjects_round_trip() {
         let id = SagaId::from("abc");
-        let s = input(&id, InputKind::Operator);
-        assert_eq!(s, "saga.in.abc.op");
-        assert_eq!(parse_input(&s), Some((id, InputKind::Operator)));
-        assert_eq!(parse_input("saga.in.abc.nope"), None);
-        assert_eq!(parse_input("saga.in.a.b.op"), None);
+        let saga = SagaName::from("place-order");
+        let s = operator(&id, &saga, "alice");
+        assert_eq!(s, "saga.in.abc.place-order.op.alice");
+        let parsed = parse_input(&s).unwrap();
+        assert_eq!((parsed.kind, parsed.operator.as_deref()), (InputKind::Operator, Some("alice")));
+        assert_eq!((parsed.id, parsed.saga), (id.clone(), saga.clone()));
+        let s = start(&id, &saga);
+        assert_eq!(s, "saga.in.abc.place-order.start");
+        assert_eq!(parse_input(&s).map(|i| (i.kind, i.operator)), Some((InputKind::Start, None)));
+        assert_eq!(starts_of(&id, None), "saga.in.abc.*.start");
+        for bad in [
+            "saga.in.abc.x.nope",
+            "saga.in.abc.start",
+            "saga.in.abc.x.op",
+            "saga.in.abc.x.op.a.b",
+            "saga.in.abc.x.start.y",
+            "saga.in.a b.x.start",
+        ] {
+            assert_eq!(parse_input(bad), None, "{bad}");
+        }
     }
 
     #[test]

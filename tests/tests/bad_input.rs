@@ -22,7 +22,7 @@ use saga_core::{
     Codec, CodecError, LifecycleKind, Payload, Phase, SagaDefinition, SagaId, SagaStatus, StepName,
     TimelineEvent as T, Timestamp,
 };
-use saga_nats::subjects::{self, headers, InputKind, ReplyTo};
+use saga_nats::subjects::{self, headers, ReplyTo};
 use saga_nats::{
     Command, Coordinator, CoordinatorConfig, CoordinatorError, ErrorKind, Participant,
     ParticipantConfig, ParticipantError, ProvisionConfig, ProvisionError, SagaClient,
@@ -137,26 +137,20 @@ fn command(
 }
 
 /// A well-formed start of definition `saga` version `digest`.
-fn start_message(id: &str, saga: &str, digest: &str, input: Payload) -> StartMessage {
+fn start_message(key: &str, saga: &str, digest: &str, input: Payload) -> StartMessage {
     StartMessage {
         v: PROTOCOL_VERSION,
-        saga_id: SagaId::new_unchecked(id),
+        saga_id: SagaId::for_key(&saga.into(), key),
         saga: saga.into(),
         digest: digest.to_owned(),
         input,
-        idempotency_key: None,
+        key: key.to_owned(),
     }
 }
 
 /// A well-formed operator action.
 fn operator(id: &SagaId, action: OperatorAction, reason: &str) -> OperatorMessage {
-    OperatorMessage {
-        v: PROTOCOL_VERSION,
-        saga_id: id.clone(),
-        action,
-        reason: reason.to_owned(),
-        by: Some("attacker".into()),
-    }
+    OperatorMessage { v: PROTOCOL_VERSION, saga_id: id.clone(), action, reason: reason.to_owned() }
 }
 
 /// Publishes through JetStream and waits for the stream's acknowledgement; returns the
@@ -436,8 +430,9 @@ async fn garbage_on_coordinator_subjects_is_dead_lettered() {
     }
     let target = ids[0].clone();
     let other = ids[1].clone();
-    let never_started = SagaId::from("never-started");
-    let on = |id: &SagaId, kind: InputKind| subjects::input(id, kind);
+    let never_started = SagaId::for_key(&"three".into(), "never-started");
+    let start_on = |id: &SagaId| subjects::start(id, &"three".into());
+    let op_on = |id: &SagaId| subjects::operator(id, &"three".into(), "mallory");
 
     // Replies, on the reply subject of the target's first command. Were a forged failure
     // accepted, the target would compensate.
@@ -511,8 +506,9 @@ async fn garbage_on_coordinator_subjects_is_dead_lettered() {
     ];
 
     // Starts. Were any accepted, `never-started` would exist.
-    let start = start_message(never_started.as_str(), "three", &digest, input_bytes(99));
-    let start_subject = on(&never_started, InputKind::Start);
+    let start = start_message("never-started", "three", &digest, input_bytes(99));
+    let start_subject = start_on(&never_started);
+    let elsewhere = start_message("elsewhere", "three", &digest, input_bytes(98));
     let mut inputs = vec![
         Expected::new(
             "random bytes as a start",
@@ -553,8 +549,11 @@ async fn garbage_on_coordinator_subjects_is_dead_lettered() {
             "start for another saga",
             "coordinator",
             &start_subject,
-            encode(&StartMessage { saga_id: other.clone(), ..start.clone() }),
-            &[&format!("start for saga {other} arrived on the subject of saga {never_started}")],
+            encode(&elsewhere),
+            &[&format!(
+                "start for saga {} (three) arrived on the subject of saga {never_started} (three)",
+                elsewhere.saga_id
+            )],
         ),
         Expected::new(
             "start whose saga id holds a wildcard",
@@ -584,11 +583,32 @@ async fn garbage_on_coordinator_subjects_is_dead_lettered() {
             encode(&StartMessage { digest: "0000".into(), ..start.clone() }),
             &["start: field digest \"0000\" is not a definition digest"],
         ),
+        Expected::new(
+            "start whose id is not the one its key gives",
+            "coordinator",
+            &start_subject,
+            encode(&StartMessage { key: "another-key".into(), ..start.clone() }),
+            &["start: field saga_id", "is not the id of a saga three started with this key"],
+        ),
+        Expected::new(
+            "start with an empty key",
+            "coordinator",
+            &start_subject,
+            encode(&StartMessage { key: String::new(), ..start.clone() }),
+            &["start: field key \"\" must be 1 to 256 bytes long"],
+        ),
+        Expected::new(
+            "start on the subject of another definition",
+            "coordinator",
+            subjects::start(&never_started, &"two".into()),
+            encode(&start),
+            &[&format!("start for saga {never_started} (three) arrived on the subject of saga {never_started} (two)")],
+        ),
     ];
 
     // Operator actions. Were the cancels accepted, the target would be cancelled.
     let cancel = operator(&target, OperatorAction::Cancel, "forged");
-    let op_subject = on(&target, InputKind::Operator);
+    let op_subject = op_on(&target);
     inputs.extend([
         Expected::new(
             "random bytes as an operator action",
@@ -655,11 +675,25 @@ async fn garbage_on_coordinator_subjects_is_dead_lettered() {
             &["not a saga input subject"],
         ),
         Expected::new(
-            "input with an extra subject level",
+            "operator action naming no operator",
             "coordinator",
-            format!("saga.in.{target}.x.op"),
+            format!("saga.in.{target}.three.op"),
             encode(&cancel),
             &["not a saga input subject"],
+        ),
+        Expected::new(
+            "input with an extra subject level",
+            "coordinator",
+            format!("saga.in.{target}.three.op.mallory.x"),
+            encode(&cancel),
+            &["not a saga input subject"],
+        ),
+        Expected::new(
+            "cancel naming the saga a saga of another definition",
+            "coordinator",
+            subjects::operator(&target, &"two".into(), "mallory"),
+            encode(&cancel),
+            &[&format!("operator action by mallory names saga {target} a two, but it is a three")],
         ),
     ]);
 
@@ -920,14 +954,14 @@ async fn oversized_messages_are_dead_lettered() {
         Expected::new(
             "10 KiB start",
             "coordinator",
-            subjects::input(&ghost, InputKind::Start),
+            subjects::start(&ghost, &"one".into()),
             big_start.clone(),
             &[&sized("start", big_start.len())],
         ),
         Expected::new(
             "10 KiB operator action",
             "coordinator",
-            subjects::input(&ghost, InputKind::Operator),
+            subjects::operator(&ghost, &"one".into(), "mallory"),
             big_op.clone(),
             &[&sized("operator action", big_op.len())],
         ),
@@ -1265,7 +1299,7 @@ async fn definition_tampered_under_its_digest_is_refused() {
     let expected = vec![Expected::new(
         "start of a tampered version",
         "coordinator",
-        subjects::input(&start.saga_id, InputKind::Start),
+        subjects::start(&start.saga_id, &"two".into()),
         encode(&start),
         &["two", &digest, "does not match", &tampered_digest],
     )];
@@ -1309,11 +1343,11 @@ async fn keyed_start_with_other_input_is_refused() {
         let text = err.to_string();
         assert!(text.contains(id.as_str()) && text.contains("another input"), "{text}");
 
-        let forged = start_message(id.as_str(), "two", &digest, input_bytes(99));
+        let forged = start_message(key, "two", &digest, input_bytes(99));
         expected.push(Expected::new(
             what,
             "coordinator",
-            subjects::input(id, InputKind::Start),
+            subjects::start(id, &"two".into()),
             encode(&forged),
             &[&format!("saga {id} already exists with another definition or input")],
         ));
@@ -1374,7 +1408,7 @@ async fn poison_inputs_are_dead_lettered_after_bounded_deliveries() {
     let garbage = random_bytes(31, 80);
     publish(&js, &garbage_subject, garbage.clone()).await;
     let op = encode(&operator(&id, OperatorAction::Retry, "poke"));
-    let op_subject = subjects::input(&id, InputKind::Operator);
+    let op_subject = subjects::operator(&id, &"one".into(), "mallory");
     publish(&js, &op_subject, op.clone()).await;
     let expected = vec![
         Expected::new(
@@ -1452,7 +1486,7 @@ async fn input_failing_every_delivery_is_dead_lettered_after_max_deliveries() {
     let expected = vec![Expected::new(
         "cancel while the log is full",
         "coordinator",
-        subjects::input(&id, InputKind::Operator),
+        subjects::operator(&id, &"two".into(), "mallory"),
         cancel.clone(),
         &["not handled after 3 deliveries", &format!("saga {id}")],
     )];
@@ -1532,8 +1566,8 @@ async fn attacker_sized_values_are_cut() {
     let huge = "x".repeat(500 * 1024);
     let long_id = SagaId::new_unchecked("y".repeat(3000));
     let start = start_message("attacked", "two", &digest, input_bytes(1));
-    let start_subject = subjects::input(&start.saga_id, InputKind::Start);
-    let op_subject = subjects::input(&id, InputKind::Operator);
+    let start_subject = subjects::start(&start.saga_id, &"two".into());
+    let op_subject = subjects::operator(&id, &"two".into(), "mallory");
     let quoted = format!("\"{}…\"", "x".repeat(MAX_QUOTED));
     let reply_subject = reply_to(&replica, "svc", &id, "b", Phase::Action, 1);
     let failure = ReplyOutcome::Failure { reason: huge.clone(), transient: false };
@@ -1582,7 +1616,7 @@ async fn attacker_sized_values_are_cut() {
     }
     // A subject holding a 3,000-character saga id: the dead letter's subject header is cut,
     // so find it by its body.
-    let long_subject = subjects::input(&long_id, InputKind::Operator);
+    let long_subject = subjects::operator(&long_id, &"two".into(), "mallory");
     let marker = encode(&operator(&id, OperatorAction::Cancel, "long subject"));
     publish(&js, &long_subject, marker.clone()).await;
 
@@ -1619,7 +1653,7 @@ async fn attacker_sized_values_are_cut() {
     let input = TestInput { n: 2, hang: vec![("a".into(), 1)], ..Default::default() };
     let victim = client.start("two", &input).await.unwrap();
     let cancel = encode(&operator(&victim, OperatorAction::Cancel, &"z".repeat(900 * 1024)));
-    publish(&js, &subjects::input(&victim, InputKind::Operator), cancel).await;
+    publish(&js, &subjects::operator(&victim, &"two".into(), "mallory"), cancel).await;
     assert_eq!(client.wait(&victim, WAIT).await.unwrap().status(), SagaStatus::Cancelled);
     let timeline = client.timeline(&victim).await.unwrap();
     let reason = timeline
@@ -1709,19 +1743,21 @@ async fn start_of_an_unregistered_definition_is_dead_lettered() {
     let js = jetstream::new(nats.clone());
 
     let unknown = "0".repeat(32);
+    let version = start_message("unknown-version", "one", &unknown, input_bytes(1));
+    let saga = start_message("unknown-saga", "no-such-saga", &unknown, input_bytes(1));
     let expected = vec![
         Expected::new(
             "start of an unknown version",
             "coordinator",
-            "saga.in.unknown-version.start",
-            encode(&start_message("unknown-version", "one", &unknown, input_bytes(1))),
+            subjects::start(&version.saga_id, &version.saga),
+            encode(&version),
             &[&unknown, "is not registered"],
         ),
         Expected::new(
             "start of an unknown saga",
             "coordinator",
-            "saga.in.unknown-saga.start",
-            encode(&start_message("unknown-saga", "no-such-saga", &unknown, input_bytes(1))),
+            subjects::start(&saga.saga_id, &saga.saga),
+            encode(&saga),
             &["no-such-saga", "is not registered"],
         ),
     ];
