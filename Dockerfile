@@ -6,7 +6,7 @@ COPY . .
 RUN cargo build --release --locked -p saga-coordinator -p example-services --bins
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 saga
+RUN useradd --system --uid 10001 saga && mkdir /auth && chown saga /auth
 COPY --from=build \
     /src/target/release/saga-coordinator \
     /src/target/release/orders \

@@ -98,7 +98,9 @@ impl Orders {
     /// Connects the service to the saga system.
     pub async fn new(nats: async_nats::Client) -> anyhow::Result<Orders> {
         let placed = open_bucket(&jetstream::new(nats.clone()), ORDER_BUCKET).await?;
-        Ok(Orders { client: SagaClient::new(nats).await?, placed })
+        // Orders starts and reads place-order sagas only: what its NATS permissions allow.
+        let client = SagaClient::new(nats).await?.only([PLACE_ORDER])?;
+        Ok(Orders { client, placed })
     }
 
     /// The saga client underneath.

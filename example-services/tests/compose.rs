@@ -1,7 +1,9 @@
 //! docker-compose.yml cannot be run here (no Docker), so this checks that everything it names
 //! exists: each service's image or build (and the Dockerfile), each command's binary (built
 //! into the image, and accepting the command's subcommand and flags), and each environment
-//! variable (read by the program it is given to).
+//! variable (read by the program it is given to); and that authentication is on as in
+//! `./scripts/demo`: the same permissions, NATS started with them, every service with its own
+//! key.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -61,7 +63,8 @@ fn every_service_image_command_and_variable_named_exists() {
     let services = compose["services"].as_mapping().expect("services");
     let names: BTreeSet<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
     let want: BTreeSet<&str> =
-        ["nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"].into();
+        ["auth", "nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"]
+            .into();
     assert_eq!(names, want);
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
     let coordinator_env = declared_env(&["saga-coordinator/src", "saga-nats/src/connect.rs"]);
@@ -73,9 +76,20 @@ fn every_service_image_command_and_variable_named_exists() {
             Value::Mapping(m) => m.keys().map(|k| k.as_str().unwrap().to_owned()).collect(),
             other => strings(other),
         };
-        if name != "nats" {
+        if name == "auth" {
+            assert!(deps.is_empty(), "auth runs before NATS: {deps:?}");
+        } else if name == "nats" {
+            let auth = &service["depends_on"]["auth"]["condition"];
+            assert_eq!(auth.as_str(), Some("service_completed_successfully"));
+        } else {
             let nats = &service["depends_on"]["nats"]["condition"];
             assert_eq!(nats.as_str(), Some("service_healthy"), "{name} waits for a healthy NATS");
+            // Its own key, read from the volume auth wrote.
+            let user = if name == "demo" { "orders" } else { name };
+            let env = &service["environment"];
+            assert_eq!(env["NATS_NKEY"].as_str(), Some(format!("/auth/keys/{user}.nk").as_str()));
+            assert_eq!(env["NATS_INBOX_PREFIX"].as_str(), Some(format!("_INBOX.{user}").as_str()));
+            assert!(strings(&service["volumes"]).contains(&"auth:/auth:ro".to_owned()), "{name}");
         }
         for dep in deps {
             assert!(names.contains(dep.as_str()), "{name} depends on unknown service {dep}");
@@ -84,13 +98,24 @@ fn every_service_image_command_and_variable_named_exists() {
         if name == "nats" {
             let image = service["image"].as_str().expect("nats has an image");
             assert!(image.starts_with("nats:2."), "the official nats image: {image}");
-            assert!(command.contains(&"--jetstream".to_owned()), "JetStream on: {command:?}");
+            assert_eq!(command, ["-c", "/etc/nats/nats.conf"]);
+            let volumes = strings(&service["volumes"]);
+            for volume in
+                ["./example-services/nats.conf:/etc/nats/nats.conf:ro", "auth:/etc/nats/auth:ro"]
+            {
+                assert!(volumes.contains(&volume.to_owned()), "nats mounts {volume}: {volumes:?}");
+            }
+            let conf = std::fs::read_to_string(repo().join("example-services/nats.conf")).unwrap();
+            for line in
+                ["jetstream {", "store_dir: /data", "http_port: 8222", "include \"auth/auth.conf\""]
+            {
+                assert!(conf.contains(line), "nats.conf lacks {line:?}");
+            }
             let probe = strings(&service["healthcheck"]["test"]).join(" ");
             assert!(
                 probe.contains("8222/healthz"),
                 "a health check on the monitoring port: {probe}"
             );
-            assert!(command.contains(&"8222".to_owned()), "the monitoring port is on: {command:?}");
             continue;
         }
         let build = service["build"].as_str().expect("built from the repo");
@@ -143,6 +168,28 @@ fn every_service_image_command_and_variable_named_exists() {
     assert!(dockerfile.contains("COPY example-services/sagas /etc/sagas"));
     let coordinator = strings(&services["coordinator"]["command"]);
     assert_eq!(coordinator[1..], ["--definitions".to_owned(), "/etc/sagas".to_owned()]);
+    // The image can write the keys where the services read them.
+    assert!(dockerfile.contains("mkdir /auth && chown saga /auth"));
+}
+
+/// `auth` writes the permissions `./scripts/demo` writes: the same policy, flag by flag.
+#[test]
+fn compose_and_the_demo_script_grant_the_same_permissions() {
+    let compose = compose();
+    let auth = strings(&compose["services"]["auth"]["command"]);
+    assert_eq!(auth[..2], ["saga-coordinator".to_owned(), "permissions".to_owned()]);
+    let demo = std::fs::read_to_string(repo().join("scripts/demo")).unwrap();
+    let policy: Vec<(&String, &String)> = auth[2..]
+        .chunks(2)
+        .map(|pair| (&pair[0], &pair[1]))
+        .filter(|(flag, _)| {
+            ["--starts", "--follows", "--bucket", "--reads", "--operator"].contains(&flag.as_str())
+        })
+        .collect();
+    assert_eq!(policy.len(), 7, "{policy:?}");
+    for (flag, value) in policy {
+        assert!(demo.contains(&format!("{flag} {value}")), "scripts/demo lacks {flag} {value}");
+    }
 }
 
 #[test]

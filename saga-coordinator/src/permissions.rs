@@ -31,6 +31,15 @@ pub(crate) struct PermissionsArgs {
     #[arg(long, value_name = "SERVICE=BUCKETS")]
     bucket: Vec<String>,
 
+    /// SERVICE=BUCKET[,BUCKET…]: other services' key-value buckets SERVICE may read (an
+    /// auditor's view, as the demo's report needs).
+    #[arg(long, value_name = "SERVICE=BUCKETS")]
+    reads: Vec<String>,
+
+    /// Write the configuration to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+
     /// The coordinator replicas' user name.
     #[arg(long, default_value = "coordinator", value_name = "NAME")]
     coordinator_user: String,
@@ -104,11 +113,20 @@ pub(crate) fn run(args: PermissionsArgs) -> Result<(), String> {
         followers: pairs("follows", &args.follows)?,
         operators: args.operator.iter().cloned().collect(),
         buckets: pairs("bucket", &args.bucket)?,
+        readers: pairs("reads", &args.reads)?,
     };
     let users = permissions(&definitions, &access).map_err(|e| e.to_string())?;
+    let write = |text: String| match &args.out {
+        Some(path) => {
+            std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    };
     if args.json {
-        println!("{}", nsc_json(&users));
-        return Ok(());
+        return write(format!("{}\n", nsc_json(&users)));
     }
     let mut keys = BTreeMap::new();
     if let Some(dir) = &args.keys {
@@ -118,7 +136,7 @@ pub(crate) fn run(args: PermissionsArgs) -> Result<(), String> {
             keys.insert(u.user.clone(), nkey(dir, &u.user)?);
         }
     }
-    print!("{}", server_config(&users, &keys));
+    write(server_config(&users, &keys))?;
     for u in &users {
         let connect = match &args.keys {
             Some(dir) => format!(

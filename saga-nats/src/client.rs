@@ -195,8 +195,9 @@ impl SagaClient {
     /// (`saga.log.<id>.<saga>.*`): what a starter's NATS permissions allow. Without it the
     /// client reads any saga (`saga.log.<id>.>`), as an operator's permissions allow.
     ///
-    /// Timelines and [`SagaClient::list`] read the log in ways permissions cannot confine to
-    /// one definition: they are for operators.
+    /// Timelines are then read through the coordinator's admin service, on subjects that
+    /// name the definition (`saga.admin.timeline.<saga>`); [`SagaClient::list`] reads every
+    /// saga: it is for operators.
     pub fn only<I, S>(mut self, sagas: I) -> Result<Self, SagaClientError>
     where
         I: IntoIterator<Item = S>,
@@ -420,7 +421,42 @@ impl SagaClient {
         after: u64,
         records: usize,
     ) -> Result<TimelinePage, SagaClientError> {
-        self.log.timeline(id, after, records).await.map_err(SagaClientError::nats)
+        if self.scope.is_empty() {
+            return self.log.timeline(id, after, records).await.map_err(SagaClientError::nats);
+        }
+        // Confined to some definitions: ask the admin service, on subjects that name them.
+        let request = crate::admin::TimelineRequest {
+            id: id.clone(),
+            after,
+            records: records.clamp(1, crate::admin::MAX_PAGE_RECORDS),
+        };
+        let body = serde_json::to_vec(&request).expect("a request encodes");
+        for saga in self.scope.iter() {
+            let subject = crate::admin::subject("timeline", saga);
+            let answer = self
+                .client
+                .request(subject, body.clone().into())
+                .await
+                .map_err(SagaClientError::nats)?;
+            let header = |name: &str| {
+                answer.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
+            };
+            match header("Nats-Service-Error-Code").as_deref() {
+                None => {
+                    return serde_json::from_slice(&answer.payload).map_err(|e| {
+                        SagaClientError::nats(format!("the admin service's answer: {e}"))
+                    })
+                }
+                Some("404") => continue,
+                Some(code) => {
+                    return Err(SagaClientError::nats(format!(
+                        "the admin service refused ({code}): {}",
+                        header("Nats-Service-Error").unwrap_or_default()
+                    )))
+                }
+            }
+        }
+        Err(SagaClientError::new(ErrorKind::NotFound, format!("no saga with id {id}")))
     }
 
     /// Waits until the saga ends (or needs intervention), up to `timeout`.

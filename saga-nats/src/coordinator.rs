@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::admin::AdminService;
 use crate::deliver::{dead_letter, now, redelivery_delay};
 use crate::provision::{open_effects, provision, EffectsConfig, ProvisionConfig, ProvisionError};
 use crate::store::{Registry, RegistryError, SagaLog, StoreError, Versioned};
@@ -59,6 +60,8 @@ pub struct CoordinatorConfig {
     /// How many times an input that could not be handled is delivered before it is
     /// dead-lettered with its reason.
     pub max_deliveries: i64,
+    /// Serve the admin service ([`crate::admin`]) from this replica.
+    pub admin: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -70,6 +73,7 @@ impl Default for CoordinatorConfig {
             definitions: Vec::new(),
             replica: None,
             max_deliveries: 10,
+            admin: true,
         }
     }
 }
@@ -105,6 +109,7 @@ pub struct Coordinator {
     done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
     registry: Registry,
     replica: String,
+    admin: Option<Arc<AdminService>>,
 }
 
 impl Coordinator {
@@ -177,6 +182,14 @@ impl Coordinator {
             retention: config.provision.finished_retention,
             max_deliveries: config.max_deliveries.max(1),
         });
+        let admin = if config.admin {
+            let service = AdminService::start(shared.client.clone(), shared.log.clone())
+                .await
+                .map_err(CoordinatorError::Nats)?;
+            Some(Arc::new(service))
+        } else {
+            None
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let task = tokio::spawn(run(shared, consumer, replies, config.workers.max(1), shutdown_rx));
         info!(%replica, workers = config.workers, "coordinator started");
@@ -185,6 +198,7 @@ impl Coordinator {
             done: Arc::new(tokio::sync::Mutex::new(Some(task))),
             registry,
             replica,
+            admin,
         })
     }
 
@@ -201,6 +215,9 @@ impl Coordinator {
     /// Stops taking inputs, finishes the one in hand, hands every saga it holds back to the
     /// other replicas (they take them over at once), and returns.
     pub async fn shutdown(&self) {
+        if let Some(admin) = &self.admin {
+            admin.stop();
+        }
         let _ = self.shutdown.send(true);
         if let Some(task) = self.done.lock().await.take() {
             let _ = task.await;

@@ -25,6 +25,7 @@
 //! `docs/PROTOCOL.md` documents every subject, header and field; `docs/ARCHITECTURE.md` why
 //! it is built this way.
 
+pub mod admin;
 pub mod client;
 pub mod connect;
 pub mod coordinator;

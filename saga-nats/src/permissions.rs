@@ -32,6 +32,8 @@ pub struct Access {
     /// Service → key-value buckets of its own that it creates and uses (application state,
     /// not saga state).
     pub buckets: BTreeMap<String, BTreeSet<String>>,
+    /// Service → other services' key-value buckets it may read (an auditor's view).
+    pub readers: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// One NATS user's permissions.
@@ -46,6 +48,9 @@ pub struct UserPermissions {
     /// Subjects it may subscribe to (`subject queue` confines a subscription to a queue
     /// group).
     pub subscribe: BTreeSet<String>,
+    /// Whether it may answer requests it received (on the requester's inbox) without a
+    /// publish permission there: the coordinator, for its admin service.
+    pub allow_responses: bool,
 }
 
 /// Why the permissions cannot be written.
@@ -102,6 +107,7 @@ struct Grants {
     roles: Vec<String>,
     publish: BTreeSet<String>,
     subscribe: BTreeSet<String>,
+    allow_responses: bool,
 }
 
 impl Grants {
@@ -111,12 +117,17 @@ impl Grants {
     fn subscribe(&mut self, subjects: impl IntoIterator<Item = String>) {
         self.subscribe.extend(subjects);
     }
-    /// Reading key-value bucket `bucket`.
+    /// Reading key-value bucket `bucket`: its entries, and its keys and history (which
+    /// async-nats reads with an ephemeral consumer of the bucket's stream).
     fn read_bucket(&mut self, bucket: &str) {
         self.publish([
             format!("{API}.STREAM.INFO.KV_{bucket}"),
             format!("{API}.DIRECT.GET.KV_{bucket}.>"),
             format!("{API}.STREAM.MSG.GET.KV_{bucket}"),
+            format!("{API}.CONSUMER.CREATE.KV_{bucket}"),
+            format!("{API}.CONSUMER.CREATE.KV_{bucket}.>"),
+            format!("{API}.CONSUMER.DELETE.KV_{bucket}.>"),
+            format!("$JS.FC.KV_{bucket}.>"),
         ]);
     }
     /// Reading and writing key-value bucket `bucket`.
@@ -163,7 +174,9 @@ pub fn permissions(
         subjects::dlq("coordinator"),
         format!("$KV.{}.>", subjects::DEFINITIONS_BUCKET),
     ]);
-    c.subscribe(["saga.reply.>".into()]);
+    // Its admin service answers on the requesters' inboxes.
+    c.subscribe(["saga.reply.>".into(), "saga.admin.>".into(), "$SRV.>".into()]);
+    c.allow_responses = true;
 
     // Participants: every service a definition names.
     let mut services: BTreeSet<ServiceName> = BTreeSet::new();
@@ -201,6 +214,7 @@ pub fn permissions(
                 format!("saga.in.*.{saga}.start"),
                 format!("{API}.DIRECT.GET.SAGA_LOG.saga.log.*.{saga}.*"),
                 format!("{API}.DIRECT.GET.SAGA_IN.saga.in.*.{saga}.start"),
+                format!("saga.admin.timeline.{saga}"),
             ]);
             g.subscribe([format!("saga.log.*.{saga}.*")]);
         }
@@ -249,6 +263,16 @@ pub fn permissions(
         }
     }
 
+    for (service, buckets) in &access.readers {
+        token("service", service)?;
+        let g = users.entry(service.clone()).or_default();
+        for bucket in buckets {
+            token("bucket", bucket)?;
+            g.roles.push(format!("reader of bucket {bucket}"));
+            g.read_bucket(bucket);
+        }
+    }
+
     for operator in &access.operators {
         token("operator", operator)?;
         if users.contains_key(operator) {
@@ -267,6 +291,8 @@ pub fn permissions(
             format!("{API}.STREAM.INFO.SAGA_DLQ"),
             format!("{API}.DIRECT.GET.SAGA_DLQ"),
             format!("{API}.DIRECT.GET.SAGA_DLQ.>"),
+            "saga.admin.>".into(),
+            "$SRV.>".into(),
         ]);
         g.write_bucket(subjects::DEFINITIONS_BUCKET);
         g.subscribe(["saga.log.>".into()]);
@@ -278,7 +304,13 @@ pub fn permissions(
         .map(|(user, mut g)| {
             g.subscribe([format!("{}.>", inbox_prefix(&user))]);
             g.publish([format!("{API}.INFO")]);
-            UserPermissions { user, roles: g.roles, publish: g.publish, subscribe: g.subscribe }
+            UserPermissions {
+                user,
+                roles: g.roles,
+                publish: g.publish,
+                subscribe: g.subscribe,
+                allow_responses: g.allow_responses,
+            }
         })
         .collect())
 }
@@ -300,14 +332,18 @@ pub fn server_config(users: &[UserPermissions], nkeys: &BTreeMap<String, String>
         out.push_str(&format!("    {{\n      nkey: {key:?}\n      permissions: {{\n"));
         out.push_str(&format!("        publish: {{ allow: [{}] }}\n", list(&u.publish)));
         out.push_str(&format!("        subscribe: {{ allow: [{}] }}\n", list(&u.subscribe)));
+        if u.allow_responses {
+            out.push_str("        allow_responses: true\n");
+        }
         out.push_str("      }\n    }\n");
     }
     out.push_str("  ]\n}\n");
     out
 }
 
-/// The same permissions as JSON (`[{"user", "roles", "publish", "subscribe"}]`): with `nsc`,
-/// `nsc add user <user> --allow-pub … --allow-sub …` for each.
+/// The same permissions as JSON (`[{"user", "roles", "publish", "subscribe",
+/// "allow_responses"}]`): with `nsc`, `nsc add user <user> --allow-pub … --allow-sub …` (and
+/// `--allow-pub-response` where `allow_responses`) for each.
 pub fn nsc_json(users: &[UserPermissions]) -> String {
     serde_json::to_string_pretty(users).expect("permissions serialize")
 }
@@ -362,7 +398,12 @@ mod tests {
             );
         }
 
+        let coordinator = user(&users, "coordinator");
+        assert!(coordinator.allow_responses);
+        assert!(users.iter().filter(|u| u.allow_responses).count() == 1);
+
         let orders = user(&users, "orders");
+        assert!(orders.publish.contains("saga.admin.timeline.place-order"));
         assert!(orders.publish.contains("saga.in.*.place-order.start"));
         assert!(!orders.publish.iter().any(|s| s.contains(".op.")));
         assert!(orders.subscribe.contains("saga.log.*.place-order.*"));

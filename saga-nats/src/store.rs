@@ -53,7 +53,7 @@ pub enum StoreError {
 }
 
 /// One page of a saga's timeline.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TimelinePage {
     /// The entries, oldest first.
     pub entries: Vec<TimelineEntry>,

@@ -194,6 +194,15 @@ async fn every_role_does_its_job_with_only_its_generated_permissions() {
     assert_eq!(view.status(), SagaStatus::Completed);
     assert_eq!((roles.effects.count(&id, "a", "a"), roles.effects.count(&id, "b", "a")), (1, 1));
     followed_until(&roles, &id, LifecycleKind::Completed).await;
+    // Its timeline, through the coordinator's admin service (subjects naming the definition).
+    let timeline = roles.shop.timeline(&id).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(e.event, TimelineEvent::Finished { .. })),
+        "{timeline:?}"
+    );
+    let nobody = SagaId::for_key(&"perm".into(), "never-started");
+    let err = roles.shop.timeline(&nobody).await.unwrap_err();
+    assert_eq!(err.kind(), saga_nats::ErrorKind::NotFound, "{err}");
 
     // A keyed start is found again by its key.
     let keyed = roles.shop.start_with_key("perm", "order-7", &TestInput::default()).await.unwrap();
@@ -274,6 +283,16 @@ async fn what_each_role_may_not_do_the_server_refuses() {
     expect_denied("svc", &svc_denials, &read_log).await;
     svc.publish("$KV.saga_fx_other.x", Bytes::new()).await.unwrap();
     expect_denied("svc", &svc_denials, "$KV.saga_fx_other.x").await;
+    // Nor read another service's commands or effect records, nor delete a saga's records.
+    let _other_commands = svc.subscribe("saga.cmd.other.>").await.unwrap();
+    expect_denied("svc", &svc_denials, "saga.cmd.other.>").await;
+    let other_effects = "$JS.API.DIRECT.GET.KV_saga_fx_other.$KV.saga_fx_other.x";
+    svc.publish(other_effects, Bytes::new()).await.unwrap();
+    expect_denied("svc", &svc_denials, other_effects).await;
+    for api in ["$JS.API.STREAM.PURGE.SAGA_LOG", "$JS.API.STREAM.MSG.DELETE.SAGA_LOG"] {
+        svc.publish(api, Bytes::from_static(b"{}")).await.unwrap();
+        expect_denied("svc", &svc_denials, api).await;
+    }
 
     // The starter: no log records, no operator actions, no other definition's sagas.
     let (shop, shop_denials) = bus.connect("shop").await;
@@ -289,6 +308,9 @@ async fn what_each_role_may_not_do_the_server_refuses() {
     let other_read = "$JS.API.DIRECT.GET.SAGA_LOG.saga.log.x.other.*";
     shop.publish(other_read, Bytes::new()).await.unwrap();
     expect_denied("shop", &shop_denials, other_read).await;
+    let other_timeline = "saga.admin.timeline.other";
+    shop.publish(other_timeline, Bytes::from_static(b"{}")).await.unwrap();
+    expect_denied("shop", &shop_denials, other_timeline).await;
     let definitions = "$KV.saga_definitions.perm";
     shop.publish(definitions, Bytes::from_static(b"x")).await.unwrap();
     expect_denied("shop", &shop_denials, definitions).await;
