@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, stream};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
+use crate::conn::{Conn, FLOOR_USER};
 use crate::load::{planned_failure, CountFuture, SagaFuture, System};
 use crate::measure::MessageCounter;
 
@@ -35,12 +36,12 @@ pub(crate) struct Floor {
 impl Floor {
     /// Creates the state stream and starts one echo responder connection per step.
     pub(crate) async fn start(
-        url: &str,
+        conn: &Conn,
         steps: usize,
         payload: usize,
         failure_rate: f64,
     ) -> anyhow::Result<Arc<Floor>> {
-        let client = async_nats::connect(url).await.context("connecting the floor")?;
+        let client = conn.connect(FLOOR_USER).await.context("connecting the floor")?;
         let js = jetstream::new(client.clone());
         js.create_stream(stream::Config {
             name: STREAM.into(),
@@ -54,7 +55,7 @@ impl Floor {
         counter.watch(&client);
         let mut responders = Vec::new();
         for step in 0..steps {
-            let conn = async_nats::connect(url).await.context("connecting a floor responder")?;
+            let conn = conn.connect(FLOOR_USER).await.context("connecting a floor responder")?;
             counter.watch(&conn);
             for subject in [format!("floor.cmd.s{step}"), format!("floor.undo.s{step}")] {
                 let sub = conn.queue_subscribe(subject, "floor".into()).await?;

@@ -8,6 +8,7 @@
 //! any, and the server, from `/proc/<pid>/stat`), NATS messages per saga, messages JetStream
 //! stored per saga, and ours/floor. See `BENCHMARKS.md`.
 
+mod conn;
 mod floor;
 mod load;
 mod measure;
@@ -22,8 +23,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use saga_tests::{NatsServer, NatsServerOptions};
+use saga_tests::NatsServerOptions;
 
+use crate::conn::{Server, COORDINATOR_USER, FLOOR_USER};
 use crate::floor::Floor;
 use crate::load::{closed_loop, open_loop, Env, Measurement, System};
 use crate::measure::{Processes, StoredMessages};
@@ -97,6 +99,13 @@ struct Args {
     /// A short smoke run (about 20 s): concurrencies 1 and 64, 2 s each, no replica check.
     #[arg(long)]
     quick: bool,
+
+    /// Run each nats-server with authentication on: every connection uses an nkey and only
+    /// the permissions its role needs (for ours, those `saga-coordinator permissions`
+    /// generates; the floor's one user may do anything), so the server's permission checks
+    /// are in the figures.
+    #[arg(long)]
+    auth: bool,
 
     /// Which systems to run (a single one is for profiling; the ratio then reads n/a).
     #[arg(long, value_enum, default_value_t = Systems::Both)]
@@ -179,6 +188,7 @@ struct Plan {
     replica_check: bool,
     floor: bool,
     ours: bool,
+    auth: bool,
 }
 
 impl Plan {
@@ -205,6 +215,7 @@ impl Plan {
             replica_check: !args.quick,
             floor: args.systems != Systems::Ours,
             ours: args.systems != Systems::Floor,
+            auth: args.auth,
         }
     }
 }
@@ -250,18 +261,24 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut server_version = String::new();
     if plan.floor {
-        let server = start_server(&plan, &progress, "floor").await?;
-        let env = env(&plan, &server, progress).await?;
-        server_version = server.connect().await.server_info().version;
-        let floor =
-            Floor::start(&server.url(), plan.steps, plan.payload, plan.failure_rate).await?;
+        let users = plan.auth.then(conn::floor_users);
+        let server = start_server(&plan, &progress, "floor", users).await?;
+        let conn = server.conn();
+        let env = env(&plan, &server, FLOOR_USER, progress).await?;
+        server_version = conn.connect(FLOOR_USER).await?.server_info().version;
+        let floor = Floor::start(&conn, plan.steps, plan.payload, plan.failure_rate).await?;
         measure_system("floor", 0, floor.clone(), &plan, &env, &mut results).await?;
         floor.stop();
     }
     if plan.ours {
-        let server = start_server(&plan, &progress, "ours").await?;
-        let env = env(&plan, &server, progress).await?;
-        server_version = server.connect().await.server_info().version;
+        let users = match plan.auth {
+            true => Some(conn::ours_users(&ours::definition(plan.steps))?),
+            false => None,
+        };
+        let server = start_server(&plan, &progress, "ours", users).await?;
+        let conn = server.conn();
+        let env = env(&plan, &server, COORDINATOR_USER, progress).await?;
+        server_version = conn.connect(COORDINATOR_USER).await?.server_info().version;
         progress.note(&format!(
             "[ours] starting {} coordinator(s) {} and {} participants",
             plan.coordinators,
@@ -269,7 +286,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             plan.steps
         ));
         let ours = Ours::start(
-            &server.url(),
+            &conn,
             plan.steps,
             plan.payload,
             plan.failure_rate,
@@ -331,11 +348,13 @@ async fn start_server(
     plan: &Plan,
     progress: &Progress,
     system: &str,
-) -> anyhow::Result<NatsServer> {
-    progress.note(&format!("[{system}] starting nats-server ({:?} profile)", plan.profile));
+    users: Option<Vec<saga_nats::permissions::UserPermissions>>,
+) -> anyhow::Result<Server> {
+    let auth = if users.is_some() { ", authentication on" } else { "" };
+    progress.note(&format!("[{system}] starting nats-server ({:?} profile{auth})", plan.profile));
     let opts =
         NatsServerOptions { sync_always: plan.profile == Profile::Fsync, ..Default::default() };
-    tokio::task::spawn_blocking(move || NatsServer::start_with(opts))
+    tokio::task::spawn_blocking(move || Server::start(opts, users))
         .await
         .context("nats-server did not start (see the message above)")
 }
@@ -349,11 +368,12 @@ fn replicas_where(plan: &Plan) -> &'static str {
     }
 }
 
-async fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Result<Env> {
+/// The measuring environment; `meter` is the user that counts stored messages.
+async fn env(plan: &Plan, server: &Server, meter: &str, progress: Progress) -> anyhow::Result<Env> {
     let pid = server.pid().context("nats-server is not running")?;
     Ok(Env {
         processes: Processes::new(pid),
-        stored: StoredMessages::connect(&server.url()).await?,
+        stored: StoredMessages::connect(&server.conn(), meter).await?,
         progress,
         warmup: plan.warmup,
         measure: plan.measure,
@@ -364,11 +384,12 @@ async fn env(plan: &Plan, server: &NatsServer, progress: Progress) -> anyhow::Re
 fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
     println!();
     println!(
-        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
+        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile{}, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
         plan.steps,
         plan.payload,
         plan.failure_rate,
         plan.profile,
+        if plan.auth { ", authentication on" } else { "" },
         plan.coordinators,
         replicas_where(plan),
         plan.measure,

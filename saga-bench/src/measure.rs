@@ -212,8 +212,8 @@ pub(crate) struct StoredMessages {
 }
 
 impl StoredMessages {
-    pub(crate) async fn connect(url: &str) -> anyhow::Result<Self> {
-        let conn = async_nats::connect(url).await.context("connecting to count stored messages")?;
+    pub(crate) async fn connect(conn: &crate::conn::Conn, user: &str) -> anyhow::Result<Self> {
+        let conn = conn.connect(user).await.context("connecting to count stored messages")?;
         Ok(StoredMessages { js: jetstream::new(conn) })
     }
 

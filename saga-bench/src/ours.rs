@@ -18,6 +18,7 @@ use saga_nats::{Command, Coordinator, CoordinatorConfig, Participant, SagaClient
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::conn::{Conn, CLIENT_USER, COORDINATOR_USER};
 use crate::load::{planned_failure, CountFuture, SagaFuture, System};
 use crate::measure::MessageCounter;
 use crate::replica::CoordinatorProcess;
@@ -140,7 +141,7 @@ enum Replica {
 
 /// The coordinators, participants and client of one run.
 pub(crate) struct Ours {
-    url: String,
+    conn: Conn,
     steps: usize,
     def: SagaDefinition,
     client: SagaClient,
@@ -160,7 +161,7 @@ impl Ours {
     /// Starts `coordinators` replicas (each in a child process if `replica_processes`), the
     /// participants and the client.
     pub(crate) async fn start(
-        url: &str,
+        conn: &Conn,
         steps: usize,
         payload: usize,
         failure_rate: f64,
@@ -171,14 +172,15 @@ impl Ours {
         let mut counter = MessageCounter::default();
         let mut replicas = Vec::new();
         for _ in 0..coordinators {
-            replicas.push(start_replica(url, steps, &def, replica_processes, &mut counter).await?);
+            replicas.push(start_replica(conn, steps, &def, replica_processes, &mut counter).await?);
         }
         let mut participants = Vec::new();
         for i in 0..steps {
-            let conn = async_nats::connect(url).await.context("connecting a participant")?;
-            counter.watch(&conn);
+            let service = format!("p{i}");
+            let nats = conn.connect(&service).await.context("connecting a participant")?;
+            counter.watch(&nats);
             let last = i + 1 == steps;
-            let participant = Participant::builder(conn, &format!("p{i}"))
+            let participant = Participant::builder(nats, &service)
                 .action("do", move |cmd: Command<StepInput>| async move {
                     if last && cmd.input.fail {
                         return Err(StepError::business("planned failure"));
@@ -192,15 +194,19 @@ impl Ours {
                 .with_context(|| format!("starting participant p{i}"))?;
             participants.push(participant);
         }
-        let conn = async_nats::connect(url).await.context("connecting the saga client")?;
-        counter.watch(&conn);
-        let client = SagaClient::new(conn.clone()).await.context("starting the saga client")?;
+        let nats = conn.connect(CLIENT_USER).await.context("connecting the saga client")?;
+        counter.watch(&nats);
+        let client = SagaClient::new(nats.clone())
+            .await
+            .context("starting the saga client")?
+            .only([SAGA])
+            .context("scoping the saga client")?;
         let waiters = Arc::new(Waiters::default());
         let mut subs = Vec::new();
         for kind in ["completed", "compensated", "needs_intervention"] {
-            subs.push(conn.subscribe(format!("saga.log.*.{SAGA}.{kind}")).await?);
+            subs.push(nats.subscribe(format!("saga.log.*.{SAGA}.{kind}")).await?);
         }
-        conn.flush().await?;
+        nats.flush().await?;
         let dispatcher = {
             let waiters = waiters.clone();
             let mut events = futures::stream::select_all(subs);
@@ -213,7 +219,7 @@ impl Ours {
             })
         };
         Ok(Arc::new(Ours {
-            url: url.to_owned(),
+            conn: conn.clone(),
             steps,
             def,
             client,
@@ -233,7 +239,7 @@ impl Ours {
     pub(crate) async fn add_coordinator(&self) -> anyhow::Result<()> {
         let mut counter = self.counter.lock().expect("lock").clone();
         let replica =
-            start_replica(&self.url, self.steps, &self.def, self.replica_processes, &mut counter)
+            start_replica(&self.conn, self.steps, &self.def, self.replica_processes, &mut counter)
                 .await?;
         *self.counter.lock().expect("lock") = counter;
         self.coordinators.lock().expect("lock").push(replica);
@@ -297,18 +303,18 @@ impl Ours {
 /// Starts a replica in this process (its connection watched by `counter`) or in a child
 /// process.
 async fn start_replica(
-    url: &str,
+    conn: &Conn,
     steps: usize,
     def: &SagaDefinition,
     in_child_process: bool,
     counter: &mut MessageCounter,
 ) -> anyhow::Result<Replica> {
     if in_child_process {
-        return Ok(Replica::Process(Arc::new(CoordinatorProcess::start(url, steps).await?)));
+        return Ok(Replica::Process(Arc::new(CoordinatorProcess::start(conn, steps).await?)));
     }
-    let conn = async_nats::connect(url).await.context("connecting a coordinator")?;
-    counter.watch(&conn);
-    Ok(Replica::InProcess(Box::new(start_coordinator(conn, def).await?)))
+    let nats = conn.connect(COORDINATOR_USER).await.context("connecting a coordinator")?;
+    counter.watch(&nats);
+    Ok(Replica::InProcess(Box::new(start_coordinator(nats, def).await?)))
 }
 
 /// A coordinator of the benchmark saga with default settings, in this process or in a

@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout};
 
+use crate::conn::{Conn, COORDINATOR_USER};
 use crate::ours;
 
 /// How long a child may take to start its coordinator (connect, provision the streams).
@@ -69,7 +70,15 @@ pub(crate) fn parse_counts(line: &str) -> anyhow::Result<Counts> {
 
 /// The child's side: runs one coordinator replica until stdin closes.
 pub(crate) async fn serve(url: &str, steps: usize) -> anyhow::Result<()> {
-    let conn = async_nats::connect(url)
+    // With --auth, the parent passes the coordinator's nkey and inbox prefix in the
+    // environment.
+    let options = saga_nats::NatsOptions {
+        nkey: std::env::var_os("NATS_NKEY").map(Into::into),
+        inbox_prefix: std::env::var("NATS_INBOX_PREFIX").ok(),
+        ..saga_nats::NatsOptions::with_url(url)
+    };
+    let conn = options
+        .connect("saga-bench coordinator")
         .await
         .with_context(|| format!("coordinator process: connecting to {url}"))?;
     let stats = conn.statistics();
@@ -113,11 +122,13 @@ pub(crate) struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts a replica of the bench's `steps`-step saga against `url`, and returns once its
     /// coordinator runs.
-    pub(crate) async fn start(url: &str, steps: usize) -> anyhow::Result<Self> {
+    pub(crate) async fn start(conn: &Conn, steps: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this program to run a coordinator")?;
         let mut child = KillOnDrop(
             std::process::Command::new(&exe)
-                .args(["--serve-coordinator", "--nats-url", url, "--steps", &steps.to_string()])
+                .args(["--serve-coordinator", "--nats-url", conn.url()])
+                .args(["--steps", &steps.to_string()])
+                .envs(conn.env(COORDINATOR_USER))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

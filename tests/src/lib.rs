@@ -10,6 +10,7 @@
 //! (config, server log and JetStream data) after the test; its path is printed
 //! to stderr.
 
+pub mod auth;
 pub mod support;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};

@@ -11,8 +11,11 @@ use example_services::logistics::LogisticsConfig;
 use example_services::orders::{router, OrderView, Orders};
 use example_services::scenario::{self, ScenarioConfig};
 use example_services::{logistics, notification, seller};
-use saga_core::{SagaDefinition, SagaStatus};
-use saga_nats::{Coordinator, Participant};
+use saga_core::{Phase, SagaDefinition, SagaStatus};
+use saga_nats::permissions::Access;
+use saga_nats::subjects::{self, ReplyTo};
+use saga_nats::{Coordinator, NatsOptions, Participant};
+use saga_tests::auth::{expect_denied, no_denials, Bus};
 use saga_tests::support::*;
 use saga_tests::NatsServer;
 use tower::ServiceExt;
@@ -239,4 +242,133 @@ async fn the_orders_api_places_and_shows_orders_and_names_what_is_wrong() {
         call(&app, Request::get("/orders/nope").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(json["error"], "no order \"nope\"");
+}
+
+/// The policy `./scripts/demo` gives the demo's services.
+fn demo_access() -> Access {
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+    Access {
+        starters: [("orders".into(), set(&["place-order"]))].into(),
+        followers: [("notification".into(), set(&["place-order"]))].into(),
+        operators: set(&["demo"]),
+        buckets: [
+            ("seller".into(), set(&["demo_stock"])),
+            ("orders".into(), set(&["demo_orders"])),
+            ("notification".into(), set(&["demo_notifications"])),
+        ]
+        .into(),
+        readers: [("orders".into(), set(&["demo_stock", "demo_notifications"]))].into(),
+        ..Access::default()
+    }
+}
+
+/// The demo with authentication on, each service with only the permissions `./scripts/demo`
+/// generates: the scenario runs and nothing is refused; then what each service's credentials
+/// try beyond its role is refused by the server, and the stock, the orders' sagas and the
+/// notifications are as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
+    init_logging();
+    let def = SagaDefinition::load(DEFINITION).expect("the demo's saga definition loads");
+    let bus = Bus::start(std::slice::from_ref(&def), &demo_access());
+    let (nats, coordinator_denials) = bus.connect("coordinator").await;
+    let coordinator =
+        Coordinator::start(nats, coordinator_config(vec![def], Duration::from_secs(5)))
+            .await
+            .expect("coordinator starts");
+    let (nats, seller_denials) = bus.connect("seller").await;
+    let stock = seller::parse_stock("apple=8,pear=8,plum=8").unwrap();
+    let _seller = seller::run(nats, &stock, 16).await.expect("seller starts");
+    let (nats, logistics_denials) = bus.connect("logistics").await;
+    let behaviour = LogisticsConfig { latency_ms: 5, failure_rate: 0.2, ..Default::default() };
+    let _logistics = logistics::run(nats, behaviour, 32).await.expect("logistics starts");
+    let (nats, notification_denials) = bus.connect("notification").await;
+    let following = notification::run(nats).await.expect("notification starts");
+    let (orders_nats, orders_denials) = bus.connect("orders").await;
+    let orders = Orders::new(orders_nats.clone()).await.expect("orders connects");
+
+    let config = ScenarioConfig {
+        orders: 20,
+        concurrency: 8,
+        timeout: Duration::from_secs(90),
+        run_id: "auth".into(),
+        progress: false,
+        ..Default::default()
+    };
+    let report = scenario::run(orders_nats.clone(), &orders, &config).await.expect("it runs");
+    assert!(report.unfinished().is_empty(), "unfinished: {:?}", report.unfinished());
+    assert!(report.is_ok(), "the books do not balance");
+    for (who, denials) in [
+        ("coordinator", &coordinator_denials),
+        ("seller", &seller_denials),
+        ("logistics", &logistics_denials),
+        ("notification", &notification_denials),
+        ("orders", &orders_denials),
+    ] {
+        no_denials(who, denials);
+    }
+    let completed = report
+        .outcomes
+        .iter()
+        .find(|o| o.status() == Some(SagaStatus::Completed))
+        .expect("an order completed");
+    let id = completed.saga_id.clone();
+    let stock_before = report.stock_after.clone();
+    let statuses: Vec<_> =
+        report.outcomes.iter().map(|o| (o.saga_id.clone(), o.status())).collect();
+
+    // Logistics answers for the seller's step.
+    let (logistics, denials) = bus.connect("logistics").await;
+    let forged = ReplyTo {
+        replica: coordinator.replica().to_owned(),
+        service: "seller".into(),
+        saga_id: id.clone(),
+        step: "reserve-items".into(),
+        phase: Phase::Compensation,
+        attempt: 1,
+    }
+    .subject();
+    logistics.publish(forged.clone(), "forged".into()).await.unwrap();
+    expect_denied("logistics", &denials, &forged).await;
+    // Orders tells the seller to release a completed order's stock.
+    let (orders_bus, denials) = bus.connect("orders").await;
+    let release = subjects::command(&"seller".into(), &"release".into());
+    orders_bus.publish(release.clone(), "release it all".into()).await.unwrap();
+    expect_denied("orders", &denials, &release).await;
+    // ...rewrites the stock, cancels as an operator, or rewrites the saga's record.
+    orders_bus.publish("$KV.demo_stock.apple", "999".into()).await.unwrap();
+    expect_denied("orders", &denials, "$KV.demo_stock.apple").await;
+    let cancel = subjects::operator(&id, &"place-order".into(), "orders");
+    orders_bus.publish(cancel.clone(), "x".into()).await.unwrap();
+    expect_denied("orders", &denials, &cancel).await;
+    let record = subjects::log(&id, &"place-order".into(), "completed");
+    orders_bus.publish(record.clone(), "x".into()).await.unwrap();
+    expect_denied("orders", &denials, &record).await;
+    // Notification tells a customer her completed order was cancelled.
+    let (notification_bus, denials) = bus.connect("notification").await;
+    let lie = subjects::log(&id, &"place-order".into(), "cancelled");
+    notification_bus.publish(lie.clone(), "x".into()).await.unwrap();
+    expect_denied("notification", &denials, &lie).await;
+    // The seller reads customers' orders from the saga log, or writes the orders' bucket.
+    let (seller_bus, denials) = bus.connect("seller").await;
+    let read = format!("$JS.API.DIRECT.GET.SAGA_LOG.saga.log.{id}.>");
+    seller_bus.publish(read.clone(), "".into()).await.unwrap();
+    expect_denied("seller", &denials, &read).await;
+    seller_bus.publish("$KV.demo_orders.x", "x".into()).await.unwrap();
+    expect_denied("seller", &denials, "$KV.demo_orders.x").await;
+    // Nobody gets in without credentials.
+    assert!(NatsOptions::with_url(bus.server.url()).connect("anonymous").await.is_err());
+
+    // Everything is as it was.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stock_now =
+        seller::StockStore::open(orders_nats.clone()).await.unwrap().all().await.unwrap();
+    assert_eq!(stock_now, stock_before, "the stock changed");
+    for (saga, status) in statuses {
+        let view = orders.client().get(&saga).await.unwrap().expect("the saga is there");
+        assert_eq!(Some(view.status()), status, "saga {saga} changed");
+    }
+    let notices = notification::sent(orders_nats.clone()).await.unwrap();
+    assert_eq!(notices.len(), 20, "one notice per order, no forged one");
+    following.shutdown().await;
 }

@@ -3,8 +3,6 @@
 //! does its whole job with them (no denial), and what a hostile holder of each role's
 //! credentials tries is refused by the server, with the sagas unchanged.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,94 +10,14 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use saga_core::{LifecycleKind, Phase, SagaDefinition, SagaId, SagaStatus, TimelineEvent};
 use saga_nats::follow::follow_sagas;
-use saga_nats::permissions::{inbox_prefix, permissions, server_config, Access};
+use saga_nats::permissions::{inbox_prefix, Access};
 use saga_nats::subjects::{self, ReplyTo};
 use saga_nats::{Coordinator, NatsOptions, SagaClient};
+use saga_tests::auth::{expect_denied, no_denials, Bus, Denials};
 use saga_tests::support::*;
 use saga_tests::{NatsServer, NatsServerOptions};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A server whose only users are the generated ones, each with an nkey seed on disk.
-struct Bus {
-    server: NatsServer,
-    dir: PathBuf,
-    seeds: BTreeMap<String, PathBuf>,
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The server errors (permission violations) one connection was sent.
-type Denials = Arc<Mutex<Vec<String>>>;
-
-fn bus(defs: &[SagaDefinition], access: &Access) -> Bus {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("saga-perms-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = permissions(defs, access).expect("permissions");
-    let mut seeds = BTreeMap::new();
-    let mut public = BTreeMap::new();
-    for u in &users {
-        let key = nkeys::KeyPair::new_user();
-        let path = dir.join(format!("{}.nk", u.user));
-        std::fs::write(&path, key.seed().unwrap()).unwrap();
-        seeds.insert(u.user.clone(), path);
-        public.insert(u.user.clone(), key.public_key());
-    }
-    let server = NatsServer::start_with(NatsServerOptions {
-        extra_config: Some(server_config(&users, &public)),
-        ..Default::default()
-    });
-    Bus { server, dir, seeds }
-}
-
-impl Bus {
-    /// Connects as `user` with its nkey and inbox prefix, recording every server error.
-    async fn connect(&self, user: &str) -> (async_nats::Client, Denials) {
-        let options = NatsOptions {
-            nkey: Some(self.seeds[user].clone()),
-            inbox_prefix: Some(inbox_prefix(user)),
-            ..NatsOptions::with_url(self.server.url())
-        };
-        let denials: Denials = Arc::default();
-        let seen = denials.clone();
-        let opts = options.connect_options(user).await.unwrap().event_callback(move |event| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    seen.lock().unwrap().push(e.to_string());
-                }
-            }
-        });
-        let client = options.connect_with(opts).await.unwrap_or_else(|e| panic!("{user}: {e}"));
-        (client, denials)
-    }
-}
-
-/// Waits until `denials` holds a permission violation naming `subject`.
-async fn expect_denied(who: &str, denials: &Denials, subject: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        {
-            let seen = denials.lock().unwrap();
-            if seen.iter().any(|d| d.contains("Permissions Violation") && d.contains(subject)) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{who}: no denial for {subject}; saw {seen:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn no_denials(who: &str, denials: &Denials) {
-    let seen = denials.lock().unwrap();
-    assert!(seen.is_empty(), "{who} was refused with its generated permissions: {seen:?}");
-}
 
 fn definitions() -> Vec<SagaDefinition> {
     vec![chain("perm", &["a", "b"], Duration::from_secs(20)), chain("other", &["a"], WAIT)]
@@ -185,7 +103,7 @@ async fn followed_until(roles: &Roles, id: &SagaId, kind: LifecycleKind) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_does_its_job_with_only_its_generated_permissions() {
     init_logging();
-    let bus = bus(&definitions(), &access());
+    let bus = Bus::start(&definitions(), &access());
     let roles = roles(&bus).await;
 
     // The starter starts and waits; the participant runs both steps; the follower hears it.
@@ -240,7 +158,7 @@ async fn wait_until_logged(client: &SagaClient, id: &SagaId) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_each_role_may_not_do_the_server_refuses() {
     init_logging();
-    let bus = bus(&definitions(), &access());
+    let bus = Bus::start(&definitions(), &access());
     let roles = roles(&bus).await;
     let replica = roles.coordinator.replica().to_owned();
 
@@ -403,14 +321,10 @@ fn the_command_line_writes_a_config_the_server_accepts_and_keeps_its_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_permission_is_reported_as_a_denial_naming_it() {
     init_logging();
-    let bus = bus(&definitions(), &access());
+    let bus = Bus::start(&definitions(), &access());
     let (nats, _) = bus.connect("coordinator").await;
     let _coordinator = Coordinator::start(nats, coordinator_config(definitions(), WAIT)).await;
-    let as_shop = NatsOptions {
-        nkey: Some(bus.seeds["shop"].clone()),
-        inbox_prefix: Some(inbox_prefix("shop")),
-        ..NatsOptions::with_url(bus.server.url())
-    };
+    let as_shop = bus.options("shop");
 
     // The starter's credentials, used to run participant svc.
     let nats = as_shop.connect("shop-as-svc").await.unwrap();
