@@ -167,7 +167,16 @@ fn every_service_image_command_and_variable_named_exists() {
     assert!(repo().join("example-services/sagas/place-order.yaml").is_file());
     assert!(dockerfile.contains("COPY example-services/sagas /etc/sagas"));
     let coordinator = strings(&services["coordinator"]["command"]);
-    assert_eq!(coordinator[1..], ["--definitions".to_owned(), "/etc/sagas".to_owned()]);
+    assert_eq!(coordinator[1..3], ["--definitions".to_owned(), "/etc/sagas".to_owned()]);
+    // It creates the buckets the services own (they may not create streams).
+    let owned: Vec<String> = strings(&services["auth"]["command"])
+        .windows(2)
+        .filter(|w| w[0] == "--bucket")
+        .map(|w| w[1].split_once('=').unwrap().1.to_owned())
+        .collect();
+    assert_eq!(coordinator[3..], ["--kv-bucket".to_owned(), owned.join(",")]);
+    let demo = std::fs::read_to_string(repo().join("scripts/demo")).unwrap();
+    assert!(demo.contains(&format!("--kv-bucket {}", owned.join(","))), "scripts/demo");
     // The image can write the keys where the services read them.
     assert!(dockerfile.contains("mkdir /auth && chown saga /auth"));
 }

@@ -58,6 +58,12 @@ struct Args {
     #[arg(long, env = "SAGA_REPLICA_NAME")]
     replica_name: Option<String>,
 
+    /// A key-value bucket a service keeps its own state in, created at start if missing
+    /// (services get no right to create streams: docs/SECURITY.md). Repeat for each, or
+    /// comma-separate.
+    #[arg(long = "kv-bucket", env = "SAGA_KV_BUCKETS", value_delimiter = ',', value_name = "NAME")]
+    kv_buckets: Vec<String>,
+
     /// Log filter (error, warn, info, debug, trace, or per-module: saga_nats=debug).
     #[arg(long, env = "RUST_LOG")]
     log: Option<String>,
@@ -105,6 +111,7 @@ impl Args {
             retention_hours: self.retention_hours.or(file.retention_hours),
             replicas: self.replicas.or(file.replicas),
             replica_name: self.replica_name.or(file.replica_name),
+            kv_buckets: if self.kv_buckets.is_empty() { file.kv_buckets } else { self.kv_buckets },
             log: self.log.or(file.log),
         }
     }
@@ -169,6 +176,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: args.workers.unwrap_or(32),
         replica: args.replica_name.clone(),
         definitions,
+        kv_buckets: args.kv_buckets.clone(),
         ..Default::default()
     };
     let coordinator = Coordinator::start(client, config).await?;

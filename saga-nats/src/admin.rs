@@ -72,6 +72,17 @@ impl AdminService {
             while let Some(request) = timeline.next().await {
                 let log = log.clone();
                 tokio::spawn(async move {
+                    // Answers go to inboxes only: a reply subject that names anything else
+                    // would make this service publish there.
+                    let to_inbox = request
+                        .message
+                        .reply
+                        .as_ref()
+                        .is_some_and(|r| r.starts_with("_INBOX.") && !r.contains(['*', '>']));
+                    if !to_inbox {
+                        let reply = request.message.reply.as_deref().unwrap_or("none");
+                        return warn!(reply = %quote(reply), "admin request whose reply subject is not an inbox: not answered");
+                    }
                     let answer = serve_timeline(&log, &request.message).await;
                     if let Err(e) = &answer {
                         debug!(subject = %request.message.subject, error = %e, "admin request refused");

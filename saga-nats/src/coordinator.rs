@@ -62,6 +62,10 @@ pub struct CoordinatorConfig {
     pub max_deliveries: i64,
     /// Serve the admin service ([`crate::admin`]) from this replica.
     pub admin: bool,
+    /// Key-value buckets the services keep their own state in, created at start if missing
+    /// (one value per key, file storage): with least privilege no service may create
+    /// streams (docs/SECURITY.md).
+    pub kv_buckets: Vec<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +78,7 @@ impl Default for CoordinatorConfig {
             replica: None,
             max_deliveries: 10,
             admin: true,
+            kv_buckets: Vec::new(),
         }
     }
 }
@@ -160,6 +165,9 @@ impl Coordinator {
             EffectsConfig { replicas: config.provision.replicas, ..EffectsConfig::default() };
         for service in &services {
             open_effects(&client, service, &effects).await?;
+        }
+        for bucket in &config.kv_buckets {
+            crate::provision::ensure_bucket(&client, bucket, config.provision.replicas).await?;
         }
         let codec = Codec::with_max_size(config.max_message_size);
         let log = SagaLog::open(js.clone(), codec).await.map_err(CoordinatorError::Nats)?;
@@ -453,6 +461,12 @@ impl Worker {
             let reason = format!("not a saga input subject: {}", quote(&msg.subject));
             return self.dead_letter(&msg, &reason).await;
         };
+        if let Some(header) = headers::relayed(msg.headers.as_ref()) {
+            let reason = format!(
+                "input carries the JetStream header {header}: a stored message relayed by the server to this subject (a read whose reply subject was set to it), not published by a client"
+            );
+            return self.dead_letter(&msg, &reason).await;
+        }
         let span = info_span!("saga.input", saga_id = %id, input = kind.token());
         let result = async {
             match kind {
@@ -750,6 +764,12 @@ impl Worker {
         let span = info_span!("saga.reply", saga_id = %to.saga_id, step = %to.step, phase = %to.phase, attempt = to.attempt, service = %to.service);
         async {
             let mut command = None;
+            if let Some(header) = headers::relayed(msg.headers.as_ref()) {
+                let why = format!(
+                    "reply carries the JetStream header {header}: a stored message relayed by the server to this subject, not published by the service"
+                );
+                return self.refuse_reply(&msg, &why).await;
+            }
             let event = if msg.status == Some(StatusCode::NO_RESPONDERS) {
                 debug!("no responders: the command was not delivered");
                 Event::Undelivered { step: to.step.clone(), phase: to.phase, attempt: to.attempt }

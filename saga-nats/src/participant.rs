@@ -467,6 +467,12 @@ impl Shared {
             );
             return self.dead_letter(&msg, &reason).await;
         };
+        if let Some(header) = subjects::headers::relayed(msg.headers.as_ref()) {
+            let reason = format!(
+                "command carries the JetStream header {header}: a stored message relayed by the server, not sent by the coordinator"
+            );
+            return self.dead_letter(&msg, &reason).await;
+        }
         let cmd: CommandMessage = match self.codec.decode(&msg.payload) {
             Ok(cmd) => cmd,
             Err(e) => return self.dead_letter(&msg, &e.to_string()).await,

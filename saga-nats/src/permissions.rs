@@ -117,22 +117,30 @@ impl Grants {
     fn subscribe(&mut self, subjects: impl IntoIterator<Item = String>) {
         self.subscribe.extend(subjects);
     }
-    /// Reading key-value bucket `bucket`: its entries, and its keys and history (which
-    /// async-nats reads with an ephemeral consumer of the bucket's stream).
-    fn read_bucket(&mut self, bucket: &str) {
+    /// Reading key-value bucket `bucket` entry by entry (direct gets).
+    fn get_bucket(&mut self, bucket: &str) {
         self.publish([
             format!("{API}.STREAM.INFO.KV_{bucket}"),
             format!("{API}.DIRECT.GET.KV_{bucket}.>"),
-            format!("{API}.STREAM.MSG.GET.KV_{bucket}"),
+        ]);
+    }
+    /// Reading key-value bucket `bucket` whole: its entries, and its keys and history (which
+    /// async-nats reads with an ephemeral consumer of the bucket's stream). Only for users
+    /// who cannot write the bucket: a consumer delivers to a subject its creator names, so
+    /// whoever can write a stream and create consumers on it can make the server publish
+    /// anything anywhere (docs/SECURITY.md, "Relayed messages").
+    fn list_bucket(&mut self, bucket: &str) {
+        self.get_bucket(bucket);
+        self.publish([
             format!("{API}.CONSUMER.CREATE.KV_{bucket}"),
             format!("{API}.CONSUMER.CREATE.KV_{bucket}.>"),
             format!("{API}.CONSUMER.DELETE.KV_{bucket}.>"),
             format!("$JS.FC.KV_{bucket}.>"),
         ]);
     }
-    /// Reading and writing key-value bucket `bucket`.
+    /// Reading (entry by entry) and writing key-value bucket `bucket`.
     fn write_bucket(&mut self, bucket: &str) {
-        self.read_bucket(bucket);
+        self.get_bucket(bucket);
         self.publish([format!("$KV.{bucket}.>")]);
     }
 }
@@ -159,6 +167,21 @@ pub fn permissions(
     };
     let coordinator = access.coordinator.clone().unwrap_or_else(|| "coordinator".into());
     token("coordinator user", &coordinator)?;
+    // The coordinator's user may do everything: no service may share it.
+    let named = access
+        .starters
+        .keys()
+        .chain(access.followers.keys())
+        .chain(access.buckets.keys())
+        .chain(access.readers.keys())
+        .chain(access.operators.iter());
+    for name in named {
+        if *name == coordinator {
+            return Err(PermissionsError::Clash(format!(
+                "{name} is the coordinator's user name: a service or operator named so would share its rights"
+            )));
+        }
+    }
 
     let mut users: BTreeMap<String, Grants> = BTreeMap::new();
 
@@ -218,9 +241,10 @@ pub fn permissions(
             ]);
             g.subscribe([format!("saga.log.*.{saga}.*")]);
         }
-        g.read_bucket(subjects::DEFINITIONS_BUCKET);
+        g.get_bucket(subjects::DEFINITIONS_BUCKET);
     }
 
+    let mut durables: BTreeMap<String, String> = BTreeMap::new();
     for (service, sagas) in &access.followers {
         token("follower service", service)?;
         let g = users.entry(service.clone()).or_default();
@@ -231,6 +255,15 @@ pub fn permissions(
             for durable in [service.clone(), format!("{service}-{saga}")] {
                 if check_token(&durable).is_err() {
                     continue;
+                }
+                // Two followers may not share a durable name (`a` of `b-c` and `a-b` of `c`
+                // would both own `a-b-c`).
+                if let Some(other) = durables.insert(durable.clone(), service.clone()) {
+                    if other != *service {
+                        return Err(PermissionsError::Clash(format!(
+                            "followers {other} and {service} would both own the durable consumer {durable}: rename one"
+                        )));
+                    }
                 }
                 let log = subjects::LOG_STREAM;
                 g.publish([
@@ -254,12 +287,10 @@ pub fn permissions(
                     "bucket {bucket} of {service}: names starting with saga_ are the saga framework's"
                 )));
             }
+            // The coordinator creates it (`--kv-bucket`): a user allowed to create a stream
+            // could give it any subjects or sources, and capture other services' messages.
             g.roles.push(format!("owner of bucket {bucket}"));
             g.write_bucket(bucket);
-            g.publish([
-                format!("{API}.STREAM.CREATE.KV_{bucket}"),
-                format!("{API}.STREAM.UPDATE.KV_{bucket}"),
-            ]);
         }
     }
 
@@ -268,8 +299,19 @@ pub fn permissions(
         let g = users.entry(service.clone()).or_default();
         for bucket in buckets {
             token("bucket", bucket)?;
+            if bucket.starts_with("saga_") {
+                return Err(PermissionsError::Clash(format!(
+                    "{service} is to read bucket {bucket}: the saga framework's buckets are not for reading"
+                )));
+            }
+            let owners = access.buckets.iter().filter(|(_, b)| b.contains(bucket));
+            if owners.map(|(owner, _)| owner).any(|owner| owner == service) {
+                return Err(PermissionsError::Clash(format!(
+                    "{service} owns bucket {bucket}: it cannot also list it (docs/SECURITY.md, \"Relayed messages\")"
+                )));
+            }
             g.roles.push(format!("reader of bucket {bucket}"));
-            g.read_bucket(bucket);
+            g.list_bucket(bucket);
         }
     }
 
@@ -387,6 +429,11 @@ mod tests {
         assert!(seller.publish.contains("saga.reply.*.seller.>"));
         assert!(seller.publish.contains("$KV.saga_fx_seller.>"));
         assert!(seller.publish.contains("$KV.demo_stock.>"));
+        // Writers of a stream never get to create consumers on it, nor to create streams.
+        assert!(!seller
+            .publish
+            .iter()
+            .any(|s| s.contains("CONSUMER") || s.contains("STREAM.CREATE")));
         assert!(seller.subscribe.contains("_INBOX.seller.>"));
         // Nothing of another service, no saga log, no commands of its own to send.
         let everything =
@@ -437,6 +484,29 @@ mod tests {
         let (defs, mut access) = demo();
         access.buckets.insert("orders".into(), ["saga_fx_seller".into()].into());
         assert!(permissions(&defs, &access).unwrap_err().to_string().contains("saga_"));
+        let (defs, mut access) = demo();
+        access.readers.insert("orders".into(), ["saga_fx_seller".into()].into());
+        assert!(permissions(&defs, &access).unwrap_err().to_string().contains("not for reading"));
+        let (defs, mut access) = demo();
+        access.readers.insert("seller".into(), ["demo_stock".into()].into());
+        assert!(permissions(&defs, &access).unwrap_err().to_string().contains("owns bucket"));
+        let (defs, mut access) = demo();
+        access.starters.insert("coordinator".into(), ["place-order".into()].into());
+        assert!(permissions(&defs, &access)
+            .unwrap_err()
+            .to_string()
+            .contains("coordinator's user"));
+        let (defs, mut access) = demo();
+        access.followers.insert("a".into(), ["b-c".into()].into());
+        access.followers.insert("a-b".into(), ["c".into()].into());
+        let defs: Vec<SagaDefinition> =
+            defs.into_iter()
+                .chain(["b-c", "c"].map(|n| {
+                    SagaDefinition::builder(n).step("s", "seller", "reserve", |s| s).build()
+                }))
+                .collect();
+        let err = permissions(&defs, &access).unwrap_err().to_string();
+        assert!(err.contains("would both own the durable consumer a-b-c"), "{err}");
     }
 
     #[test]

@@ -225,6 +225,32 @@ pub async fn open_effects(
     }
 }
 
+/// Creates key-value bucket `bucket` (one value per key, file storage) unless it exists; an
+/// existing one is left as it is.
+pub async fn ensure_bucket(
+    client: &async_nats::Client,
+    bucket: &str,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, ProvisionError> {
+    saga_core::check_token(bucket).map_err(|e| ProvisionError::Create {
+        what: bucket.to_owned(),
+        source: format!("not a bucket name: it {e}").into(),
+    })?;
+    let js = jetstream::new(client.clone());
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.to_owned(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ProvisionError::Create { what: bucket.to_owned(), source: e.into() })
+}
+
 /// The coordinator's durable consumer.
 pub(crate) fn coordinator_consumer(config: &ProvisionConfig) -> consumer::pull::Config {
     consumer::pull::Config {

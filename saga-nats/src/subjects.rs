@@ -237,6 +237,19 @@ pub mod headers {
     /// The subject filter the compare-and-swap is checked against.
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
         "Nats-Expected-Last-Subject-Sequence-Subject";
+
+    /// Headers JetStream puts on the answer to a read of a stored message (a direct get):
+    /// a message carrying one was not published by a client but relayed by the server, to
+    /// whatever reply subject the reader named. (Not `Nats-Subject`: the server's own "no
+    /// responders" status carries that one.)
+    pub const RELAYED: [&str; 4] =
+        ["Nats-Stream", "Nats-Sequence", "Nats-Time-Stamp", "Nats-Last-Sequence"];
+
+    /// The relay header `headers` carries, if any (see [`RELAYED`]).
+    pub fn relayed(headers: Option<&async_nats::HeaderMap>) -> Option<&'static str> {
+        let headers = headers?;
+        RELAYED.into_iter().find(|name| headers.get(*name).is_some())
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +279,18 @@ mod tests {
         ] {
             assert_eq!(parse_input(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn relayed_messages_are_told_by_their_jetstream_headers_and_503s_are_not() {
+        let mut no_responders = async_nats::HeaderMap::new();
+        no_responders.insert("Nats-Subject", "saga.cmd.svc.a");
+        assert_eq!(headers::relayed(Some(&no_responders)), None);
+        let mut direct_get = no_responders.clone();
+        direct_get.insert("Nats-Stream", "KV_saga_fx_svc");
+        direct_get.insert("Nats-Sequence", "7");
+        assert_eq!(headers::relayed(Some(&direct_get)), Some("Nats-Stream"));
+        assert_eq!(headers::relayed(None), None);
     }
 
     #[test]

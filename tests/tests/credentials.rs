@@ -226,3 +226,86 @@ async fn mutual_tls_connects_with_a_client_certificate_and_refuses_without_one()
     assert!(unknown_ca.to_string().contains(&url), "{unknown_ca}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A JWT signed by `signer`, as nsc writes them.
+fn jwt(claims: serde_json::Value, signer: &nkeys::KeyPair) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = b64(claims.to_string().as_bytes());
+    let signature = signer.sign(format!("{header}.{body}").as_bytes()).unwrap();
+    format!("{header}.{body}.{}", b64(&signature))
+}
+
+/// Decentralized authentication: an operator, an account and a user JWT (made here as nsc
+/// would), the server in operator mode, and the user's `.creds` file given with `--creds`.
+#[tokio::test]
+async fn a_creds_file_authenticates_in_operator_mode_and_a_foreign_one_is_refused() {
+    use serde_json::json;
+    let dir = scratch("creds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = now.as_secs();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let (op, acc) = (operator.public_key(), account.public_key());
+    let operator_jwt = jwt(
+        json!({"jti": "op", "iat": now, "iss": op, "sub": op, "name": "test",
+               "nats": {"type": "operator", "version": 2}}),
+        &operator,
+    );
+    let account_jwt = jwt(
+        json!({"jti": "acc", "iat": now, "iss": op, "sub": acc, "name": "services",
+               "nats": {"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                                   "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                        "type": "account", "version": 2}}),
+        &operator,
+    );
+    let creds = |name: &str, signer: &nkeys::KeyPair| {
+        let user = nkeys::KeyPair::new_user();
+        let user_jwt = jwt(
+            json!({"jti": name, "iat": now, "iss": signer.public_key(), "sub": user.public_key(),
+                   "name": name,
+                   "nats": {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                            "type": "user", "version": 2}}),
+            signer,
+        );
+        let text = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        );
+        write(&dir, &format!("{name}.creds"), &text)
+    };
+    let seller = creds("seller", &account);
+    // Signed by an account the server does not know.
+    let stranger = creds("stranger", &nkeys::KeyPair::new_account());
+    let server = NatsServer::start_with(NatsServerOptions {
+        jetstream: false,
+        extra_config: Some(format!(
+            "operator: {operator_jwt:?}\nresolver: MEMORY\nresolver_preload: {{\n  {acc}: {account_jwt:?}\n}}"
+        )),
+        ..Default::default()
+    });
+    let url = server.url();
+
+    let nats = NatsOptions { creds: Some(seller), ..NatsOptions::with_url(url.clone()) }
+        .connect("seller")
+        .await
+        .expect("the creds file is accepted");
+    let mut sub = nats.subscribe("ping").await.unwrap();
+    nats.publish("ping", "pong".into()).await.unwrap();
+    use futures::StreamExt as _;
+    assert_eq!(sub.next().await.unwrap().payload, "pong");
+
+    let err = NatsOptions { creds: Some(stranger.clone()), ..NatsOptions::with_url(url) }
+        .connect("stranger")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("refused the credentials file {}", stranger.display())),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -272,10 +272,11 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
     let def = SagaDefinition::load(DEFINITION).expect("the demo's saga definition loads");
     let bus = Bus::start(std::slice::from_ref(&def), &demo_access());
     let (nats, coordinator_denials) = bus.connect("coordinator").await;
-    let coordinator =
-        Coordinator::start(nats, coordinator_config(vec![def], Duration::from_secs(5)))
-            .await
-            .expect("coordinator starts");
+    let config = saga_nats::CoordinatorConfig {
+        kv_buckets: ["demo_stock", "demo_orders", "demo_notifications"].map(String::from).into(),
+        ..coordinator_config(vec![def], Duration::from_secs(5))
+    };
+    let coordinator = Coordinator::start(nats, config).await.expect("coordinator starts");
     let (nats, seller_denials) = bus.connect("seller").await;
     let stock = seller::parse_stock("apple=8,pear=8,plum=8").unwrap();
     let _seller = seller::run(nats, &stock, 16).await.expect("seller starts");

@@ -345,3 +345,80 @@ async fn a_missing_permission_is_reported_as_a_denial_naming_it() {
     assert!(text.contains("permission denied"), "{text}");
     assert!(text.contains("CONSUMER.CREATE.SAGA_LOG.shop"), "{text}");
 }
+
+/// The reasons of every dead letter so far.
+async fn dead_letter_reasons(js: &jetstream::Context) -> Vec<String> {
+    let Ok(mut stream) = js.get_stream(subjects::DLQ_STREAM).await else { return Vec::new() };
+    let state = stream.info().await.unwrap().state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let reason = m.headers.get(subjects::headers::DLQ_REASON);
+            out.push(reason.map(|v| v.as_str().to_owned()).unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// JetStream answers a read on the reply subject the reader names, publishing as the server:
+/// a user who can write a stream and read it back can have any bytes published on any
+/// subject, whatever its own permissions. Each way the generated permissions leave open is
+/// tried here; the relayed message carries JetStream's headers and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_relayed_by_jetstream_reads_are_refused() {
+    init_logging();
+    let bus = Bus::start(&definitions(), &access());
+    let roles = roles(&bus).await;
+    let (coordinator, _) = bus.connect("coordinator").await;
+    let coordinator_js = jetstream::new(coordinator);
+
+    // A live saga: b hangs on its first attempt (20 s).
+    let input = TestInput { n: 1, hang: vec![("b".into(), 1)], ..Default::default() };
+    let id = roles.shop.start("perm", &input).await.unwrap();
+    wait_until_logged(&roles.shop, &id).await;
+    let cancel = saga_core::wire::OperatorMessage {
+        v: saga_core::wire::PROTOCOL_VERSION,
+        saga_id: id.clone(),
+        action: saga_core::wire::OperatorAction::Cancel,
+        reason: "relayed".into(),
+    };
+    let cancel = Bytes::from(saga_core::Codec::default().encode(&cancel).unwrap());
+    let as_alice = subjects::operator(&id, &"perm".into(), "alice");
+
+    // The participant stores a cancel in its own effect bucket and reads it back with the
+    // reply subject of an operator action.
+    let (svc, svc_denials) = bus.connect("svc").await;
+    let js = jetstream::new(svc.clone());
+    js.publish("$KV.saga_fx_svc.forged", cancel.clone()).await.unwrap().await.unwrap();
+    let get = "$JS.API.DIRECT.GET.KV_saga_fx_svc.$KV.saga_fx_svc.forged";
+    svc.publish_with_reply(get, as_alice.clone(), Bytes::new()).await.unwrap();
+    // It may not create a consumer on it (a consumer delivers where its creator says).
+    svc.publish("$JS.API.CONSUMER.CREATE.KV_saga_fx_svc", Bytes::from_static(b"{}")).await.unwrap();
+    expect_denied("svc", &svc_denials, "CONSUMER.CREATE.KV_saga_fx_svc").await;
+
+    // The starter publishes the cancel as a start of its own definition and reads it back.
+    let (shop, _) = bus.connect("shop").await;
+    let decoy = SagaId::for_key(&"perm".into(), "decoy");
+    let decoy_start = subjects::start(&decoy, &"perm".into());
+    let js = jetstream::new(shop.clone());
+    js.publish(decoy_start.clone(), cancel.clone()).await.unwrap().await.unwrap();
+    let get = format!("$JS.API.DIRECT.GET.SAGA_IN.{decoy_start}");
+    shop.publish_with_reply(get, as_alice.clone(), Bytes::new()).await.unwrap();
+
+    // Both relays arrive and are dead-lettered for what they are.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reasons = dead_letter_reasons(&coordinator_js).await;
+        let relayed = reasons.iter().filter(|r| r.contains("relayed by the server")).count();
+        if relayed >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "relays not refused; dead letters: {reasons:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The saga was not cancelled: b's retry succeeds.
+    let view = roles.shop.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    let timeline = roles.alice.timeline(&id).await.unwrap();
+    assert!(!timeline.iter().any(|e| matches!(e.event, TimelineEvent::CancelRequested { .. })));
+}
