@@ -15,6 +15,9 @@ use futures::StreamExt;
 use saga_core::wire::quote;
 use saga_core::{SagaId, SagaName};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -25,6 +28,10 @@ pub const SERVICE_NAME: &str = "saga-admin";
 
 /// The most log records one timeline page may span.
 pub const MAX_PAGE_RECORDS: usize = 256;
+
+/// Requests served at once by one replica; beyond it a request is answered 503 at once, so a
+/// flood of reads cannot take the coordinator's time from its sagas.
+pub const MAX_CONCURRENT_REQUESTS: usize = 16;
 
 /// The subject of endpoint `endpoint` for sagas of definition `saga`.
 pub fn subject(endpoint: &str, saga: &SagaName) -> String {
@@ -67,22 +74,25 @@ impl AdminService {
             .await?;
         let mut timeline =
             service.endpoint_builder().name("timeline").add("saga.admin.timeline.*").await?;
+        let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
         let task = tokio::spawn(async move {
             let _service = service;
             while let Some(request) = timeline.next().await {
+                // Answers go to inboxes only: a reply subject that names anything else would
+                // make this service publish there.
+                let reply = request.message.reply.as_deref().unwrap_or_default();
+                if !reply.starts_with("_INBOX.") || reply.contains(['*', '>']) {
+                    warn!(reply = %quote(reply), "admin request whose reply subject is not an inbox: not answered");
+                    continue;
+                }
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    let busy = error(503, "busy: too many admin requests at once; retry".into());
+                    let _ = request.respond(Err(busy)).await;
+                    continue;
+                };
                 let log = log.clone();
                 tokio::spawn(async move {
-                    // Answers go to inboxes only: a reply subject that names anything else
-                    // would make this service publish there.
-                    let to_inbox = request
-                        .message
-                        .reply
-                        .as_ref()
-                        .is_some_and(|r| r.starts_with("_INBOX.") && !r.contains(['*', '>']));
-                    if !to_inbox {
-                        let reply = request.message.reply.as_deref().unwrap_or("none");
-                        return warn!(reply = %quote(reply), "admin request whose reply subject is not an inbox: not answered");
-                    }
+                    let _permit = permit;
                     let answer = serve_timeline(&log, &request.message).await;
                     if let Err(e) = &answer {
                         debug!(subject = %request.message.subject, error = %e, "admin request refused");

@@ -405,17 +405,32 @@ async fn messages_relayed_by_jetstream_reads_are_refused() {
     let get = format!("$JS.API.DIRECT.GET.SAGA_IN.{decoy_start}");
     shop.publish_with_reply(get, as_alice.clone(), Bytes::new()).await.unwrap();
 
-    // Both relays arrive and are dead-lettered for what they are.
+    // The starter asks the admin service for a timeline, naming the operator action's
+    // subject as where the answer should go: it is not answered.
+    let request = format!(r#"{{"id": "{id}"}}"#);
+    shop.publish_with_reply("saga.admin.timeline.perm", as_alice.clone(), request.into())
+        .await
+        .unwrap();
+
+    // The participant's relay is dead-lettered for what it is. The starter's races the
+    // coordinator, which dead-letters the decoy start at once: the read then finds nothing,
+    // and what is relayed is an empty "not found" answer, refused as empty.
     let deadline = Instant::now() + WAIT;
     loop {
         let reasons = dead_letter_reasons(&coordinator_js).await;
         let relayed = reasons.iter().filter(|r| r.contains("relayed by the server")).count();
-        if relayed >= 2 {
+        let empty = reasons.iter().filter(|r| r.contains("operator action: empty message")).count();
+        if relayed >= 1 && relayed + empty >= 2 {
             break;
         }
         assert!(Instant::now() < deadline, "relays not refused; dead letters: {reasons:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Nothing else reached the coordinator's input (an answer would be dead-lettered as
+    // malformed).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reasons = dead_letter_reasons(&coordinator_js).await;
+    assert!(!reasons.iter().any(|r| r.contains("operator action: malformed")), "{reasons:?}");
     // The saga was not cancelled: b's retry succeeds.
     let view = roles.shop.wait(&id, WAIT).await.unwrap();
     assert_eq!(view.status(), SagaStatus::Completed);
