@@ -31,7 +31,7 @@ pub const MAX_PAGE_RECORDS: usize = 256;
 
 /// Requests served at once by one replica; beyond it a request is answered 503 at once, so a
 /// flood of reads cannot take the coordinator's time from its sagas.
-pub const MAX_CONCURRENT_REQUESTS: usize = 16;
+pub const MAX_CONCURRENT_REQUESTS: usize = 64;
 
 /// The subject of endpoint `endpoint` for sagas of definition `saga`.
 pub fn subject(endpoint: &str, saga: &SagaName) -> String {

@@ -433,11 +433,26 @@ impl SagaClient {
         let body = serde_json::to_vec(&request).expect("a request encodes");
         for saga in self.scope.iter() {
             let subject = crate::admin::subject("timeline", saga);
-            let answer = self
-                .client
-                .request(subject, body.clone().into())
-                .await
-                .map_err(SagaClientError::nats)?;
+            // A busy admin service (503) is asked again, after a growing pause, for up to
+            // 30 s.
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut pause = Duration::from_millis(10);
+            let answer = loop {
+                let answer = self
+                    .client
+                    .request(subject.clone(), body.clone().into())
+                    .await
+                    .map_err(SagaClientError::nats)?;
+                let code = answer.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code"));
+                if code.is_some_and(|c| c.as_str() == "503")
+                    && tokio::time::Instant::now() + pause < give_up
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+                break answer;
+            };
             let header = |name: &str| {
                 answer.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
             };

@@ -118,6 +118,12 @@ async fn every_role_does_its_job_with_only_its_generated_permissions() {
         timeline.iter().any(|e| matches!(e.event, TimelineEvent::Finished { .. })),
         "{timeline:?}"
     );
+    // Many readers at once: beyond what the service serves at once, they are asked to retry
+    // (503 busy), and the client does.
+    let reads = (0..300).map(|_| roles.shop.timeline(&id));
+    for read in futures::future::join_all(reads).await {
+        assert_eq!(read.unwrap().len(), timeline.len());
+    }
     let nobody = SagaId::for_key(&"perm".into(), "never-started");
     let err = roles.shop.timeline(&nobody).await.unwrap_err();
     assert_eq!(err.kind(), saga_nats::ErrorKind::NotFound, "{err}");
