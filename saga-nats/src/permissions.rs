@@ -101,6 +101,19 @@ fn token(what: &'static str, value: &str) -> Result<(), PermissionsError> {
     })
 }
 
+/// Checks that `bucket` may hold a service's own state: a token, and not one of the saga
+/// framework's buckets (`saga_…`); `what` says whose it is, for the error.
+fn app_bucket(bucket: &str, what: impl Fn() -> String) -> Result<(), PermissionsError> {
+    token("bucket", bucket)?;
+    if bucket.starts_with("saga_") {
+        return Err(PermissionsError::Clash(format!(
+            "{}: names starting with saga_ are the saga framework's, not a service's to use",
+            what()
+        )));
+    }
+    Ok(())
+}
+
 /// Builds one user's permission sets.
 #[derive(Default)]
 struct Grants {
@@ -281,12 +294,7 @@ pub fn permissions(
         token("service", service)?;
         let g = users.entry(service.clone()).or_default();
         for bucket in buckets {
-            token("bucket", bucket)?;
-            if bucket.starts_with("saga_") {
-                return Err(PermissionsError::Clash(format!(
-                    "bucket {bucket} of {service}: names starting with saga_ are the saga framework's"
-                )));
-            }
+            app_bucket(bucket, || format!("bucket {bucket} of {service}"))?;
             // The coordinator creates it (`--kv-bucket`): a user allowed to create a stream
             // could give it any subjects or sources, and capture other services' messages.
             g.roles.push(format!("owner of bucket {bucket}"));
@@ -298,12 +306,7 @@ pub fn permissions(
         token("service", service)?;
         let g = users.entry(service.clone()).or_default();
         for bucket in buckets {
-            token("bucket", bucket)?;
-            if bucket.starts_with("saga_") {
-                return Err(PermissionsError::Clash(format!(
-                    "{service} is to read bucket {bucket}: the saga framework's buckets are not for reading"
-                )));
-            }
+            app_bucket(bucket, || format!("{service} is to read bucket {bucket}"))?;
             let owners = access.buckets.iter().filter(|(_, b)| b.contains(bucket));
             if owners.map(|(owner, _)| owner).any(|owner| owner == service) {
                 return Err(PermissionsError::Clash(format!(
@@ -486,7 +489,11 @@ mod tests {
         assert!(permissions(&defs, &access).unwrap_err().to_string().contains("saga_"));
         let (defs, mut access) = demo();
         access.readers.insert("orders".into(), ["saga_fx_seller".into()].into());
-        assert!(permissions(&defs, &access).unwrap_err().to_string().contains("not for reading"));
+        let err = permissions(&defs, &access).unwrap_err().to_string();
+        assert!(
+            err.starts_with("orders is to read bucket saga_fx_seller: names starting"),
+            "{err}"
+        );
         let (defs, mut access) = demo();
         access.readers.insert("seller".into(), ["demo_stock".into()].into());
         assert!(permissions(&defs, &access).unwrap_err().to_string().contains("owns bucket"));
