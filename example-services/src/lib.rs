@@ -24,27 +24,13 @@ pub mod seller;
 /// The saga every order starts.
 pub const PLACE_ORDER: &str = "place-order";
 
-/// Opens a key-value bucket, creating it (one value per key) if it does not exist.
+/// Opens a key-value bucket of the demo, creating it (one value per key) if it does not exist
+/// (with least privilege the coordinator has created it: `--kv-bucket`).
 pub(crate) async fn open_bucket(
-    js: &async_nats::jetstream::Context,
+    nats: &async_nats::Client,
     bucket: &str,
 ) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let config = async_nats::jetstream::kv::Config {
-        bucket: bucket.to_owned(),
-        history: 1,
-        ..Default::default()
-    };
-    match js.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Another service created it meanwhile.
-        Err(first) => js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open bucket {bucket}: {first}; then: {e}")),
-    }
+    Ok(saga_nats::provision::ensure_bucket(nats, bucket, 1).await?)
 }
 
 /// A deterministic fraction in `[0, 1)` for `key`: the same order always draws the same

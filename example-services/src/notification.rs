@@ -3,7 +3,7 @@
 //! log line and a durable record in the key-value bucket [`NOTIFICATION_BUCKET`], keyed by
 //! saga, so a redelivered event never notifies twice.
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use futures::TryStreamExt;
 use saga_core::LifecycleKind;
 use saga_nats::follow::{follow_sagas, Following, LifecycleEvent};
@@ -72,7 +72,7 @@ impl Notice {
 /// Starts Notification: follows `place-order`'s ends with the durable consumer
 /// `notification`.
 pub async fn run(nats: async_nats::Client) -> anyhow::Result<Following> {
-    let sent = open_bucket(&jetstream::new(nats.clone()), NOTIFICATION_BUCKET).await?;
+    let sent = open_bucket(&nats, NOTIFICATION_BUCKET).await?;
     let following = follow_sagas(
         nats,
         "notification",
@@ -108,7 +108,7 @@ pub async fn run(nats: async_nats::Client) -> anyhow::Result<Following> {
 
 /// Every notification sent so far.
 pub async fn sent(nats: async_nats::Client) -> anyhow::Result<Vec<Notice>> {
-    let store = open_bucket(&jetstream::new(nats), NOTIFICATION_BUCKET).await?;
+    let store = open_bucket(&nats, NOTIFICATION_BUCKET).await?;
     let keys: Vec<String> = store.keys().await?.try_collect().await?;
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {

@@ -27,7 +27,7 @@ use tracing::info;
 use crate::model::Order;
 use crate::open_bucket;
 use crate::PLACE_ORDER;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 
 /// The Orders service.
 #[derive(Clone)]
@@ -97,7 +97,7 @@ pub struct TimelineEntry {
 impl Orders {
     /// Connects the service to the saga system.
     pub async fn new(nats: async_nats::Client) -> anyhow::Result<Orders> {
-        let placed = open_bucket(&jetstream::new(nats.clone()), ORDER_BUCKET).await?;
+        let placed = open_bucket(&nats, ORDER_BUCKET).await?;
         // Orders starts and reads place-order sagas only: what its NATS permissions allow.
         let client = SagaClient::new(nats).await?.only([PLACE_ORDER])?;
         Ok(Orders { client, placed })

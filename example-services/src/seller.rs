@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use futures::TryStreamExt;
 use saga_nats::{Command, Participant, StepError};
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,7 @@ pub enum Reserved {
 impl StockStore {
     /// Opens the bucket, creating it on first use.
     pub async fn open(nats: async_nats::Client) -> anyhow::Result<StockStore> {
-        let kv = crate::open_bucket(&jetstream::new(nats), STOCK_BUCKET).await?;
+        let kv = crate::open_bucket(&nats, STOCK_BUCKET).await?;
         Ok(StockStore { kv })
     }
 

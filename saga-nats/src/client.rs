@@ -127,6 +127,11 @@ impl SagaView {
     }
 }
 
+/// The value of header `name` of `msg`, if it has one.
+fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
+}
+
 /// Filters for [`SagaClient::list`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -437,26 +442,21 @@ impl SagaClient {
             // 30 s.
             let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
             let mut pause = Duration::from_millis(10);
-            let answer = loop {
+            let (answer, code) = loop {
                 let answer = self
                     .client
                     .request(subject.clone(), body.clone().into())
                     .await
                     .map_err(SagaClientError::nats)?;
-                let code = answer.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code"));
-                if code.is_some_and(|c| c.as_str() == "503")
-                    && tokio::time::Instant::now() + pause < give_up
-                {
+                let code = header(&answer, "Nats-Service-Error-Code");
+                if code.as_deref() == Some("503") && tokio::time::Instant::now() + pause < give_up {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
                     continue;
                 }
-                break answer;
+                break (answer, code);
             };
-            let header = |name: &str| {
-                answer.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
-            };
-            match header("Nats-Service-Error-Code").as_deref() {
+            match code.as_deref() {
                 None => {
                     return serde_json::from_slice(&answer.payload).map_err(|e| {
                         SagaClientError::nats(format!("the admin service's answer: {e}"))
@@ -466,7 +466,7 @@ impl SagaClient {
                 Some(code) => {
                     return Err(SagaClientError::nats(format!(
                         "the admin service refused ({code}): {}",
-                        header("Nats-Service-Error").unwrap_or_default()
+                        header(&answer, "Nats-Service-Error").unwrap_or_default()
                     )))
                 }
             }

@@ -225,8 +225,8 @@ pub async fn open_effects(
     }
 }
 
-/// Creates key-value bucket `bucket` (one value per key, file storage) unless it exists; an
-/// existing one is left as it is.
+/// Opens key-value bucket `bucket`, creating it (one value per key, file storage) if it does
+/// not exist; an existing one is left as it is.
 pub async fn ensure_bucket(
     client: &async_nats::Client,
     bucket: &str,
@@ -240,15 +240,21 @@ pub async fn ensure_bucket(
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
-    js.create_key_value(kv::Config {
+    let config = kv::Config {
         bucket: bucket.to_owned(),
         history: 1,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| ProvisionError::Create { what: bucket.to_owned(), source: e.into() })
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another process created it meanwhile.
+        Err(first) => js.get_key_value(bucket).await.map_err(|then| ProvisionError::Create {
+            what: bucket.to_owned(),
+            source: format!("cannot create it ({first}) nor open it ({then})").into(),
+        }),
+    }
 }
 
 /// The coordinator's durable consumer.

@@ -113,24 +113,24 @@ async fn the_coordinator_command_line_reports_a_refusal_and_exits() {
     let server = server_with(
         r#"authorization { users = [ { user: "coordinator", password: "c-secret" } ] }"#.into(),
     );
-    let out = Command::new(COORDINATOR)
-        .args(["--nats-url", &server.url(), "--user", "coordinator", "--password", "guess"])
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("the coordinator runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The coordinator command line with `args`: did it fail, and what it wrote on stderr.
+    let run = |args: &[&str]| {
+        let out = Command::new(COORDINATOR)
+            .args(["--nats-url", &server.url()])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("the coordinator runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, stderr) = run(&["--user", "coordinator", "--password", "guess"]);
+    assert!(!ok);
     assert!(stderr.contains("refused user \"coordinator\": authorization violation"), "{stderr}");
     assert!(!stderr.contains("guess"), "{stderr}");
 
     // Two ways to authenticate at once: refused before any connection, naming both.
-    let out = Command::new(COORDINATOR)
-        .args(["--nats-url", &server.url(), "--token", "t", "--creds", "/dev/null"])
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("the coordinator runs");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (ok, stderr) = run(&["--token", "t", "--creds", "/dev/null"]);
+    assert!(!ok);
     assert!(stderr.contains("choose one way to authenticate, not creds and token"), "{stderr}");
 }
 
