@@ -95,7 +95,9 @@ pub async fn run(
             async move {
                 match cmd.action_output::<Shipment>().transpose()? {
                     Some(s) => info!(order = %cmd.input.id, shipment = %s.shipment, "shipment cancelled"),
-                    None => info!(order = %cmd.input.id, "nothing to cancel: no shipment was scheduled"),
+                    // The schedule's outcome is unknown (it timed out, or this service died
+                    // before recording it): its shipment id follows from the order's.
+                    None => info!(order = %cmd.input.id, shipment = %format!("ship-{}", cmd.input.id), "shipment cancelled, if it was scheduled"),
                 }
                 Ok(())
             }

@@ -184,6 +184,8 @@ struct StepState {
     undelivered: u32,
     /// The current attempt found no responder and waits for its redelivery timer.
     awaiting_redelivery: bool,
+    /// The attempt in flight was sent unclaimed ([`Dispatch::exclusive`]).
+    exclusive: bool,
 }
 
 impl StepState {
@@ -217,6 +219,7 @@ impl StepState {
     fn attempt_settled(&mut self) {
         self.undelivered = 0;
         self.awaiting_redelivery = false;
+        self.exclusive = false;
     }
 }
 
@@ -381,7 +384,17 @@ pub struct Dispatch {
     pub deps: BTreeMap<StepName, Payload>,
     /// For a compensation: the action's own output, when it succeeded.
     pub output: Option<Payload>,
+    /// No other delivery of this effect can be running or have run: the participant may run
+    /// it without claiming its effect first. Only the first send of an action's first attempt
+    /// is exclusive. It times out [`UNCLAIMED_GRACE`] after its deadline, and a driver that
+    /// re-sends it (after a take-over) waits until then, and sends it claimed with a fresh
+    /// deadline.
+    pub exclusive: bool,
 }
+
+/// How long after an unclaimed (exclusive) attempt's deadline it may still be recording its
+/// outcome: a driver re-sends it only after this much more time.
+pub const UNCLAIMED_GRACE: Duration = Duration::from_millis(1000);
 
 /// Lifecycle events published for services that follow sagas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -761,6 +774,7 @@ impl SagaState {
                     last_error: None,
                     undelivered: 0,
                     awaiting_redelivery: false,
+                    exclusive: false,
                 })
                 .collect(),
             cause: None,
@@ -850,6 +864,7 @@ impl SagaState {
                     last_error: s.last_error.clone(),
                     undelivered: s.undelivered,
                     awaiting_redelivery: s.awaiting_redelivery,
+                    exclusive: s.exclusive,
                 })
                 .collect(),
             cause: self.cause.clone(),
@@ -946,6 +961,7 @@ impl SagaState {
                     last_error: s.last_error.clone(),
                     undelivered: s.undelivered,
                     awaiting_redelivery: s.awaiting_redelivery,
+                    exclusive: s.exclusive,
                 })
                 .collect(),
             cause: snap.cause.clone(),
@@ -1180,8 +1196,12 @@ impl SagaState {
                 | StepStatus::CompensationStuck
                 | StepStatus::CompensationSkipped => continue,
             };
+            // An unclaimed attempt may still be running: send it again (claimed) only when it
+            // would time out (its deadline and the grace period have passed).
+            let kind =
+                if kind == TimerKind::Timeout && s.exclusive { TimerKind::Redeliver } else { kind };
             if kind == TimerKind::Timeout {
-                fx.push(Effect::Dispatch(self.command(plan, i, phase, attempt, at)));
+                fx.push(Effect::Dispatch(self.command(plan, i, phase, attempt, at, false)));
             }
             fx.push(Effect::ScheduleTimer {
                 timer: Timer { step: s.name.clone(), phase, attempt, kind },
@@ -1247,6 +1267,7 @@ impl SagaState {
         phase: Phase,
         attempt: u32,
         deadline: Timestamp,
+        exclusive: bool,
     ) -> Dispatch {
         let def = &plan.steps()[i];
         let s = &self.steps[i];
@@ -1273,6 +1294,7 @@ impl SagaState {
                 Phase::Action => None,
                 Phase::Compensation => s.output.clone(),
             },
+            exclusive,
         }
     }
 
@@ -1292,11 +1314,14 @@ impl SagaState {
             }
         };
         s.attempt_settled();
-        self.send(plan, now, i, phase, attempt, out);
+        // The first send of an action's first attempt: nothing else can be running it.
+        let exclusive = phase == Phase::Action && attempt == 1;
+        self.send(plan, now, i, phase, attempt, exclusive, out);
     }
 
-    /// Sends `attempt` of step `i`'s `phase` (a new attempt, or one that found no responder)
-    /// with a fresh deadline, and arms its timeout.
+    /// Sends `attempt` of step `i`'s `phase` (a new attempt, or one sent again) with a fresh
+    /// deadline, and arms its timeout.
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         plan: &Plan,
@@ -1304,13 +1329,19 @@ impl SagaState {
         i: usize,
         phase: Phase,
         attempt: u32,
+        exclusive: bool,
         out: &mut Out,
     ) {
         let deadline = now.after(plan.steps()[i].timeout);
+        // An unclaimed attempt times out a grace period after its deadline: the participant
+        // stops its handler at the deadline and may still be replying and recording. Nothing
+        // that follows a timeout (a retry, the compensation) meets that delivery.
+        let fires = if exclusive { deadline.after(UNCLAIMED_GRACE) } else { deadline };
         let s = &mut self.steps[i];
-        s.timer_at = Some(deadline);
+        s.timer_at = Some(fires);
         s.awaiting_redelivery = false;
-        let dispatch = self.command(plan, i, phase, attempt, deadline);
+        s.exclusive = exclusive;
+        let dispatch = self.command(plan, i, phase, attempt, deadline, exclusive);
         out.record(
             now,
             TimelineEvent::Dispatched {
@@ -1324,7 +1355,7 @@ impl SagaState {
         );
         let timer = Timer { step: dispatch.step.clone(), phase, attempt, kind: TimerKind::Timeout };
         out.fx.push(Effect::Dispatch(dispatch));
-        out.fx.push(Effect::ScheduleTimer { timer, at: deadline });
+        out.fx.push(Effect::ScheduleTimer { timer, at: fires });
     }
 
     fn cancel_timer(
@@ -1536,8 +1567,9 @@ impl SagaState {
             (phase, TimerKind::Timeout) => {
                 s.in_flight(phase, timer.attempt) && !s.awaiting_redelivery
             }
+            // Found no responder, or sent unclaimed before a take-over.
             (phase, TimerKind::Redeliver) => {
-                s.in_flight(phase, timer.attempt) && s.awaiting_redelivery
+                s.in_flight(phase, timer.attempt) && (s.awaiting_redelivery || s.exclusive)
             }
             (Phase::Action, TimerKind::Backoff) => {
                 s.status == StepStatus::RetryWait
@@ -1568,7 +1600,10 @@ impl SagaState {
                     }
                 }
             }
-            (phase, TimerKind::Redeliver) => self.send(plan, now, i, phase, timer.attempt, out),
+            // Maybe delivered before: claimed from now on.
+            (phase, TimerKind::Redeliver) => {
+                self.send(plan, now, i, phase, timer.attempt, false, out)
+            }
             (phase, TimerKind::Backoff) => self.dispatch(plan, now, i, phase, out),
         }
         Ok(())

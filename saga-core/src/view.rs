@@ -77,6 +77,10 @@ pub struct StepSnapshot {
     /// (`false` once it was sent again, even if `undelivered` is still above 0).
     #[serde(default)]
     pub awaiting_redelivery: bool,
+    /// The attempt in flight was sent unclaimed (exclusive): a driver that takes the saga
+    /// over sends it again only after its deadline has passed.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// One entry of a saga's typed timeline.

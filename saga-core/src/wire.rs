@@ -76,6 +76,11 @@ pub struct CommandMessage {
     /// For a compensation: the action's output, if the coordinator saw it succeed.
     #[serde(default)]
     pub output: Option<Payload>,
+    /// No other delivery of this effect can be running or have run: the participant runs the
+    /// handler without claiming the effect first, and records its outcome after replying.
+    /// Set only on the first send of an action's first attempt.
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 impl CommandMessage {
@@ -94,6 +99,7 @@ impl CommandMessage {
             input: d.input.clone(),
             deps: d.deps.clone(),
             output: d.output.clone(),
+            exclusive: d.exclusive,
         }
     }
 

@@ -567,9 +567,19 @@ impl Worker {
             .and_then(|h| h.get(headers::TRACEPARENT))
             .map(|v| v.as_str().to_owned())
             .filter(|tp| crate::telemetry::trace_id(tp).is_some());
+        // Delivered before, and nothing logged: an earlier holder may have sent the first
+        // commands (unclaimed) and died. Send nothing unclaimed: the saga's outstanding work
+        // re-sends them, claimed, once they would have timed out.
+        let redelivered = msg.info().is_ok_and(|i| i.delivered > 1);
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with the timeline entries `begin` keeps.
         let (live, effects) = self.begin(id, start, trace, vec![msg]).await?;
+        let effects = if redelivered {
+            info!(saga_id = %id, "taking over a saga begun by another replica, before anything was logged");
+            live.state.outstanding(&live.plan)
+        } else {
+            effects
+        };
         self.sagas.insert(id.clone(), live);
         self.execute(id, &effects).await;
         Ok(())
@@ -771,6 +781,8 @@ impl Worker {
                 return self.refuse_reply(&msg, &why).await;
             }
             let event = if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                // The server sends this status only to the connection that sent the request
+                // (this one); anyone else on the reply subject is the owning service.
                 debug!("no responders: the command was not delivered");
                 Event::Undelivered { step: to.step.clone(), phase: to.phase, attempt: to.attempt }
             } else {

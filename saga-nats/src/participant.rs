@@ -10,12 +10,16 @@
 //! 2. claims its effect key (`<saga>.<step>.<a|c>`) in the service's own bucket
 //!    `saga_fx_<service>` until the command's deadline: if the effect is already recorded it
 //!    re-sends the recorded reply instead of running the handler again, and a claim that
-//!    lapsed (its holder died or ran out of time) is taken over;
-//! 3. for a compensation, applies the barrier: if the action never ran, the compensation is a
-//!    recorded no-op and the action can no longer run; if the coordinator never saw the
-//!    action's output, the recorded one is handed to the compensation;
+//!    lapsed (its holder died or ran out of time) is taken over. The first send of an action's
+//!    first attempt is *exclusive* (no other delivery of it can run before its deadline): it
+//!    runs without a claim, and only its outcome is written, after the reply;
+//! 3. for a compensation, applies the barrier: the action can no longer run; if the action
+//!    failed without effect, the compensation is a recorded no-op; if the coordinator never
+//!    saw the action's output, the recorded one is handed to the compensation; if nothing is
+//!    recorded, the action may have run (unclaimed, or cut short), so the compensation runs
+//!    without an output;
 //! 4. runs the handler until the deadline (a panic is caught and reported as a transient
-//!    error), records the outcome and replies.
+//!    error), replies, and records the outcome.
 //!
 //! A participant never reads a saga's log or another service's records: it needs only its
 //! bucket, its command subjects and its reply subjects.
@@ -97,6 +101,8 @@ impl<T> Command<T> {
     }
 
     /// For a compensation: the action's own output, decoded as `O`, if the action succeeded.
+    /// `None` when its outcome is unknown (it timed out, or its participant died before
+    /// recording it): the compensation must then be harmless if the action never happened.
     pub fn action_output<O: DeserializeOwned>(&self) -> Option<Result<O, StepError>> {
         self.output.as_ref().map(|bytes| {
             rmp_serde::from_slice(bytes.as_bytes())
@@ -433,7 +439,7 @@ enum Claim {
 
 /// What the barrier found for a compensation.
 struct Barrier {
-    /// The action never ran (and now never will): the compensation is a no-op.
+    /// The action failed without effect (and now never runs): the compensation is a no-op.
     noop: bool,
     /// The action's recorded output, when it succeeded.
     output: Option<Payload>,
@@ -586,6 +592,19 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        if cmd.exclusive && cmd.phase == Phase::Action {
+            // The first delivery of a first attempt: nothing else runs this effect until its
+            // deadline has passed (the coordinator sends it again only after that), so no
+            // claim. Its outcome is recorded after the reply, over nothing (revision 0).
+            let output = cmd.output.clone();
+            return match self.run_handler(msg, &cmd, handler, output, traceparent).await {
+                Some(outcome) => Ok(Decided { outcome, claim: Some((key, 0, guard)) }),
+                None => {
+                    warn!("handler still running at the command's deadline: stopped");
+                    Err(Skip("the handler ran out of time".into()))
+                }
+            };
+        }
         let rev = match self.claim(&key, &cmd).await? {
             Claim::Recorded(outcome) => {
                 debug!("effect already recorded: re-sending its reply");
@@ -612,7 +631,7 @@ impl Shared {
             },
         };
         let outcome = if barrier.noop {
-            info!("compensation of an action that never ran: recorded as a no-op");
+            info!("compensation of an action that failed without effect: recorded as a no-op");
             ReplyOutcome::Success { output: Payload::default() }
         } else {
             let output = cmd.output.clone().or(barrier.output);
@@ -770,8 +789,9 @@ impl Shared {
         Err(Skip(format!("effect key {key} stayed busy until the deadline")))
     }
 
-    /// For a compensation: whether the action never ran (then the compensation is a no-op),
-    /// blocking the action from ever running if it has not, and the action's recorded output.
+    /// For a compensation: whether the action failed without effect (then the compensation is
+    /// a no-op), blocking the action from ever running if it has not, and the action's recorded
+    /// output.
     async fn barrier(&self, cmd: &CommandMessage) -> Result<Barrier, Skip> {
         let key = CommandId::effect_key(&cmd.saga_id, &cmd.step, Phase::Action);
         let first = self.encode(&EffectRecord::Barrier { lapsed: false });
@@ -817,8 +837,10 @@ impl Shared {
                         },
                     }
                 }
-                _ => match self.effects.create(&key, first.clone()).await {
-                    Ok(_) => return Ok(Barrier { noop: true, output: None }),
+                // Nothing recorded: the action's first attempt runs unclaimed, so it may have
+                // run (and died before recording). Block it and compensate.
+                _ => match self.effects.create(&key, over_lapsed.clone()).await {
+                    Ok(_) => return Ok(Barrier { noop: false, output: None }),
                     Err(_) => contended().await,
                 },
             }
@@ -856,7 +878,11 @@ impl Shared {
             Some(e) if e.operation == kv::Operation::Put => {
                 match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
                     Some(EffectRecord::Done { .. }) => return Ok(()),
-                    Some(EffectRecord::Barrier { .. }) => {
+                    Some(EffectRecord::Barrier { lapsed: true }) => {
+                        warn!(key, "the action finished after its compensation had started: the compensation ran without the action's output");
+                        return Ok(());
+                    }
+                    Some(EffectRecord::Barrier { lapsed: false }) => {
                         error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
                         return Ok(());
                     }

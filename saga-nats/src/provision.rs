@@ -108,6 +108,11 @@ pub async fn provision(
         ),
         subjects: vec!["saga.in.>".into()],
         retention: stream::RetentionPolicy::WorkQueue,
+        // One start per saga (and one action per saga and operator) waits at a time: a second
+        // one is refused by the server, so two replicas never begin the same saga.
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
         allow_direct: true,
         duplicate_window: Duration::from_secs(120),
         storage: stream::StorageType::File,

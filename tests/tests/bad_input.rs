@@ -133,6 +133,7 @@ fn command(
         input,
         deps: BTreeMap::new(),
         output: None,
+        exclusive: false,
     }
 }
 
@@ -154,14 +155,27 @@ fn operator(id: &SagaId, action: OperatorAction, reason: &str) -> OperatorMessag
 }
 
 /// Publishes through JetStream and waits for the stream's acknowledgement; returns the
-/// stream sequence.
+/// stream sequence. `SAGA_IN` holds one message per subject: while an earlier one waits on
+/// the same subject (not yet handled or dead-lettered), try again.
 async fn publish(js: &jetstream::Context, subject: &str, payload: Vec<u8>) -> u64 {
-    js.publish(subject.to_owned(), Bytes::from(payload))
-        .await
-        .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
-        .await
-        .unwrap_or_else(|e| panic!("publish ack from {subject}: {e}"))
-        .sequence
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ack = js
+            .publish(subject.to_owned(), Bytes::from(payload.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
+            .await;
+        match ack {
+            Ok(ack) => return ack.sequence,
+            Err(e)
+                if e.to_string().contains("maximum messages per subject")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("publish ack from {subject}: {e}"),
+        }
+    }
 }
 
 /// Publishes on core NATS, with a reply subject when `reply` is given, and flushes.
@@ -1344,10 +1358,21 @@ async fn keyed_start_with_other_input_is_refused() {
         assert!(text.contains(id.as_str()) && text.contains("another input"), "{text}");
 
         let forged = start_message(key, "two", &digest, input_bytes(99));
+        let subject = subjects::start(id, &"two".into());
+        if id == &running {
+            // While a saga's start waits, the server refuses a second one on its subject.
+            let refused = js.publish(subject.clone(), Bytes::from(encode(&forged))).await;
+            let err = match refused {
+                Ok(ack) => ack.await.expect_err("a second start while one waits is refused"),
+                Err(e) => panic!("publish: {e}"),
+            };
+            assert!(err.to_string().contains("maximum messages per subject"), "{err}");
+            continue;
+        }
         expected.push(Expected::new(
             what,
             "coordinator",
-            subjects::start(id, &"two".into()),
+            subject,
             encode(&forged),
             &[&format!("saga {id} already exists with another definition or input")],
         ));

@@ -1,7 +1,7 @@
 //! Fault tests: kill -9 of the coordinator process (its held sagas are taken over), two
 //! replicas at once, nats-server restarts, participants that are down, a participant process
-//! killed mid-handler, and a compensation after a success the coordinator never saw; all
-//! against real nats-server processes.
+//! killed mid-handler, a take-over or a compensation after a success the coordinator never
+//! saw; all against real nats-server processes.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use saga_core::wire::{EffectRecord, ReplyOutcome};
-use saga_core::{Codec, Phase, SagaDefinition, SagaId, SagaStatus, TimelineEvent};
-use saga_nats::{Coordinator, Participant, StepError};
+use saga_core::{Phase, SagaDefinition, SagaId, SagaStatus, TimelineEvent, Timestamp};
+use saga_nats::{Coordinator, Participant, SagaClient, StepError};
 use saga_tests::support::*;
 use saga_tests::NatsServer;
 
@@ -345,15 +345,17 @@ async fn kill_9_of_a_participant_mid_handler_under_load_parks_no_saga() {
     })
     .await;
     first.kill9();
+    // Counted after the kill: the handlers that started and never ended were cut by it.
+    let cut =
+        first.started.load(Ordering::SeqCst).saturating_sub(first.ended.load(Ordering::SeqCst));
     let at_kill = effect_records(nats.clone(), "svc").await;
     let done_by_first: HashSet<&String> = at_kill
         .iter()
         .filter(|(_, r)| matches!(r, EffectRecord::Done { .. }))
         .map(|(k, _)| k)
         .collect();
-    let cut = at_kill.values().filter(|r| matches!(r, EffectRecord::InProgress { .. })).count();
     eprintln!(
-        "killed the participant with {} effects done and {cut} under way",
+        "killed the participant with {} effects done and {cut} handlers under way",
         done_by_first.len()
     );
     assert!(cut > 0, "the kill came in the middle of handlers");
@@ -398,12 +400,12 @@ async fn kill_9_of_a_participant_mid_handler_under_load_parks_no_saga() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compensation_gets_the_output_of_a_success_the_coordinator_never_saw() {
+async fn a_take_over_takes_a_success_the_first_replica_never_saw_from_its_record() {
     init_logging();
     let server = NatsServer::start();
     let nats = server.connect().await;
-    // `b` has one attempt: when it times out its status is unknown and the saga compensates.
-    let timeout = Duration::from_secs(10);
+    // `b` has one attempt: were it to time out, the saga would compensate.
+    let timeout = Duration::from_secs(5);
     let def = SagaDefinition::builder("unseen")
         .step("a", "svc", "a", |s| s.compensation("undo-a").retry(quick_retry(3)))
         .step("b", "svc", "b", |s| s.compensation("undo-b").timeout(timeout).retry(quick_retry(1)))
@@ -417,25 +419,132 @@ async fn a_compensation_gets_the_output_of_a_success_the_coordinator_never_saw()
     .unwrap();
     let client = client(nats.clone()).await;
 
-    // `b`'s action tells the test it runs, then waits for the test to let it succeed; `undo-b`
-    // hands over the action output it was given.
+    // `b`'s action tells the test it runs, then waits for the test to let it succeed.
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel::<()>();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let (output_tx, mut outputs) =
-        tokio::sync::mpsc::unbounded_channel::<Option<Result<EchoOutput, StepError>>>();
-    let g = gate.clone();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let compensations = Arc::new(AtomicUsize::new(0));
+    let (g, r, c) = (gate.clone(), runs.clone(), compensations.clone());
     let _p = Participant::builder(server.connect().await, "svc")
         .action("a", |cmd: saga_nats::Command<TestInput>| async move {
             Ok(EchoOutput { step: "a".into(), n: cmd.input.n })
         })
         .compensation("undo-a", |_: saga_nats::Command<TestInput>| async { Ok(()) })
         .action("b", move |cmd: saga_nats::Command<TestInput>| {
-            let (entered_tx, g) = (entered_tx.clone(), g.clone());
+            let (entered_tx, g, r) = (entered_tx.clone(), g.clone(), r.clone());
             async move {
+                r.fetch_add(1, Ordering::SeqCst);
                 let _ = entered_tx.send(());
                 g.acquire().await.expect("open").forget();
                 Ok(EchoOutput { step: "b-output".into(), n: cmd.input.n })
             }
+        })
+        .compensation("undo-b", move |_: saga_nats::Command<TestInput>| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let id = client.start("unseen", &TestInput { n: 7, ..Default::default() }).await.unwrap();
+    tokio::time::timeout(WAIT, entered.recv()).await.expect("b runs").unwrap();
+    // The coordinator goes away (its reply subject with it) while `b` runs, and a second one
+    // takes the saga over at once; then `b` succeeds and its outcome is recorded, but its
+    // reply reaches nobody.
+    first.shutdown().await;
+    first_nats.flush().await.unwrap();
+    let _second = coordinator(server.connect().await, vec![def]).await;
+    gate.add_permits(1);
+    let effect = format!("{id}.b.a");
+    let mut recorded = false;
+    for _ in 0..600 {
+        if let Some(EffectRecord::Done { .. }) =
+            effect_records(nats.clone(), "svc").await.remove(&effect)
+        {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recorded, "b's success is recorded");
+
+    // `b`'s first attempt went out unclaimed: the second replica sends it again only after
+    // its deadline, claimed, and gets the recorded success instead of timing it out.
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed, "{:?}", view.snapshot);
+    let output = view.output::<EchoOutput>("b").expect("b's output").unwrap();
+    assert_eq!(output, EchoOutput { step: "b-output".into(), n: 7 });
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "b ran once");
+    assert_eq!(compensations.load(Ordering::SeqCst), 0, "nothing compensated");
+    let timeline = client.timeline(&id).await.unwrap();
+    let sends: Vec<Timestamp> = timeline
+        .iter()
+        .filter_map(|e| match &e.event {
+            TimelineEvent::Dispatched {
+                step, phase: Phase::Action, attempt: 1, deadline, ..
+            } if step.as_str() == "b" => Some(*deadline),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sends.len(), 2, "b's attempt 1 sent twice: {timeline:?}");
+    let resent_at = timeline
+        .iter()
+        .filter(|e| {
+            matches!(&e.event, TimelineEvent::Dispatched { step, attempt: 1, .. } if step.as_str() == "b")
+        })
+        .nth(1)
+        .map(|e| e.at)
+        .unwrap();
+    assert!(
+        resent_at >= sends[0].after(saga_core::UNCLAIMED_GRACE),
+        "re-sent at {resent_at:?}, not before the first send's deadline {:?} and the grace",
+        sends[0]
+    );
+    assert!(
+        !timeline.iter().any(|e| matches!(&e.event, TimelineEvent::TimedOut { .. })),
+        "nothing timed out: {timeline:?}"
+    );
+}
+
+/// A reply the server drops (here: the service may not publish the action's replies of step
+/// `b`, so every such reply is lost) leaves the coordinator to time the step out; the
+/// compensation then gets the output the participant recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_gets_the_output_of_a_success_whose_reply_was_lost() {
+    init_logging();
+    let timeout = Duration::from_secs(2);
+    let def = SagaDefinition::builder("lost")
+        .step("a", "svc", "a", |s| s.compensation("undo-a").retry(quick_retry(3)))
+        .step("b", "svc", "b", |s| s.compensation("undo-b").timeout(timeout).retry(quick_retry(1)))
+        .build();
+    let access = saga_nats::permissions::Access {
+        starters: [("shop".into(), ["lost".into()].into())].into(),
+        ..Default::default()
+    };
+    let mut users =
+        saga_nats::permissions::permissions(std::slice::from_ref(&def), &access).unwrap();
+    let svc = users.iter_mut().find(|u| u.user == "svc").expect("the service's user");
+    let replies = "saga.reply.*.svc.>".to_owned();
+    assert!(svc.publish.remove(&replies), "{:?}", svc.publish);
+    svc.publish.insert("saga.reply.*.svc.*.a.>".into());
+    svc.publish.insert("saga.reply.*.svc.*.b.c.*".into());
+    let bus = saga_tests::auth::Bus::start_with(&users, Default::default());
+    let (nats, _) = bus.connect("coordinator").await;
+    let _coordinator = Coordinator::start(nats, coordinator_config(vec![def], WAIT)).await.unwrap();
+    let (nats, svc_denials) = bus.connect("svc").await;
+    let (output_tx, mut outputs) =
+        tokio::sync::mpsc::unbounded_channel::<Option<Result<EchoOutput, StepError>>>();
+    let _p = Participant::builder(nats, "svc")
+        .action("a", |cmd: saga_nats::Command<TestInput>| async move {
+            Ok(EchoOutput { step: "a".into(), n: cmd.input.n })
+        })
+        .compensation("undo-a", |_: saga_nats::Command<TestInput>| async { Ok(()) })
+        .action("b", |cmd: saga_nats::Command<TestInput>| async move {
+            Ok(EchoOutput { step: "b-output".into(), n: cmd.input.n })
         })
         .compensation("undo-b", move |cmd: saga_nats::Command<TestInput>| {
             let output_tx = output_tx.clone();
@@ -447,62 +556,15 @@ async fn a_compensation_gets_the_output_of_a_success_the_coordinator_never_saw()
         .start()
         .await
         .unwrap();
+    let (nats, _) = bus.connect("shop").await;
+    let shop = SagaClient::new(nats).await.unwrap().only(["lost"]).unwrap();
 
-    let id = client.start("unseen", &TestInput { n: 7, ..Default::default() }).await.unwrap();
-    tokio::time::timeout(WAIT, entered.recv()).await.expect("b runs").unwrap();
-    // The coordinator goes away (its reply subject with it) while `b` runs; then `b` succeeds
-    // and its outcome is recorded, but its reply reaches nobody.
-    first.shutdown().await;
-    first_nats.flush().await.unwrap();
-    gate.add_permits(1);
-    let effect = format!("{id}.b.a");
-    let expected = EchoOutput { step: "b-output".into(), n: 7 };
-    let mut recorded = None;
-    for _ in 0..600 {
-        if let Some(EffectRecord::Done { outcome, .. }) =
-            effect_records(nats.clone(), "svc").await.remove(&effect)
-        {
-            recorded = Some(outcome);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let Some(ReplyOutcome::Success { output }) = recorded else {
-        panic!("b's success is recorded: {recorded:?}")
-    };
-    let output: EchoOutput = Codec::default().decode_value("output", output.as_bytes()).unwrap();
-    assert_eq!(output, expected);
-
-    // Once b's deadline has passed, a new replica takes the saga over: b timed out as far as
-    // it knows, so it compensates b without its output.
-    let deadline = client
-        .timeline(&id)
-        .await
-        .unwrap()
-        .iter()
-        .find_map(|e| match &e.event {
-            TimelineEvent::Dispatched { step, phase: Phase::Action, deadline, .. }
-                if step.as_str() == "b" =>
-            {
-                Some(*deadline)
-            }
-            _ => None,
-        })
-        .expect("b's dispatch is logged");
-    loop {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-        let left = (deadline.0 + 200).saturating_sub(now.as_millis() as u64);
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(left)).await;
-    }
-    let _second = coordinator(server.connect().await, vec![def]).await;
-
-    let view = client.wait(&id, WAIT).await.unwrap();
+    let id = shop.start("lost", &TestInput { n: 9, ..Default::default() }).await.unwrap();
+    let view = shop.wait(&id, WAIT).await.unwrap();
     assert_eq!(view.status(), SagaStatus::Compensated, "{:?}", view.snapshot);
     assert!(view.output::<EchoOutput>("b").is_none(), "the coordinator never saw b's output");
-    let timeline = client.timeline(&id).await.unwrap();
+    saga_tests::auth::expect_denied("svc", &svc_denials, "saga.reply.").await;
+    let timeline = shop.timeline(&id).await.unwrap();
     assert!(
         timeline.iter().any(
             |e| matches!(&e.event, TimelineEvent::TimedOut { step, .. } if step.as_str() == "b")
@@ -510,6 +572,7 @@ async fn a_compensation_gets_the_output_of_a_success_the_coordinator_never_saw()
         "b timed out: {timeline:?}"
     );
     let given = tokio::time::timeout(WAIT, outputs.recv()).await.expect("undo-b ran").unwrap();
+    let expected = EchoOutput { step: "b-output".into(), n: 9 };
     assert_eq!(given.map(|r| r.unwrap()), Some(expected), "undo-b got b's recorded output");
     assert!(outputs.try_recv().is_err(), "undo-b ran once");
 }

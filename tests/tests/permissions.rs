@@ -217,6 +217,13 @@ async fn what_each_role_may_not_do_the_server_refuses() {
         svc.publish(api, Bytes::from_static(b"{}")).await.unwrap();
         expect_denied("svc", &svc_denials, api).await;
     }
+    // Nor have the server answer "no responders" for b's command: a request, on a subject it
+    // may publish on and nobody listens on, with b's reply subject. The server sends that
+    // status only to the requester's own connection (b's timeline shows none, below).
+    svc.publish_with_reply("saga.reply.ghost.svc.x.y.a.1", own_reply.subject(), Bytes::new())
+        .await
+        .unwrap();
+    svc.flush().await.unwrap();
 
     // The starter: no log records, no operator actions, no other definition's sagas.
     let (shop, shop_denials) = bus.connect("shop").await;
@@ -262,9 +269,15 @@ async fn what_each_role_may_not_do_the_server_refuses() {
     let anonymous = NatsOptions::with_url(bus.server.url()).connect("anonymous").await;
     assert!(anonymous.is_err());
 
-    // The saga went on untouched: b's retry succeeded, nothing was cancelled or run twice.
+    // The saga went on untouched: b's retry succeeded, nothing was cancelled or run twice,
+    // and no attempt was taken for undelivered.
     let view = roles.shop.wait(&id, WAIT).await.unwrap();
     assert_eq!(view.status(), SagaStatus::Completed);
+    let timeline = roles.shop.timeline(&id).await.unwrap();
+    assert!(
+        !timeline.iter().any(|e| matches!(e.event, TimelineEvent::NotDelivered { .. })),
+        "{timeline:?}"
+    );
     assert_eq!((roles.effects.count(&id, "a", "a"), roles.effects.count(&id, "b", "a")), (1, 1));
     assert!(roles.effects.duplicates().is_empty());
 }

@@ -639,7 +639,23 @@ impl Sim {
                 other => return Some(format!("outstanding() emits {other:?}")),
             }
         }
-        (timers != self.timers)
+        // An attempt sent unclaimed is not re-sent at once but redelivered (claimed) when it
+        // would time out: the timer a driver taking the saga over would arm.
+        let exclusive: BTreeSet<StepName> = self
+            .state
+            .snapshot()
+            .steps
+            .into_iter()
+            .filter(|s| s.exclusive)
+            .map(|s| s.name)
+            .collect();
+        let mut armed = self.timers.clone();
+        for (step, (timer, _)) in armed.iter_mut() {
+            if exclusive.contains(step) && timer.kind == TimerKind::Timeout {
+                timer.kind = TimerKind::Redeliver;
+            }
+        }
+        (timers != armed)
             .then(|| format!("outstanding() timers {timers:?} != armed {:?}", self.timers))
     }
 
