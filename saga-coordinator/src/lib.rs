@@ -64,6 +64,11 @@ struct Args {
     #[arg(long = "kv-bucket", env = "SAGA_KV_BUCKETS", value_delimiter = ',', value_name = "NAME")]
     kv_buckets: Vec<String>,
 
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464); off when unset.
+    /// docs/OPERATIONS.md lists the metrics.
+    #[arg(long, env = "SAGA_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
     /// Log filter (error, warn, info, debug, trace, or per-module: saga_nats=debug).
     #[arg(long, env = "RUST_LOG")]
     log: Option<String>,
@@ -112,6 +117,7 @@ impl Args {
             replicas: self.replicas.or(file.replicas),
             replica_name: self.replica_name.or(file.replica_name),
             kv_buckets: if self.kv_buckets.is_empty() { file.kv_buckets } else { self.kv_buckets },
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             log: self.log.or(file.log),
         }
     }
@@ -161,6 +167,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(dir) => load_definitions(dir)?,
         None => Vec::new(),
     };
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr).await?;
+    }
     let client = args.nats.connect("saga-coordinator").await?;
     info!(url = %args.nats.display_urls(), auth = %args.nats.describe_auth(), "connected to NATS");
     let defaults = ProvisionConfig::default();
@@ -183,6 +192,44 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     shutdown_signal().await;
     info!("signal received: finishing in-flight work");
     coordinator.shutdown().await;
+    Ok(())
+}
+
+/// Installs the Prometheus recorder and serves its rendering on `http://addr/metrics`.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ])?
+        .install_recorder()?;
+    saga_nats::observe::describe();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    let render = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render.render())
+            }
+        }),
+    );
+    info!(url = %format!("http://{}/metrics", listener.local_addr()?), "serving Prometheus metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, "the metrics server stopped");
+        }
+    });
+    // Histograms are kept in windows; this keeps them moving when nothing scrapes.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            handle.run_upkeep();
+        }
+    });
     Ok(())
 }
 

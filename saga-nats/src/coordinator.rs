@@ -39,6 +39,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::admin::AdminService;
 use crate::deliver::{dead_letter, now, redelivery_delay};
+use crate::observe;
 use crate::provision::{open_effects, provision, EffectsConfig, ProvisionConfig, ProvisionError};
 use crate::store::{Registry, RegistryError, SagaLog, StoreError, Versioned};
 use crate::subjects::{self, headers, InputKind, ReplyTo};
@@ -189,6 +190,7 @@ impl Coordinator {
             ack_wait: config.provision.ack_wait,
             retention: config.provision.finished_retention,
             max_deliveries: config.max_deliveries.max(1),
+            held: (0..config.workers.max(1)).map(|_| Default::default()).collect(),
         });
         let admin = if config.admin {
             let service = AdminService::start(shared.client.clone(), shared.log.clone())
@@ -243,6 +245,8 @@ struct Shared {
     ack_wait: Duration,
     retention: Duration,
     max_deliveries: i64,
+    /// Per worker: the sagas it holds, and how many of them are parked (for the gauges).
+    held: Vec<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>,
 }
 
 /// Work for one worker.
@@ -274,7 +278,7 @@ async fn run(
     for n in 0..workers {
         let (tx, rx) = mpsc::channel::<Work>(256);
         senders.push(tx);
-        tasks.push(tokio::spawn(Worker::new(shared.clone()).run(rx, n)));
+        tasks.push(tokio::spawn(Worker::new(shared.clone(), n).run(rx)));
     }
     let shard_of = |work: &Work| {
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -355,10 +359,14 @@ struct Live {
     armed: HashMap<StepName, (Timer, Timestamp)>,
     last_write: Instant,
     last_progress: Instant,
+    /// When its in-flight attempts were sent (for the attempt-time histogram).
+    sent: observe::Sent,
 }
 
 struct Worker {
     shared: Arc<Shared>,
+    /// Its index among the workers.
+    n: usize,
     sagas: HashMap<SagaId, Live>,
     timers: BinaryHeap<Reverse<(Timestamp, SagaId, TimerKey)>>,
 }
@@ -416,11 +424,11 @@ impl HandleError {
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>) -> Worker {
-        Worker { shared, sagas: HashMap::new(), timers: BinaryHeap::new() }
+    fn new(shared: Arc<Shared>, n: usize) -> Worker {
+        Worker { shared, n, sagas: HashMap::new(), timers: BinaryHeap::new() }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Work>, n: usize) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Work>) {
         let mut tick =
             tokio::time::interval((self.shared.ack_wait / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -451,7 +459,7 @@ impl Worker {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
             }
         }
-        debug!(worker = n, "worker stopped");
+        debug!(worker = self.n, "worker stopped");
     }
 
     async fn input(&mut self, msg: jetstream::Message) {
@@ -571,9 +579,14 @@ impl Worker {
         // commands (unclaimed) and died. Send nothing unclaimed: the saga's outstanding work
         // re-sends them, claimed, once they would have timed out.
         let redelivered = msg.info().is_ok_and(|i| i.delivered > 1);
+        if let Ok(info) = msg.info() {
+            let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            observe::input_lag(now().0.saturating_sub(published));
+        }
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with the timeline entries `begin` keeps.
-        let (live, effects) = self.begin(id, start, trace, vec![msg]).await?;
+        let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
+        observe::transition(live.state.saga(), &live.timeline, &mut live.sent);
         let effects = if redelivered {
             info!(saga_id = %id, "taking over a saga begun by another replica, before anything was logged");
             live.state.outstanding(&live.plan)
@@ -735,6 +748,8 @@ impl Worker {
             let live = self.sagas.get_mut(id).expect("loaded above");
             match appended {
                 Ok(seq) => {
+                    let saga = live.state.saga().clone();
+                    observe::transition(&saga, &record.timeline[pending.0..], &mut live.sent);
                     live.seq = seq;
                     live.last_write = Instant::now();
                     debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
@@ -747,6 +762,7 @@ impl Worker {
                     return Ok(());
                 }
                 Err(StoreError::Conflict { .. }) => {
+                    metrics::counter!(observe::LOG_CONFLICTS).increment(1);
                     debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
                     if !self.load(id).await? {
                         return Ok(());
@@ -900,6 +916,7 @@ impl Worker {
     /// action reached this one) is read again from its log, so that it is let go when it ends
     /// and its timers are armed when it moves on.
     async fn keep_alive(&mut self) {
+        self.count_held();
         let every = self.shared.ack_wait / 3;
         let refresh_after = self.shared.retention / 2;
         let mut stale = Vec::new();
@@ -951,6 +968,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Publishes how many sagas this worker holds (and how many are parked) to the gauges.
+    fn count_held(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = self.sagas.values().filter(|l| !l.handles.is_empty());
+        let (mut in_flight, mut parked) = (0, 0);
+        for live in held {
+            in_flight += 1;
+            parked += usize::from(live.state.status() == saga_core::SagaStatus::NeedsIntervention);
+        }
+        let mine = &self.shared.held[self.n];
+        mine.0.store(in_flight, Relaxed);
+        mine.1.store(parked, Relaxed);
+        let all = self.shared.held.iter();
+        let (in_flight, parked) =
+            all.fold((0, 0), |(i, p), (a, b)| (i + a.load(Relaxed), p + b.load(Relaxed)));
+        observe::held(in_flight, parked);
     }
 
     /// Carries out effects: the one place where commands are sent, timers armed and
@@ -1096,6 +1131,7 @@ impl Live {
             armed: HashMap::new(),
             last_write: Instant::now(),
             last_progress: Instant::now(),
+            sent: observe::Sent::default(),
         }
     }
 }

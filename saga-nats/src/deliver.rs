@@ -31,6 +31,7 @@ pub(crate) async fn dead_letter(
     headers.insert(headers::DLQ_REASON, sanitize_header(reason).as_str());
     headers.insert(headers::DLQ_SUBJECT, sanitize_header(&msg.subject).as_str());
     js.publish_with_headers(subjects::dlq(component), headers, msg.payload.clone()).await?.await?;
+    crate::observe::dead_lettered(component);
     Ok(())
 }
 

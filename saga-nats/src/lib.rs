@@ -31,6 +31,7 @@ pub mod connect;
 pub mod coordinator;
 mod deliver;
 pub mod follow;
+pub mod observe;
 pub mod participant;
 pub mod permissions;
 pub mod provision;

@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::deliver::{dead_letter, now};
+use crate::observe;
 use crate::provision::{open_effects, EffectsConfig, ProvisionError};
 use crate::subjects::{self, headers, ReplyTo};
 
@@ -597,6 +598,8 @@ impl Shared {
             // deadline has passed (the coordinator sends it again only after that), so no
             // claim. Its outcome is recorded after the reply, over nothing (revision 0).
             let output = cmd.output.clone();
+            metrics::counter!(observe::UNCLAIMED_RUNS, "service" => self.service.to_string())
+                .increment(1);
             return match self.run_handler(msg, &cmd, handler, output, traceparent).await {
                 Some(outcome) => Ok(Decided { outcome, claim: Some((key, 0, guard)) }),
                 None => {
@@ -607,6 +610,8 @@ impl Shared {
         }
         let rev = match self.claim(&key, &cmd).await? {
             Claim::Recorded(outcome) => {
+                metrics::counter!(observe::DEDUP_HITS, "service" => self.service.to_string())
+                    .increment(1);
                 debug!("effect already recorded: re-sending its reply");
                 return Ok(Decided::recorded(outcome));
             }
@@ -631,6 +636,8 @@ impl Shared {
             },
         };
         let outcome = if barrier.noop {
+            metrics::counter!(observe::BARRIER_NOOPS, "service" => self.service.to_string())
+                .increment(1);
             info!("compensation of an action that failed without effect: recorded as a no-op");
             ReplyOutcome::Success { output: Payload::default() }
         } else {
@@ -681,7 +688,24 @@ impl Shared {
         let fut =
             std::panic::AssertUnwindSafe(handler(cmd.clone(), output, traceparent)).catch_unwind();
         let left = Duration::from_millis(cmd.deadline.0.saturating_sub(now().0));
-        let result = tokio::time::timeout(left, fut).await.ok()?;
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(left, fut).await;
+        let outcome = match &result {
+            Err(_) => "cut_at_deadline",
+            Ok(Ok(Ok(_))) => "success",
+            Ok(Ok(Err(StepError::Business(_)))) => "business_failure",
+            Ok(Ok(Err(StepError::Transient(_)))) => "transient_failure",
+            Ok(Err(_)) => "panic",
+        };
+        let labels = [
+            ("service", self.service.to_string()),
+            ("command", cmd.command.to_string()),
+            ("phase", cmd.phase.to_string()),
+            ("outcome", outcome.to_owned()),
+        ];
+        metrics::histogram!(observe::HANDLER_SECONDS, &labels)
+            .record(started.elapsed().as_secs_f64());
+        let result = result.ok()?;
         // A reply must fit with room to spare: the output also travels in later commands.
         let limit = self.config.max_message_size / 4;
         Some(match result {

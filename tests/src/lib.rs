@@ -315,8 +315,8 @@ fn unique_temp_dir() -> PathBuf {
     ))
 }
 
-/// Picks a free TCP port by binding port 0 and releasing it.
-fn free_port() -> u16 {
+/// A TCP port free on 127.0.0.1 now: picked by binding port 0 and releasing it.
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0");
     listener.local_addr().expect("cannot read local address").port()
 }
