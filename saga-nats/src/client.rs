@@ -155,6 +155,17 @@ pub struct SagaClient {
     scope: Arc<[SagaName]>,
 }
 
+/// How long an operator action waits for the coordinator's verdict.
+const VERDICT_WAIT: Duration = Duration::from_secs(10);
+
+/// A coordinator's answer to an operator action (docs/PROTOCOL.md §11).
+#[derive(serde::Deserialize)]
+struct Verdict {
+    applied: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
 impl SagaClient {
     /// Connects to the saga streams (a coordinator, or [`crate::provision()`], must have created
     /// them).
@@ -578,16 +589,61 @@ impl SagaClient {
             .codec
             .encode(&msg)
             .map_err(|e| SagaClientError::new(ErrorKind::InvalidInput, e.to_string()))?;
+        // The coordinator that handles the action says on this inbox whether it applied.
+        let inbox = self.client.new_inbox();
+        let mut verdicts =
+            self.client.subscribe(inbox.clone()).await.map_err(SagaClientError::nats)?;
         let publish = PublishMessage::build()
             .message_id(format!("op.{id}.{}.{}", view.snapshot.events, action.as_str()).as_str())
             .header(headers::SAGA_ID, id.as_str())
+            .header(headers::VERDICT_TO, inbox.as_str())
             .payload(Bytes::from(payload));
-        self.js
+        let accepted = self
+            .js
             .send_publish(subjects::operator(id, view.saga(), &self.operator), publish)
             .await
             .map_err(SagaClientError::nats)?
-            .await
-            .map_err(SagaClientError::nats)?;
-        Ok(())
+            .await;
+        match accepted {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("maximum messages per subject") => {
+                return Err(SagaClientError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "an earlier action by {} on saga {id} is still waiting to be handled: try again once it is",
+                        self.operator
+                    ),
+                ))
+            }
+            Err(e) => return Err(SagaClientError::nats(e)),
+        }
+        let verdict = tokio::time::timeout(VERDICT_WAIT, verdicts.next()).await;
+        let Ok(Some(verdict)) = verdict else {
+            return Err(SagaClientError::new(
+                ErrorKind::TimedOut,
+                format!(
+                    "the {} of saga {id} is recorded, but no coordinator said within {} s whether it applies: it will be handled when one runs",
+                    action.as_str(),
+                    VERDICT_WAIT.as_secs()
+                ),
+            ));
+        };
+        let verdict: Verdict = serde_json::from_slice(&verdict.payload).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::Nats,
+                format!("the coordinator's verdict does not decode: {e}"),
+            )
+        })?;
+        if verdict.applied {
+            return Ok(());
+        }
+        Err(SagaClientError::new(
+            ErrorKind::NotApplicable,
+            format!(
+                "cannot {} saga {id}: {}",
+                action.as_str(),
+                verdict.reason.unwrap_or_else(|| "refused".into())
+            ),
+        ))
     }
 }

@@ -511,7 +511,10 @@ impl Worker {
                         }
                     }
                     info!(action = op.action.as_str(), %by, reason = %quote(&op.reason), "operator action");
-                    self.apply(&id, bounded(op.to_event(by)), Some(msg.clone())).await
+                    let refused =
+                        self.apply(&id, bounded(op.to_event(by)), Some(msg.clone())).await?;
+                    self.verdict(&msg, &id, op.action.as_str(), refused.as_deref()).await;
+                    Ok(())
                 }
             }
         }
@@ -527,6 +530,9 @@ impl Worker {
                 } else {
                     format!("not handled after {delivered} deliveries: {e}")
                 };
+                if kind == InputKind::Operator {
+                    self.verdict(&msg, &id, "operator action", Some(&reason)).await;
+                }
                 self.dead_letter(&msg, &reason).await;
             } else {
                 let delay = redelivery_delay(delivered);
@@ -669,15 +675,43 @@ impl Worker {
         self.sagas.insert(id.clone(), live);
     }
 
+    /// Tells the operator who sent `msg` (if it named an inbox in `Saga-Verdict-To`) whether
+    /// their action was applied: `refused` is why not.
+    async fn verdict(
+        &self,
+        msg: &jetstream::Message,
+        id: &SagaId,
+        action: &str,
+        refused: Option<&str>,
+    ) {
+        let to = msg.headers.as_ref().and_then(|h| h.get(headers::VERDICT_TO));
+        // Only inboxes: the header must not make the coordinator publish anywhere else.
+        let Some(to) = to.map(|v| v.as_str().to_owned()).filter(|t| t.starts_with("_INBOX."))
+        else {
+            return;
+        };
+        let status = self.sagas.get(id).map(|live| live.state.status().to_string());
+        let body = serde_json::json!({
+            "saga_id": id.as_str(),
+            "action": action,
+            "applied": refused.is_none(),
+            "reason": refused,
+            "status": status,
+        });
+        if let Err(e) = self.shared.client.publish(to, body.to_string().into()).await {
+            debug!(error = %e, "sending an operator's verdict failed");
+        }
+    }
+
     /// Decides `event`, logs the transition and carries out its effects. `input` is the
     /// message the event came in (acknowledged once the transition is logged, or held if the
-    /// saga has no holder here).
+    /// saga has no holder here). `Ok(Some(why))`: the event changed nothing, and why.
     async fn apply(
         &mut self,
         id: &SagaId,
         event: Event,
         input: Option<jetstream::Message>,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Option<String>, HandleError> {
         let mut fresh = false;
         if !self.sagas.contains_key(id) {
             if !self.load(id).await? {
@@ -685,7 +719,9 @@ impl Worker {
                 if let Some(msg) = input {
                     let _ = msg.ack().await;
                 }
-                return Ok(());
+                return Ok(Some(format!(
+                    "saga {id} does not exist (never started, or expired after finishing)"
+                )));
             }
             fresh = true;
         }
@@ -699,7 +735,7 @@ impl Worker {
                     if !fresh {
                         // Memory may be behind another replica: decide on the logged state.
                         if !self.load(id).await? {
-                            return Ok(());
+                            return Ok(Some(format!("saga {id} no longer exists")));
                         }
                         fresh = true;
                         continue;
@@ -719,7 +755,7 @@ impl Worker {
                         }
                         let _ = msg.ack().await;
                     }
-                    return Ok(());
+                    return Ok(Some(rejection.to_string()));
                 }
             };
             let mut timeline = std::mem::take(&mut live.timeline);
@@ -759,13 +795,13 @@ impl Worker {
                         let _ = msg.ack().await;
                     }
                     self.execute(id, &effects).await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(StoreError::Conflict { .. }) => {
                     metrics::counter!(observe::LOG_CONFLICTS).increment(1);
                     debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
                     if !self.load(id).await? {
-                        return Ok(());
+                        return Ok(Some(format!("saga {id} no longer exists")));
                     }
                     fresh = true;
                 }

@@ -209,6 +209,8 @@ pub fn permissions(
         "saga.log.>".into(),
         subjects::dlq("coordinator"),
         format!("$KV.{}.>", subjects::DEFINITIONS_BUCKET),
+        // Verdicts on operator actions, to the inbox the operator named.
+        "_INBOX.>".into(),
     ]);
     // Its admin service answers on the requesters' inboxes.
     c.subscribe(["saga.reply.>".into(), "saga.admin.>".into(), "$SRV.>".into()]);

@@ -238,6 +238,9 @@ pub mod headers {
     pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
         "Nats-Expected-Last-Subject-Sequence-Subject";
 
+    /// On an operator action: the inbox (`_INBOX.…`) where the coordinator sends its verdict.
+    pub const VERDICT_TO: &str = "Saga-Verdict-To";
+
     /// Headers JetStream puts on the answer to a read of a stored message (a direct get):
     /// a message carrying one was not published by a client but relayed by the server, to
     /// whatever reply subject the reader named. (Not `Nats-Subject`: the server's own "no

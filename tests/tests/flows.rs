@@ -319,3 +319,34 @@ async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
     assert_eq!(view.snapshot.steps[0].attempt, 2);
     assert_eq!(fx.count(&id, "a", "a"), 1);
 }
+
+/// An operator action answers with the coordinator's verdict: a cancel the state machine
+/// refuses (the pivot has succeeded) is an error naming why, not a silent `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_actions_answer_with_the_coordinators_verdict() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = with_pivot("verdict", &["reserve"], "charge", &["notify"]);
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["reserve", "charge", "notify"], fx).await;
+    let client = client(nats.clone()).await;
+
+    // notify (after the pivot) fails for a while: the saga runs on past the pivot.
+    let input = TestInput { n: 1, transient: vec![("notify".into(), 30)], ..Default::default() };
+    let id = client.start("verdict", &input).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let view = client.get(&id).await.unwrap().expect("the saga exists");
+        if view.snapshot.steps[1].status == saga_core::StepStatus::Succeeded {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "charge never succeeded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = client.cancel(&id, "too late").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotApplicable, "{err}");
+    assert!(err.to_string().contains("pivot step succeeded"), "{err}");
+    assert_eq!(client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Completed);
+}
