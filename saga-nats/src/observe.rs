@@ -51,40 +51,48 @@ pub const BARRIER_NOOPS: &str = "saga_participant_barrier_noops_total";
 /// Actions run without a claim (exclusive first attempts).
 pub const UNCLAIMED_RUNS: &str = "saga_participant_unclaimed_runs_total";
 
+/// What kind of metric a name is.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    /// A histogram of seconds.
+    Seconds,
+}
+
+/// Every metric: its name, kind and help text.
+const ALL: &[(&str, Kind, &str)] = &[
+    (STARTED, Kind::Counter, "Sagas begun by this replica, by definition"),
+    (FINISHED, Kind::Counter, "Sagas that ended on this replica, by definition and status"),
+    (IN_FLIGHT, Kind::Gauge, "Live sagas this replica holds"),
+    (PARKED, Kind::Gauge, "Held sagas waiting for an operator (needs_intervention)"),
+    (ATTEMPTS, Kind::Counter, "Step attempts that ended, by step, phase and outcome"),
+    (ATTEMPT_SECONDS, Kind::Seconds, "Time from a step attempt's command to its outcome"),
+    (TIMEOUTS, Kind::Counter, "Step attempts that timed out"),
+    (RETRIES, Kind::Counter, "Retries scheduled after a failed or timed-out attempt"),
+    (COMPENSATIONS, Kind::Counter, "Steps whose compensation began"),
+    (UNDELIVERED, Kind::Counter, "Commands that found no responder (not an attempt)"),
+    (PARKINGS, Kind::Counter, "Sagas parked because a compensation exhausted its retries"),
+    (OPERATOR_ACTIONS, Kind::Counter, "Operator actions accepted, by action"),
+    (LOG_CONFLICTS, Kind::Counter, "Log appends that lost the compare-and-swap"),
+    (DEAD_LETTERS, Kind::Counter, "Messages sent to the dead-letter stream, by component"),
+    (INPUT_LAG_SECONDS, Kind::Seconds, "Time from a start's publication to a replica taking it"),
+    (HANDLER_SECONDS, Kind::Seconds, "Participant handler runs, by command, phase and outcome"),
+    (DEDUP_HITS, Kind::Counter, "Commands answered from the effect record, handler not run"),
+    (BARRIER_NOOPS, Kind::Counter, "Compensations recorded as no-ops by the barrier"),
+    (UNCLAIMED_RUNS, Kind::Counter, "Actions run without a claim (exclusive first attempts)"),
+];
+
 /// Describes every metric to the installed recorder (units and help texts). Call once after
 /// installing a recorder.
 pub fn describe() {
-    describe_counter!(STARTED, "Sagas begun by this replica, by definition");
-    describe_counter!(FINISHED, "Sagas that ended on this replica, by definition and status");
-    describe_gauge!(IN_FLIGHT, "Live sagas this replica holds");
-    describe_gauge!(PARKED, "Held sagas waiting for an operator (needs_intervention)");
-    describe_counter!(ATTEMPTS, "Step attempts that ended, by step, phase and outcome");
-    describe_histogram!(
-        ATTEMPT_SECONDS,
-        metrics::Unit::Seconds,
-        "Time from a step attempt's command to its outcome, by step, phase and outcome"
-    );
-    describe_counter!(TIMEOUTS, "Step attempts that timed out");
-    describe_counter!(RETRIES, "Retries scheduled after a failed or timed-out attempt");
-    describe_counter!(COMPENSATIONS, "Steps whose compensation began");
-    describe_counter!(UNDELIVERED, "Commands that found no responder (not an attempt)");
-    describe_counter!(PARKINGS, "Sagas parked because a compensation exhausted its retries");
-    describe_counter!(OPERATOR_ACTIONS, "Operator actions accepted, by action");
-    describe_counter!(LOG_CONFLICTS, "Log appends that lost the compare-and-swap");
-    describe_counter!(DEAD_LETTERS, "Messages sent to the dead-letter stream, by component");
-    describe_histogram!(
-        INPUT_LAG_SECONDS,
-        metrics::Unit::Seconds,
-        "Time from a start's publication to the coordinator taking it"
-    );
-    describe_histogram!(
-        HANDLER_SECONDS,
-        metrics::Unit::Seconds,
-        "Participant handler runs, by service, command, phase and outcome"
-    );
-    describe_counter!(DEDUP_HITS, "Commands answered from the effect record, handler not run");
-    describe_counter!(BARRIER_NOOPS, "Compensations recorded as no-ops by the barrier");
-    describe_counter!(UNCLAIMED_RUNS, "Actions run without a claim (exclusive first attempts)");
+    for &(name, kind, help) in ALL {
+        match kind {
+            Kind::Counter => describe_counter!(name, help),
+            Kind::Gauge => describe_gauge!(name, help),
+            Kind::Seconds => describe_histogram!(name, metrics::Unit::Seconds, help),
+        }
+    }
 }
 
 /// When each in-flight attempt of one saga was sent (from its `dispatched` entries), so that
