@@ -6,6 +6,10 @@
 //! |---|---|---|---|
 //! | `timeline` | `saga.admin.timeline.<saga>` | `{"id": "<saga id>", "after": 0, "records": 64}` | [`TimelinePage`]: `{"entries": [...], "next": <seq> or null}` |
 //!
+//! `$SRV.STATS` (`nats micro stats saga-admin`) carries, in each endpoint's `data`, the saga
+//! counts of the replica that answers ([`crate::observe::TallyData`]: started and finished by
+//! definition and status, in flight, parked), the same as its `/metrics`.
+//!
 //! Errors come back as the micro services convention has it: headers `Nats-Service-Error`
 //! and `Nats-Service-Error-Code` (400 a bad request, 404 no such saga of that definition, 500
 //! the log could not be read).
@@ -66,10 +70,14 @@ impl AdminService {
     pub async fn start(
         client: async_nats::Client,
         log: SagaLog,
+        tally: Arc<crate::observe::Tally>,
     ) -> Result<Self, async_nats::Error> {
         let service = client
             .service_builder()
             .description("Saga admin: reads confined by saga definition")
+            .stats_handler(
+                move |_endpoint, _stats| serde_json::json!({ "sagas": tally.snapshot() }),
+            )
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await?;
         let mut timeline =

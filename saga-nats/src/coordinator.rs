@@ -191,11 +191,16 @@ impl Coordinator {
             retention: config.provision.finished_retention,
             max_deliveries: config.max_deliveries.max(1),
             held: (0..config.workers.max(1)).map(|_| Default::default()).collect(),
+            tally: Arc::default(),
         });
         let admin = if config.admin {
-            let service = AdminService::start(shared.client.clone(), shared.log.clone())
-                .await
-                .map_err(CoordinatorError::Nats)?;
+            let service = AdminService::start(
+                shared.client.clone(),
+                shared.log.clone(),
+                shared.tally.clone(),
+            )
+            .await
+            .map_err(CoordinatorError::Nats)?;
             Some(Arc::new(service))
         } else {
             None
@@ -247,6 +252,8 @@ struct Shared {
     max_deliveries: i64,
     /// Per worker: the sagas it holds, and how many of them are parked (for the gauges).
     held: Vec<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>,
+    /// The saga counts the admin service reports.
+    tally: Arc<observe::Tally>,
 }
 
 /// Work for one worker.
@@ -592,7 +599,7 @@ impl Worker {
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with the timeline entries `begin` keeps.
         let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
-        observe::transition(live.state.saga(), &live.timeline, &mut live.sent);
+        observe::transition(live.state.saga(), &live.timeline, &mut live.sent, &self.shared.tally);
         let effects = if redelivered {
             info!(saga_id = %id, "taking over a saga begun by another replica, before anything was logged");
             live.state.outstanding(&live.plan)
@@ -785,7 +792,8 @@ impl Worker {
             match appended {
                 Ok(seq) => {
                     let saga = live.state.saga().clone();
-                    observe::transition(&saga, &record.timeline[pending.0..], &mut live.sent);
+                    let entries = &record.timeline[pending.0..];
+                    observe::transition(&saga, entries, &mut live.sent, &self.shared.tally);
                     live.seq = seq;
                     live.last_write = Instant::now();
                     debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
@@ -1021,7 +1029,7 @@ impl Worker {
         let all = self.shared.held.iter();
         let (in_flight, parked) =
             all.fold((0, 0), |(i, p), (a, b)| (i + a.load(Relaxed), p + b.load(Relaxed)));
-        observe::held(in_flight, parked);
+        observe::held(in_flight, parked, &self.shared.tally);
     }
 
     /// Carries out effects: the one place where commands are sent, timers armed and

@@ -7,7 +7,8 @@
 //! are definition, step, command and service names, never saga ids. [`describe`] lists them
 //! all; docs/OPERATIONS.md explains each.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use saga_core::{Phase, SagaName, StepName, TimelineEntry, TimelineEvent, Timestamp};
@@ -95,6 +96,36 @@ pub fn describe() {
     }
 }
 
+/// The same saga counts as the metrics, kept by the coordinator for its admin service's
+/// `$SRV.STATS` answer (so `nats micro stats saga-admin` and `/metrics` agree).
+#[derive(Debug, Default)]
+pub struct Tally(Mutex<TallyData>);
+
+/// What a [`Tally`] holds: `saga_started_total`, `saga_finished_total`, `saga_in_flight` and
+/// `saga_parked`.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TallyData {
+    /// Sagas begun, by definition.
+    pub started: BTreeMap<String, u64>,
+    /// Sagas ended, by definition, then status.
+    pub finished: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Live sagas held.
+    pub in_flight: usize,
+    /// Of those, the parked ones.
+    pub parked: usize,
+}
+
+impl Tally {
+    /// A copy of the counts now.
+    pub fn snapshot(&self) -> TallyData {
+        self.0.lock().expect("tally lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut TallyData)) {
+        f(&mut self.0.lock().expect("tally lock"));
+    }
+}
+
 /// When each in-flight attempt of one saga was sent (from its `dispatched` entries), so that
 /// its outcome can be timed.
 #[derive(Debug, Default)]
@@ -102,14 +133,26 @@ pub(crate) struct Sent(HashMap<(StepName, Phase), (u32, Timestamp)>);
 
 /// Records what one transition of a saga of definition `saga` did, from its timeline entries:
 /// the single place where the coordinator's metrics are taken.
-pub(crate) fn transition(saga: &SagaName, entries: &[TimelineEntry], sent: &mut Sent) {
+pub(crate) fn transition(
+    saga: &SagaName,
+    entries: &[TimelineEntry],
+    sent: &mut Sent,
+    tally: &Tally,
+) {
     let saga = saga.to_string();
     for entry in entries {
         match &entry.event {
-            TimelineEvent::Started => counter!(STARTED, "saga" => saga.clone()).increment(1),
+            TimelineEvent::Started => {
+                counter!(STARTED, "saga" => saga.clone()).increment(1);
+                tally.update(|t| *t.started.entry(saga.clone()).or_default() += 1);
+            }
             TimelineEvent::Finished { status } => {
                 counter!(FINISHED, "saga" => saga.clone(), "status" => status.to_string())
                     .increment(1);
+                tally.update(|t| {
+                    let by_status = t.finished.entry(saga.clone()).or_default();
+                    *by_status.entry(status.to_string()).or_default() += 1;
+                });
             }
             TimelineEvent::Dispatched { step, phase, attempt, .. } => {
                 sent.0.insert((step.clone(), *phase), (*attempt, entry.at));
@@ -179,9 +222,10 @@ fn attempt_ended(
 }
 
 /// The sagas this replica holds and how many of them are parked, summed over its workers.
-pub(crate) fn held(in_flight: usize, parked: usize) {
+pub(crate) fn held(in_flight: usize, parked: usize, tally: &Tally) {
     gauge!(IN_FLIGHT).set(in_flight as f64);
     gauge!(PARKED).set(parked as f64);
+    tally.update(|t| (t.in_flight, t.parked) = (in_flight, parked));
 }
 
 /// A message went to the dead-letter stream.

@@ -115,5 +115,22 @@ async fn the_coordinator_serves_prometheus_metrics_that_count_what_ran() {
     assert_eq!(sample(&text, "saga_parked", &[]), Some(0.0), "{text}");
     assert!(text.contains("# HELP saga_step_attempt_seconds"), "described: {text}");
     assert_eq!(sample(&text, "saga_log_conflicts_total", &[]).unwrap_or(0.0), 0.0, "{text}");
+
+    // `nats micro stats saga-admin` says the same.
+    let stats = nats.request("$SRV.STATS.saga-admin", Bytes::new()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let sagas = &stats["endpoints"][0]["data"]["sagas"];
+    let tally: saga_nats::observe::TallyData =
+        serde_json::from_value(sagas.clone()).unwrap_or_else(|e| panic!("{e}: {stats}"));
+    assert_eq!(
+        tally.started["metered"] as f64,
+        sample(&text, "saga_started_total", &saga).unwrap()
+    );
+    for status in ["completed", "compensated"] {
+        let labels = [("saga", "metered"), ("status", status)];
+        let metric = sample(&text, "saga_finished_total", &labels).unwrap();
+        assert_eq!(tally.finished["metered"][status] as f64, metric, "{stats}");
+    }
+    assert_eq!((tally.in_flight, tally.parked), (0, 0), "{stats}");
     let _ = std::fs::remove_dir_all(&dir);
 }
