@@ -591,8 +591,9 @@ impl Worker {
         // Delivered before, and nothing logged: an earlier holder may have sent the first
         // commands (unclaimed) and died. Send nothing unclaimed: the saga's outstanding work
         // re-sends them, claimed, once they would have timed out.
-        let redelivered = msg.info().is_ok_and(|i| i.delivered > 1);
+        let mut redelivered = false;
         if let Ok(info) = msg.info() {
+            redelivered = info.delivered > 1;
             let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
             observe::input_lag(now().0.saturating_sub(published));
         }
@@ -806,7 +807,7 @@ impl Worker {
                     return Ok(None);
                 }
                 Err(StoreError::Conflict { .. }) => {
-                    metrics::counter!(observe::LOG_CONFLICTS).increment(1);
+                    observe::log_conflict();
                     debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
                     if !self.load(id).await? {
                         return Ok(Some(format!("saga {id} no longer exists")));

@@ -9,9 +9,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use saga_core::{Phase, SagaName, StepName, TimelineEntry, TimelineEvent, Timestamp};
+use saga_core::wire::CommandMessage;
+use saga_core::{Phase, SagaName, ServiceName, StepName, TimelineEntry, TimelineEvent, Timestamp};
 
 /// Sagas begun by this replica, by definition.
 pub const STARTED: &str = "saga_started_total";
@@ -231,6 +233,32 @@ pub(crate) fn held(in_flight: usize, parked: usize, tally: &Tally) {
 /// A message went to the dead-letter stream.
 pub(crate) fn dead_lettered(component: &str) {
     counter!(DEAD_LETTERS, "component" => component.to_owned()).increment(1);
+}
+
+/// One more of participant counter `metric` (a `*_total` of this module) for `service`.
+pub(crate) fn by_service(metric: &'static str, service: &ServiceName) {
+    counter!(metric, "service" => service.to_string()).increment(1);
+}
+
+/// A participant handler ran for `took`, ending with `outcome`.
+pub(crate) fn handler_ran(
+    service: &ServiceName,
+    cmd: &CommandMessage,
+    outcome: &'static str,
+    took: Duration,
+) {
+    let labels = [
+        ("service", service.to_string()),
+        ("command", cmd.command.to_string()),
+        ("phase", cmd.phase.to_string()),
+        ("outcome", outcome.to_owned()),
+    ];
+    histogram!(HANDLER_SECONDS, &labels).record(took.as_secs_f64());
+}
+
+/// A log append lost the compare-and-swap to another writer.
+pub(crate) fn log_conflict() {
+    counter!(LOG_CONFLICTS).increment(1);
 }
 
 /// A start was taken `lag_ms` after it was published.

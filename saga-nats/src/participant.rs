@@ -593,37 +593,29 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        if cmd.exclusive && cmd.phase == Phase::Action {
+        let rev = if cmd.exclusive && cmd.phase == Phase::Action {
             // The first delivery of a first attempt: nothing else runs this effect until its
             // deadline has passed (the coordinator sends it again only after that), so no
             // claim. Its outcome is recorded after the reply, over nothing (revision 0).
-            let output = cmd.output.clone();
-            metrics::counter!(observe::UNCLAIMED_RUNS, "service" => self.service.to_string())
-                .increment(1);
-            return match self.run_handler(msg, &cmd, handler, output, traceparent).await {
-                Some(outcome) => Ok(Decided { outcome, claim: Some((key, 0, guard)) }),
-                None => {
-                    warn!("handler still running at the command's deadline: stopped");
-                    Err(Skip("the handler ran out of time".into()))
+            observe::by_service(observe::UNCLAIMED_RUNS, &self.service);
+            0
+        } else {
+            match self.claim(&key, &cmd).await? {
+                Claim::Recorded(outcome) => {
+                    observe::by_service(observe::DEDUP_HITS, &self.service);
+                    debug!("effect already recorded: re-sending its reply");
+                    return Ok(Decided::recorded(outcome));
                 }
-            };
-        }
-        let rev = match self.claim(&key, &cmd).await? {
-            Claim::Recorded(outcome) => {
-                metrics::counter!(observe::DEDUP_HITS, "service" => self.service.to_string())
-                    .increment(1);
-                debug!("effect already recorded: re-sending its reply");
-                return Ok(Decided::recorded(outcome));
+                Claim::Barrier => {
+                    info!("action arrived after its compensation: not executed");
+                    return Ok(Decided::recorded(ReplyOutcome::Failure {
+                        reason: "not executed: the step was compensated before this action arrived"
+                            .into(),
+                        transient: false,
+                    }));
+                }
+                Claim::Run(rev) => rev,
             }
-            Claim::Barrier => {
-                info!("action arrived after its compensation: not executed");
-                return Ok(Decided::recorded(ReplyOutcome::Failure {
-                    reason: "not executed: the step was compensated before this action arrived"
-                        .into(),
-                    transient: false,
-                }));
-            }
-            Claim::Run(rev) => rev,
         };
         let barrier = match cmd.phase {
             Phase::Action => Barrier { noop: false, output: None },
@@ -636,8 +628,7 @@ impl Shared {
             },
         };
         let outcome = if barrier.noop {
-            metrics::counter!(observe::BARRIER_NOOPS, "service" => self.service.to_string())
-                .increment(1);
+            observe::by_service(observe::BARRIER_NOOPS, &self.service);
             info!("compensation of an action that failed without effect: recorded as a no-op");
             ReplyOutcome::Success { output: Payload::default() }
         } else {
@@ -697,14 +688,7 @@ impl Shared {
             Ok(Ok(Err(StepError::Transient(_)))) => "transient_failure",
             Ok(Err(_)) => "panic",
         };
-        let labels = [
-            ("service", self.service.to_string()),
-            ("command", cmd.command.to_string()),
-            ("phase", cmd.phase.to_string()),
-            ("outcome", outcome.to_owned()),
-        ];
-        metrics::histogram!(observe::HANDLER_SECONDS, &labels)
-            .record(started.elapsed().as_secs_f64());
+        observe::handler_ran(&self.service, cmd, outcome, started.elapsed());
         let result = result.ok()?;
         // A reply must fit with room to spare: the output also travels in later commands.
         let limit = self.config.max_message_size / 4;

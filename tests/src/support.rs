@@ -428,3 +428,36 @@ pub async fn client_when_ready(nats: async_nats::Client, name: &str) -> SagaClie
     }
     panic!("coordinator did not become ready");
 }
+
+/// JetStream-publishes `payload` on `subject` and returns the stream sequence. `SAGA_IN` holds
+/// one message per subject: while an earlier one waits on the same subject (not yet handled
+/// or dead-lettered), the stream refuses the next, so this tries again for up to `wait`.
+///
+/// # Panics
+///
+/// If the publish fails otherwise, or the subject stays taken for `wait`.
+pub async fn publish_when_free(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    payload: Vec<u8>,
+    wait: Duration,
+) -> u64 {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let ack = js
+            .publish(subject.to_owned(), bytes::Bytes::from(payload.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
+            .await;
+        match ack {
+            Ok(ack) => return ack.sequence,
+            Err(e)
+                if e.to_string().contains("maximum messages per subject")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("publish ack from {subject}: {e}"),
+        }
+    }
+}

@@ -154,28 +154,10 @@ fn operator(id: &SagaId, action: OperatorAction, reason: &str) -> OperatorMessag
     OperatorMessage { v: PROTOCOL_VERSION, saga_id: id.clone(), action, reason: reason.to_owned() }
 }
 
-/// Publishes through JetStream and waits for the stream's acknowledgement; returns the
-/// stream sequence. `SAGA_IN` holds one message per subject: while an earlier one waits on
-/// the same subject (not yet handled or dead-lettered), try again.
+/// Publishes through JetStream and waits for the stream's acknowledgement (once an earlier
+/// input on the same subject is handled); returns the stream sequence.
 async fn publish(js: &jetstream::Context, subject: &str, payload: Vec<u8>) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let ack = js
-            .publish(subject.to_owned(), Bytes::from(payload.clone()))
-            .await
-            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
-            .await;
-        match ack {
-            Ok(ack) => return ack.sequence,
-            Err(e)
-                if e.to_string().contains("maximum messages per subject")
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("publish ack from {subject}: {e}"),
-        }
-    }
+    publish_when_free(js, subject, payload, WAIT).await
 }
 
 /// Publishes on core NATS, with a reply subject when `reply` is given, and flushes.

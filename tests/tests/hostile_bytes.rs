@@ -81,17 +81,7 @@ async fn arbitrary_bytes_on_any_subject_change_no_saga() {
                 // One action per saga and operator waits at a time: once the previous one is
                 // handled (dead-lettered, mostly), the stream takes the next.
                 let subject = subjects::operator(&id, &"two".into(), "fuzz");
-                let deadline = std::time::Instant::now() + WAIT;
-                loop {
-                    match js.publish(subject.clone(), payload.clone()).await.unwrap().await {
-                        Ok(_) => break,
-                        Err(e) if e.to_string().contains("maximum messages per subject") => {
-                            assert!(std::time::Instant::now() < deadline, "{e}");
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
-                }
+                publish_when_free(&js, &subject, payload.to_vec(), WAIT).await;
             }
             Target::Command(command) => {
                 let reply = ReplyTo {
