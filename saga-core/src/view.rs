@@ -33,7 +33,7 @@ pub struct SagaSnapshot {
     /// Each step, in definition order.
     pub steps: Vec<StepSnapshot>,
     /// Why the saga is compensating, once it is.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<Cause>,
     /// When the saga started (ms since the epoch; 0 before the start).
     pub started_at: Timestamp,
@@ -53,33 +53,34 @@ pub struct StepSnapshot {
     /// The action's latest attempt number (0: never dispatched).
     pub attempt: u32,
     /// The compensation's latest attempt number (0: never dispatched).
+    #[serde(default, skip_serializing_if = "crate::wire::is_zero")]
     pub comp_attempt: u32,
     /// Compensation attempts before this number were made before an operator's retry; the
     /// compensation's retry budget counts from here.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::wire::is_zero")]
     pub comp_budget_from: u32,
     /// Some action attempt timed out, so the action's outcome is unknown.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::wire::is_false")]
     pub timed_out: bool,
     /// When the step's pending timer (timeout, backoff or redelivery) fires, if it has one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer_at: Option<Timestamp>,
     /// The action's output (MessagePack bytes), once it succeeded.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Payload>,
     /// The latest failure reason.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Consecutive sends of the current attempt that found no responder (0: none pending).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::wire::is_zero")]
     pub undelivered: u32,
     /// The current attempt found no responder and waits to be sent again at `timer_at`
     /// (`false` once it was sent again, even if `undelivered` is still above 0).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::wire::is_false")]
     pub awaiting_redelivery: bool,
     /// The attempt in flight was sent unclaimed (exclusive): a driver that takes the saga
     /// over sends it again only after its deadline has passed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::wire::is_false")]
     pub exclusive: bool,
 }
 

@@ -71,15 +71,15 @@ pub struct CommandMessage {
     /// The saga's input (MessagePack bytes).
     pub input: Payload,
     /// Outputs of the steps this step runs after, by step name (MessagePack bytes each).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub deps: BTreeMap<StepName, Payload>,
     /// For a compensation: the action's output, if the coordinator saw it succeed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Payload>,
     /// No other delivery of this effect can be running or have run: the participant runs the
     /// handler without claiming the effect first, and records its outcome after replying.
     /// Set only on the first send of an action's first attempt.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub exclusive: bool,
 }
 
@@ -269,10 +269,10 @@ pub struct LifecycleNote {
     /// What happened.
     pub kind: LifecycleKind,
     /// The step concerned, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<StepName>,
     /// A reason, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
@@ -289,10 +289,10 @@ pub struct LogRecord {
     /// The timeline entries since the previous record.
     pub timeline: Vec<TimelineEntry>,
     /// The lifecycle events since the previous record.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<LifecycleNote>,
     /// The saga's W3C trace context (`traceparent`), from the request that started it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
 }
 
@@ -337,6 +337,16 @@ impl LogRecord {
     pub fn headline(&self) -> &'static str {
         headline(&self.events)
     }
+}
+
+/// Whether a number field holds its default (0), which the encoder then leaves out.
+pub(crate) fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Whether a flag holds its default (`false`), which the encoder then leaves out.
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What a participant records for an effect key (`<saga-id>.<step>.<a|c>`) in its own bucket

@@ -1072,7 +1072,6 @@ impl Worker {
                         attempt: d.attempt,
                     };
                     let mut headers = HeaderMap::new();
-                    headers.insert(headers::SAGA_ID, id.as_str());
                     if let Some(tp) = &live.trace {
                         headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
                     }

@@ -951,7 +951,6 @@ impl Shared {
         let reply = ReplyMessage::to(cmd, outcome);
         let payload = self.codec.encode(&reply)?;
         let mut headers = HeaderMap::new();
-        headers.insert(headers::SAGA_ID, cmd.saga_id.as_str());
         if let Some(tp) = traceparent {
             headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
         }
