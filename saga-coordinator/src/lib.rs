@@ -152,7 +152,10 @@ pub async fn main() -> ExitCode {
         }
     }
     init_logging(args.log.as_deref().unwrap_or("info"));
-    match run(args).await {
+    init_telemetry("saga-coordinator");
+    let result = run(args).await;
+    saga_nats::spans::shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -268,6 +271,23 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Exports saga spans over OTLP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) variable is set; `OTEL_SERVICE_NAME` overrides
+/// `service` (docs/OPERATIONS.md, "Traces"). Call [`saga_nats::spans::shutdown`] before
+/// exiting to send what is buffered.
+pub fn init_telemetry(service: &str) {
+    match saga_nats::spans::init_otlp(service) {
+        Ok(true) => info!(
+            endpoint = %std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .unwrap_or_default(),
+            "exporting saga spans over OTLP"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot export spans over OTLP; running without"),
     }
 }
 

@@ -1,18 +1,24 @@
-//! The admin service: reads a client cannot do with its own permissions, served by the
-//! coordinator on subjects that name the saga definition, so NATS permissions can confine
-//! who asks. A NATS micro service (`saga-admin`, discoverable with `nats micro ls`).
+//! The admin service: listings, reads, counts and dead letters for operators and tools,
+//! served by the coordinator on subjects that name the saga definition, so NATS permissions
+//! can confine who asks. A NATS micro service (`saga-admin`, discoverable with `nats micro
+//! ls`); `sagactl` is its command line.
 //!
 //! | endpoint | subject | request (JSON) | answer (JSON) |
 //! |---|---|---|---|
-//! | `timeline` | `saga.admin.timeline.<saga>` | `{"id": "<saga id>", "after": 0, "records": 64}` | [`TimelinePage`]: `{"entries": [...], "next": <seq> or null}` |
+//! | `list` | `saga.admin.list.<saga>` | [`ListRequest`](crate::index::ListRequest) | [`ListPage`](crate::index::ListPage) |
+//! | `get` | `saga.admin.get.<saga>` | [`GetRequest`] | [`GetAnswer`] |
+//! | `timeline` | `saga.admin.timeline.<saga>` | [`TimelineRequest`] | [`TimelinePage`]: `{"entries": [...], "next": <seq> or null}` |
+//! | `stats` | `saga.admin.stats.<saga>` | `{}` | [`SagaCounts`](crate::index::SagaCounts) |
+//! | `defs` | `saga.admin.defs.<saga>` | `{}` | [`Definitions`] |
+//! | `dlq` | `saga.admin.dlq.<list\|show\|redrive\|discard>` | [`DlqListRequest`] or [`DlqRef`] | [`DlqPage`](crate::dlq::DlqPage), [`DeadLetter`](crate::dlq::DeadLetter), [`Redriven`](crate::dlq::Redriven) |
 //!
 //! `$SRV.STATS` (`nats micro stats saga-admin`) carries, in each endpoint's `data`, the saga
 //! counts of the replica that answers ([`crate::observe::TallyData`]: started and finished by
 //! definition and status, in flight, parked), the same as its `/metrics`.
 //!
 //! Errors come back as the micro services convention has it: headers `Nats-Service-Error`
-//! and `Nats-Service-Error-Code` (400 a bad request, 404 no such saga of that definition, 500
-//! the log could not be read).
+//! and `Nats-Service-Error-Code` (400 a bad request, 404 nothing of that name, 409 a re-drive
+//! that cannot be done, 500 the streams could not be read, 503 busy).
 
 use async_nats::service::{self, ServiceExt};
 use futures::StreamExt;
@@ -25,7 +31,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::store::{SagaLog, TimelinePage};
+use crate::dlq::{DeadLetters, DlqError, DlqListRequest, DlqRef};
+use crate::store::{Registry, SagaLog, TimelinePage};
+use saga_core::wire::StartMessage;
 
 /// The admin service's name in `$SRV` discovery.
 pub const SERVICE_NAME: &str = "saga-admin";
@@ -70,6 +78,7 @@ impl AdminService {
     pub async fn start(
         client: async_nats::Client,
         log: SagaLog,
+        registry: Registry,
         tally: Arc<crate::observe::Tally>,
     ) -> Result<Self, async_nats::Error> {
         let service = client
@@ -80,12 +89,22 @@ impl AdminService {
             )
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await?;
-        let mut timeline =
-            service.endpoint_builder().name("timeline").add("saga.admin.timeline.*").await?;
+        let mut endpoints = Vec::new();
+        for endpoint in ENDPOINTS {
+            let requests = service
+                .endpoint_builder()
+                .name(endpoint)
+                .add(format!("saga.admin.{endpoint}.*"))
+                .await?;
+            endpoints.push(requests.map(move |r| (endpoint, r)));
+        }
+        let mut requests = futures::stream::select_all(endpoints);
+        let dlq = DeadLetters::open(async_nats::jetstream::new(client.clone())).await?;
+        let stores = Stores { log, registry, dlq };
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
         let task = tokio::spawn(async move {
             let _service = service;
-            while let Some(request) = timeline.next().await {
+            while let Some((endpoint, request)) = requests.next().await {
                 // Answers go to inboxes only: a reply subject that names anything else would
                 // make this service publish there.
                 let reply = request.message.reply.as_deref().unwrap_or_default();
@@ -98,10 +117,10 @@ impl AdminService {
                     let _ = request.respond(Err(busy)).await;
                     continue;
                 };
-                let log = log.clone();
+                let stores = stores.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let answer = serve_timeline(&log, &request.message).await;
+                    let answer = serve(endpoint, &stores, &request.message).await;
                     if let Err(e) = &answer {
                         debug!(subject = %request.message.subject, error = %e, "admin request refused");
                     }
@@ -130,39 +149,229 @@ fn error(code: usize, status: String) -> service::error::Error {
     service::error::Error { status, code }
 }
 
-async fn serve_timeline(
-    log: &SagaLog,
+/// The endpoints, each on `saga.admin.<endpoint>.<saga>`.
+pub const ENDPOINTS: [&str; 6] = ["list", "get", "timeline", "stats", "defs", "dlq"];
+
+/// The registered versions of a definition, as `defs` answers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Definitions {
+    /// The definition's name.
+    pub saga: String,
+    /// The latest version's digest (new sagas start it).
+    pub latest: String,
+    /// Every registered version.
+    pub versions: Vec<DefinitionVersion>,
+}
+
+/// One registered version of a definition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefinitionVersion {
+    /// Its digest.
+    pub digest: String,
+    /// The definition, canonical.
+    pub definition: saga_core::SagaDefinition,
+    /// Live sagas running it, among the first [`DEFS_LIVE_SCAN`] live sagas of the name.
+    pub live: u64,
+}
+
+/// How many live sagas `defs` looks at to count them by version.
+pub const DEFS_LIVE_SCAN: usize = 10_000;
+
+/// What the admin service reads and changes.
+#[derive(Debug, Clone)]
+struct Stores {
+    log: SagaLog,
+    registry: Registry,
+    dlq: DeadLetters,
+}
+
+/// A request for one saga.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// The saga.
+    pub id: SagaId,
+}
+
+/// A saga's snapshot, as `get` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetAnswer {
+    /// The saga's state (for a saga accepted and not logged yet: its start, as the state
+    /// machine begins it).
+    pub snapshot: saga_core::SagaSnapshot,
+    /// Whether any transition of it is logged yet.
+    pub logged: bool,
+}
+
+async fn serve(
+    endpoint: &str,
+    stores: &Stores,
     msg: &async_nats::Message,
 ) -> Result<Vec<u8>, service::error::Error> {
+    if endpoint == "dlq" {
+        return serve_dlq(&stores.dlq, msg).await;
+    }
+    let (log, registry) = (&stores.log, &stores.registry);
     let saga =
         msg.subject.rsplit('.').next().and_then(|token| SagaName::new(token).ok()).ok_or_else(
             || error(400, format!("{} names no saga definition", quote(&msg.subject))),
         )?;
-    let request: TimelineRequest = serde_json::from_slice(&msg.payload)
-        .map_err(|e| error(400, format!("request body: {}", quote(&e.to_string()))))?;
-    saga_core::check_token(request.id.as_str())
-        .map_err(|e| error(400, format!("id {} {e}", quote(request.id.as_str()))))?;
+    let body =
+        |e: serde_json::Error| error(400, format!("request body: {}", quote(&e.to_string())));
+    let read =
+        |e: crate::store::StoreError| error(500, format!("cannot read sagas of {saga}: {e}"));
+    let answer = match endpoint {
+        "timeline" => {
+            let request: TimelineRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            serde_json::to_vec(&serve_timeline(log, &saga, request).await?)
+        }
+        "get" => {
+            let request: GetRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            checked_id(&request.id)?;
+            let answer = serve_get(log, registry, &saga, &request.id).await?;
+            serde_json::to_vec(&answer)
+        }
+        "list" => {
+            let payload: &[u8] = if msg.payload.is_empty() { b"{}" } else { &msg.payload };
+            let request: crate::index::ListRequest =
+                serde_json::from_slice(payload).map_err(body)?;
+            if request.limit.is_some_and(|l| l == 0 || l > crate::index::MAX_PAGE) {
+                return Err(error(400, format!("limit must be 1 to {}", crate::index::MAX_PAGE)));
+            }
+            serde_json::to_vec(&log.list(&saga, &request).await.map_err(read)?)
+        }
+        "stats" => serde_json::to_vec(&log.counts(&saga).await.map_err(read)?),
+        "defs" => serde_json::to_vec(&serve_defs(log, registry, &saga).await?),
+        _ => return Err(error(404, format!("no endpoint {}", quote(endpoint)))),
+    };
+    answer.map_err(|e| error(500, format!("cannot encode the answer: {e}")))
+}
+
+fn checked_id(id: &SagaId) -> Result<(), service::error::Error> {
+    saga_core::check_token(id.as_str())
+        .map_err(|e| error(400, format!("id {} {e}", quote(id.as_str()))))
+}
+
+async fn serve_get(
+    log: &SagaLog,
+    registry: &Registry,
+    saga: &SagaName,
+    id: &SagaId,
+) -> Result<GetAnswer, service::error::Error> {
+    let read = |e: crate::store::StoreError| error(500, format!("cannot read saga {id}: {e}"));
+    if let Some(v) = log.load_in(id, Some(saga)).await.map_err(read)? {
+        return Ok(GetAnswer { snapshot: v.record.snapshot, logged: true });
+    }
+    match log.pending_start(id, Some(saga)).await.map_err(read)? {
+        Some(start) => {
+            let plan = registry.version(&start.saga, &start.digest).await.map_err(|e| {
+                error(500, format!("cannot read the definition saga {id} runs: {e}"))
+            })?;
+            Ok(GetAnswer { snapshot: begun(id, &plan, start), logged: false })
+        }
+        None => Err(error(404, format!("no saga {id} of definition {saga}"))),
+    }
+}
+
+/// The snapshot of a saga accepted and not logged yet: its start, as the state machine
+/// begins it (its first steps are under way).
+pub fn begun(id: &SagaId, plan: &saga_core::Plan, start: StartMessage) -> saga_core::SagaSnapshot {
+    let mut state = saga_core::SagaState::new(id.clone(), plan);
+    let _ =
+        state.handle(plan, crate::deliver::now(), &saga_core::Event::Start { input: start.input });
+    state.snapshot()
+}
+
+async fn serve_timeline(
+    log: &SagaLog,
+    saga: &SagaName,
+    request: TimelineRequest,
+) -> Result<TimelinePage, service::error::Error> {
+    checked_id(&request.id)?;
     if request.records == 0 || request.records > MAX_PAGE_RECORDS {
         return Err(error(400, format!("records must be 1 to {MAX_PAGE_RECORDS}")));
     }
     let id = &request.id;
-    let logged = log
-        .load_in(id, Some(&saga))
-        .await
-        .map_err(|e| error(500, format!("cannot read saga {id}: {e}")))?;
-    if logged.is_none() {
-        let pending = log
-            .pending_start(id, Some(&saga))
-            .await
-            .map_err(|e| error(500, format!("cannot read saga {id}: {e}")))?;
-        if pending.is_none() {
+    let read = |e: crate::store::StoreError| error(500, format!("cannot read saga {id}: {e}"));
+    if log.load_in(id, Some(saga)).await.map_err(read)?.is_none() {
+        if log.pending_start(id, Some(saga)).await.map_err(read)?.is_none() {
             return Err(error(404, format!("no saga {id} of definition {saga}")));
         }
-        return Ok(serde_json::to_vec(&TimelinePage::default()).expect("a page encodes"));
+        return Ok(TimelinePage::default());
     }
-    let page = log
-        .timeline(id, request.after, request.records)
+    log.timeline(id, request.after, request.records)
         .await
-        .map_err(|e| error(500, format!("cannot read the timeline of saga {id}: {e}")))?;
-    serde_json::to_vec(&page).map_err(|e| error(500, format!("cannot encode the page: {e}")))
+        .map_err(|e| error(500, format!("cannot read the timeline of saga {id}: {e}")))
+}
+
+/// `saga.admin.dlq.<list|show|redrive|discard>`.
+async fn serve_dlq(
+    dlq: &DeadLetters,
+    msg: &async_nats::Message,
+) -> Result<Vec<u8>, service::error::Error> {
+    let payload: &[u8] = if msg.payload.is_empty() { b"{}" } else { &msg.payload };
+    let body =
+        |e: serde_json::Error| error(400, format!("request body: {}", quote(&e.to_string())));
+    let failed = |e: DlqError| match e {
+        DlqError::NotFound(_) => error(404, e.to_string()),
+        DlqError::Refused(_) => error(409, e.to_string()),
+        DlqError::Nats(_) => error(500, e.to_string()),
+    };
+    let op = msg.subject.rsplit('.').next().unwrap_or_default();
+    let answer = match op {
+        "list" => {
+            let request: DlqListRequest = serde_json::from_slice(payload).map_err(body)?;
+            if request.limit.is_some_and(|l| l == 0 || l > crate::dlq::MAX_PAGE) {
+                return Err(error(400, format!("limit must be 1 to {}", crate::dlq::MAX_PAGE)));
+            }
+            serde_json::to_vec(&dlq.list(&request).await.map_err(failed)?)
+        }
+        "show" | "redrive" | "discard" => {
+            let DlqRef { seq } = serde_json::from_slice(payload).map_err(body)?;
+            match op {
+                "show" => serde_json::to_vec(&dlq.show(seq).await.map_err(failed)?),
+                "redrive" => {
+                    let done = dlq.redrive(seq).await.map_err(failed)?;
+                    tracing::info!(seq, subject = %done.subject, "dead letter re-driven");
+                    serde_json::to_vec(&done)
+                }
+                _ => {
+                    dlq.discard(seq).await.map_err(failed)?;
+                    tracing::info!(seq, "dead letter discarded");
+                    serde_json::to_vec(&serde_json::json!({ "discarded": seq }))
+                }
+            }
+        }
+        _ => {
+            return Err(error(
+                404,
+                format!("{}: no such operation (list, show, redrive, discard)", quote(op)),
+            ))
+        }
+    };
+    answer.map_err(|e| error(500, format!("cannot encode the answer: {e}")))
+}
+
+async fn serve_defs(
+    log: &SagaLog,
+    registry: &Registry,
+    saga: &SagaName,
+) -> Result<Definitions, service::error::Error> {
+    let failed =
+        |e: crate::store::RegistryError| error(500, format!("cannot read definitions: {e}"));
+    let names = registry.names().await.map_err(failed)?;
+    if !names.contains(saga) {
+        return Err(error(404, format!("no saga definition named {saga} is registered")));
+    }
+    let latest = registry.latest(saga.as_str()).await.map_err(failed)?.digest().to_owned();
+    let live = log
+        .live_by_digest(saga, DEFS_LIVE_SCAN)
+        .await
+        .map_err(|e| error(500, format!("cannot count live sagas of {saga}: {e}")))?;
+    let mut versions = Vec::new();
+    for digest in registry.digests(saga).await.map_err(failed)? {
+        let plan = registry.version(saga, &digest).await.map_err(failed)?;
+        let n = live.get(&digest).copied().unwrap_or(0);
+        versions.push(DefinitionVersion { digest, definition: plan.definition().clone(), live: n });
+    }
+    Ok(Definitions { saga: saga.to_string(), latest, versions })
 }

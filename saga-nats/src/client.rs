@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use saga_core::wire::{quote, OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
 use saga_core::{
-    Codec, Event, Payload, Plan, SagaDefinition, SagaId, SagaName, SagaSnapshot, SagaState,
-    SagaStatus, StepStatus, TimelineEntry,
+    Codec, Payload, Plan, SagaDefinition, SagaId, SagaName, SagaSnapshot, SagaStatus, StepStatus,
+    TimelineEntry,
 };
 use serde::Serialize;
 
@@ -35,6 +35,8 @@ pub enum ErrorKind {
     NotApplicable,
     /// The wait ran out of time.
     TimedOut,
+    /// The request was malformed (the admin service answered 400).
+    BadRequest,
     /// NATS failed.
     Nats,
 }
@@ -130,17 +132,6 @@ impl SagaView {
 /// The value of header `name` of `msg`, if it has one.
 fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
     msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned())
-}
-
-/// Filters for [`SagaClient::list`].
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    /// Only sagas of this definition.
-    pub saga: Option<String>,
-    /// Only sagas in one of these statuses (empty: any).
-    pub statuses: Vec<SagaStatus>,
-    /// At most this many (0: no limit).
-    pub limit: usize,
 }
 
 /// Starts, follows and manages sagas. Cheap to clone.
@@ -410,9 +401,7 @@ impl SagaClient {
             return Ok(None);
         };
         let plan = self.registry.version(&start.saga, &start.digest).await?;
-        let mut state = SagaState::new(id.clone(), &plan);
-        let _ = state.handle(&plan, crate::deliver::now(), &Event::Start { input: start.input });
-        Ok(Some(SagaView { snapshot: state.snapshot(), logged: false }))
+        Ok(Some(SagaView { snapshot: crate::admin::begun(id, &plan, start), logged: false }))
     }
 
     /// The saga's whole timeline, oldest first.
@@ -446,43 +435,65 @@ impl SagaClient {
             after,
             records: records.clamp(1, crate::admin::MAX_PAGE_RECORDS),
         };
-        let body = serde_json::to_vec(&request).expect("a request encodes");
         for saga in self.scope.iter() {
-            let subject = crate::admin::subject("timeline", saga);
-            // A busy admin service (503) is asked again, after a growing pause, for up to
-            // 30 s.
-            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-            let mut pause = Duration::from_millis(10);
-            let (answer, code) = loop {
-                let answer = self
-                    .client
-                    .request(subject.clone(), body.clone().into())
-                    .await
-                    .map_err(SagaClientError::nats)?;
-                let code = header(&answer, "Nats-Service-Error-Code");
-                if code.as_deref() == Some("503") && tokio::time::Instant::now() + pause < give_up {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                    continue;
-                }
-                break (answer, code);
-            };
-            match code.as_deref() {
-                None => {
-                    return serde_json::from_slice(&answer.payload).map_err(|e| {
-                        SagaClientError::nats(format!("the admin service's answer: {e}"))
-                    })
-                }
-                Some("404") => continue,
-                Some(code) => {
-                    return Err(SagaClientError::nats(format!(
-                        "the admin service refused ({code}): {}",
-                        header(&answer, "Nats-Service-Error").unwrap_or_default()
-                    )))
-                }
+            if let Some(page) = self.admin("timeline", saga, &request).await? {
+                return Ok(page);
             }
         }
         Err(SagaClientError::new(ErrorKind::NotFound, format!("no saga with id {id}")))
+    }
+
+    /// Asks the coordinator's admin service (`saga.admin.<endpoint>.<saga>`); `None` when it
+    /// answers 404. A busy service (503) is asked again, after a growing pause, for up to
+    /// 30 s.
+    async fn admin<Q: Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        saga: &SagaName,
+        request: &Q,
+    ) -> Result<Option<A>, SagaClientError> {
+        self.admin_at(crate::admin::subject(endpoint, saga), request).await
+    }
+
+    /// Asks the admin service on `subject`; as [`SagaClient::admin`].
+    async fn admin_at<Q: Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        request: &Q,
+    ) -> Result<Option<A>, SagaClientError> {
+        let body = bytes::Bytes::from(serde_json::to_vec(request).expect("a request encodes"));
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let answer = self.client.request(subject.clone(), body.clone()).await.map_err(|e| {
+                SagaClientError::nats(format!("the admin service ({subject}): {e}"))
+            })?;
+            let code = header(&answer, "Nats-Service-Error-Code");
+            match code.as_deref() {
+                None => {
+                    return serde_json::from_slice(&answer.payload).map(Some).map_err(|e| {
+                        SagaClientError::nats(format!("the admin service's answer: {e}"))
+                    })
+                }
+                Some("404") => return Ok(None),
+                Some("503") if tokio::time::Instant::now() + pause < give_up => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Some(code) => {
+                    let why = header(&answer, "Nats-Service-Error").unwrap_or_default();
+                    let kind = match code {
+                        "400" => ErrorKind::BadRequest,
+                        "409" => ErrorKind::NotApplicable,
+                        _ => ErrorKind::Nats,
+                    };
+                    return Err(SagaClientError::new(
+                        kind,
+                        format!("the admin service refused ({code}): {why}"),
+                    ));
+                }
+            }
+        }
     }
 
     /// Waits until the saga ends (or needs intervention), up to `timeout`.
@@ -512,24 +523,110 @@ impl SagaClient {
         }
     }
 
-    /// Sagas matching `filter`, by id.
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<SagaView>, SagaClientError> {
-        let ids = self.log.ids().await.map_err(SagaClientError::nats)?;
-        let mut out = Vec::new();
-        for id in ids {
-            let Some(view) = self.get(&id).await? else { continue };
-            if filter.saga.as_deref().is_some_and(|s| view.saga().as_str() != s) {
-                continue;
-            }
-            if !filter.statuses.is_empty() && !filter.statuses.contains(&view.status()) {
-                continue;
-            }
-            out.push(view);
-            if filter.limit > 0 && out.len() >= filter.limit {
-                break;
-            }
-        }
-        Ok(out)
+    /// One page of the sagas of definition `saga` that `request` asks for (live ones by
+    /// default), from the coordinator's admin service: pass the page's `next` as the next
+    /// request's `cursor`. The listing reads the streams' subject index, not every saga
+    /// (`saga_nats::index`).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: saga_nats::SagaClient) -> Result<(), saga_nats::SagaClientError> {
+    /// use saga_nats::index::{ListRequest, Which};
+    /// use saga_core::SagaStatus;
+    ///
+    /// let mut request = ListRequest { status: Which::Status(SagaStatus::NeedsIntervention), ..Default::default() };
+    /// loop {
+    ///     let page = client.list("place-order", &request).await?;
+    ///     for saga in &page.sagas {
+    ///         println!("{} parked at {:?}: {:?}", saga.id, saga.step, saga.reason);
+    ///     }
+    ///     match page.next {
+    ///         Some(next) => request.cursor = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn list(
+        &self,
+        saga: &str,
+        request: &crate::index::ListRequest,
+    ) -> Result<crate::index::ListPage, SagaClientError> {
+        let name = self.named(saga)?;
+        Ok(self.admin("list", &name, request).await?.unwrap_or_default())
+    }
+
+    /// Counts of definition `saga`'s sagas (in flight, oldest in flight, parked, finished by
+    /// status, dead letters), from the coordinator's admin service.
+    pub async fn stats(&self, saga: &str) -> Result<crate::index::SagaCounts, SagaClientError> {
+        let name = self.named(saga)?;
+        Ok(self.admin("stats", &name, &serde_json::json!({})).await?.unwrap_or_default())
+    }
+
+    /// Every registered definition name, sorted.
+    pub async fn definition_names(&self) -> Result<Vec<SagaName>, SagaClientError> {
+        Ok(self.registry.names().await?)
+    }
+
+    /// Every registered version of definition `saga`, its latest digest, and how many live
+    /// sagas run each version, from the coordinator's admin service.
+    pub async fn definitions(
+        &self,
+        saga: &str,
+    ) -> Result<crate::admin::Definitions, SagaClientError> {
+        let name = self.named(saga)?;
+        self.admin("defs", &name, &serde_json::json!({})).await?.ok_or_else(|| {
+            SagaClientError::new(
+                ErrorKind::UnknownSaga,
+                format!("no saga definition named {saga} is registered"),
+            )
+        })
+    }
+
+    /// One page of dead letters (every component's, or one's), oldest first.
+    pub async fn dead_letters(
+        &self,
+        request: &crate::dlq::DlqListRequest,
+    ) -> Result<crate::dlq::DlqPage, SagaClientError> {
+        Ok(self.admin_at("saga.admin.dlq.list".into(), request).await?.unwrap_or_default())
+    }
+
+    /// One dead letter, with its body.
+    pub async fn dead_letter(&self, seq: u64) -> Result<crate::dlq::DeadLetter, SagaClientError> {
+        self.dlq_op("show", seq).await
+    }
+
+    /// Publishes a dead-lettered start or operator action again (then discards the dead
+    /// letter). Refused, with the reason, for anything else.
+    pub async fn redrive(&self, seq: u64) -> Result<crate::dlq::Redriven, SagaClientError> {
+        self.dlq_op("redrive", seq).await
+    }
+
+    /// Deletes a dead letter.
+    pub async fn discard(&self, seq: u64) -> Result<(), SagaClientError> {
+        self.dlq_op::<serde_json::Value>("discard", seq).await.map(drop)
+    }
+
+    async fn dlq_op<A: serde::de::DeserializeOwned>(
+        &self,
+        op: &str,
+        seq: u64,
+    ) -> Result<A, SagaClientError> {
+        let subject = format!("saga.admin.dlq.{op}");
+        self.admin_at(subject, &crate::dlq::DlqRef { seq }).await?.ok_or_else(|| {
+            SagaClientError::new(ErrorKind::NotFound, format!("no dead letter {seq}"))
+        })
+    }
+
+    fn named(&self, saga: &str) -> Result<SagaName, SagaClientError> {
+        SagaName::new(saga).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::UnknownSaga,
+                format!("{} is not a saga name: it {e}", quote(saga)),
+            )
+        })
     }
 
     /// Cancels a running saga: what is done is compensated, and it ends `cancelled`. Refused

@@ -197,6 +197,7 @@ impl Coordinator {
             let service = AdminService::start(
                 shared.client.clone(),
                 shared.log.clone(),
+                shared.registry.clone(),
                 shared.tally.clone(),
             )
             .await
@@ -600,7 +601,13 @@ impl Worker {
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with the timeline entries `begin` keeps.
         let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
-        observe::transition(live.state.saga(), &live.timeline, &mut live.sent, &self.shared.tally);
+        let saga = observe::Saga {
+            name: live.state.saga(),
+            id,
+            trace: live.trace.as_deref(),
+            started_at: live.state.started_at(),
+        };
+        observe::transition(&saga, &live.timeline, &[], &mut live.sent, &self.shared.tally);
         let effects = if redelivered {
             info!(saga_id = %id, "taking over a saga begun by another replica, before anything was logged");
             live.state.outstanding(&live.plan)
@@ -792,9 +799,15 @@ impl Worker {
             let live = self.sagas.get_mut(id).expect("loaded above");
             match appended {
                 Ok(seq) => {
-                    let saga = live.state.saga().clone();
                     let entries = &record.timeline[pending.0..];
-                    observe::transition(&saga, entries, &mut live.sent, &self.shared.tally);
+                    let saga = observe::Saga {
+                        name: &record.snapshot.saga,
+                        id,
+                        trace: live.trace.as_deref(),
+                        started_at: record.snapshot.started_at,
+                    };
+                    let (sent, tally) = (&mut live.sent, &self.shared.tally);
+                    observe::transition(&saga, entries, &record.events, sent, tally);
                     live.seq = seq;
                     live.last_write = Instant::now();
                     debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
@@ -1072,8 +1085,12 @@ impl Worker {
                         attempt: d.attempt,
                     };
                     let mut headers = HeaderMap::new();
-                    if let Some(tp) = &live.trace {
-                        headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
+                    // The attempt's span id, the same from every replica and on every re-send.
+                    let span = crate::spans::attempt_span_id(d.command_id.as_str());
+                    if let Some(tp) =
+                        live.trace.as_deref().and_then(|tp| crate::spans::with_span(tp, &span))
+                    {
+                        headers.insert(headers::TRACEPARENT, tp.as_str());
                     }
                     debug!(saga_id = %id, command_id = %d.command_id, service = %d.service, command = %d.command, "dispatch");
                     if let Err(e) = self

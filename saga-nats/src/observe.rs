@@ -12,8 +12,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use saga_core::wire::CommandMessage;
-use saga_core::{Phase, SagaName, ServiceName, StepName, TimelineEntry, TimelineEvent, Timestamp};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
+use saga_core::wire::{CommandMessage, LifecycleNote};
+use saga_core::{
+    CommandId, CommandName, Phase, SagaId, SagaName, SagaStatus, ServiceName, StepName,
+    TimelineEntry, TimelineEvent, Timestamp,
+};
+
+use crate::spans;
 
 /// Sagas begun by this replica, by definition.
 pub const STARTED: &str = "saga_started_total";
@@ -128,20 +135,50 @@ impl Tally {
     }
 }
 
-/// When each in-flight attempt of one saga was sent (from its `dispatched` entries), so that
-/// its outcome can be timed.
+/// What this replica saw of one saga for its metrics and spans: when each in-flight attempt
+/// was sent (from its `dispatched` entries), so that its outcome can be timed, and the
+/// lifecycle events logged so far (the saga span's events).
 #[derive(Debug, Default)]
-pub(crate) struct Sent(HashMap<(StepName, Phase), (u32, Timestamp)>);
+pub(crate) struct Sent {
+    attempts: HashMap<(StepName, Phase), Dispatch>,
+    notes: Vec<(Timestamp, LifecycleNote)>,
+}
 
-/// Records what one transition of a saga of definition `saga` did, from its timeline entries:
-/// the single place where the coordinator's metrics are taken.
+/// One attempt's dispatch, as its `dispatched` entry says.
+#[derive(Debug)]
+struct Dispatch {
+    attempt: u32,
+    at: Timestamp,
+    service: ServiceName,
+    command: CommandName,
+}
+
+/// The saga a transition belongs to.
+pub(crate) struct Saga<'a> {
+    pub(crate) name: &'a SagaName,
+    pub(crate) id: &'a SagaId,
+    /// Its `traceparent` (the root span's ids), if it has one.
+    pub(crate) trace: Option<&'a str>,
+    pub(crate) started_at: Timestamp,
+}
+
+/// Records what one transition of `saga` did, from its timeline entries and the lifecycle
+/// events it logged (`notes`): the single place where the coordinator's metrics and spans are
+/// taken.
 pub(crate) fn transition(
-    saga: &SagaName,
+    saga: &Saga<'_>,
     entries: &[TimelineEntry],
+    notes: &[LifecycleNote],
     sent: &mut Sent,
     tally: &Tally,
 ) {
-    let saga = saga.to_string();
+    if spans::enabled() {
+        let at = entries.last().map_or_else(crate::deliver::now, |e| e.at);
+        sent.notes.extend(notes.iter().map(|n| (at, n.clone())));
+    }
+    let name = saga.name.to_string();
+    let saga_ref = saga;
+    let saga = name;
     for entry in entries {
         match &entry.event {
             TimelineEvent::Started => {
@@ -149,6 +186,7 @@ pub(crate) fn transition(
                 tally.update(|t| *t.started.entry(saga.clone()).or_default() += 1);
             }
             TimelineEvent::Finished { status } => {
+                saga_span(saga_ref, *status, entry.at, sent);
                 counter!(FINISHED, "saga" => saga.clone(), "status" => status.to_string())
                     .increment(1);
                 tally.update(|t| {
@@ -156,21 +194,51 @@ pub(crate) fn transition(
                     *by_status.entry(status.to_string()).or_default() += 1;
                 });
             }
-            TimelineEvent::Dispatched { step, phase, attempt, .. } => {
-                sent.0.insert((step.clone(), *phase), (*attempt, entry.at));
+            TimelineEvent::Dispatched { step, phase, attempt, service, command, .. } => {
+                let d = Dispatch {
+                    attempt: *attempt,
+                    at: entry.at,
+                    service: service.clone(),
+                    command: command.clone(),
+                };
+                sent.attempts.insert((step.clone(), *phase), d);
                 if *phase == Phase::Compensation && *attempt == 1 {
                     counter!(COMPENSATIONS, "saga" => saga.clone(), "step" => step.to_string())
                         .increment(1);
                 }
             }
             TimelineEvent::Succeeded { step, phase, attempt } => {
-                attempt_ended(&saga, step, *phase, *attempt, "succeeded", entry.at, sent);
+                let ended = Ended {
+                    step,
+                    phase: *phase,
+                    attempt: *attempt,
+                    outcome: "succeeded",
+                    at: entry.at,
+                    reason: None,
+                };
+                attempt_ended(saga_ref, &ended, sent);
             }
-            TimelineEvent::Failed { step, phase, attempt, .. } => {
-                attempt_ended(&saga, step, *phase, *attempt, "failed", entry.at, sent);
+            TimelineEvent::Failed { step, phase, attempt, reason, .. } => {
+                let ended = Ended {
+                    step,
+                    phase: *phase,
+                    attempt: *attempt,
+                    outcome: "failed",
+                    at: entry.at,
+                    reason: Some(reason),
+                };
+                attempt_ended(saga_ref, &ended, sent);
             }
             TimelineEvent::TimedOut { step, phase, attempt } => {
-                attempt_ended(&saga, step, *phase, *attempt, "timed_out", entry.at, sent);
+                let ended = Ended {
+                    step,
+                    phase: *phase,
+                    attempt: *attempt,
+                    outcome: "timed_out",
+                    at: entry.at,
+                    reason: Some("timed out"),
+                };
+                attempt_ended(saga_ref, &ended, sent);
                 counter!(TIMEOUTS, "saga" => saga.clone(), "step" => step.to_string(), "phase" => phase.to_string())
                     .increment(1);
             }
@@ -199,28 +267,99 @@ fn operator(saga: &str, action: &'static str) {
     counter!(OPERATOR_ACTIONS, "saga" => saga.to_owned(), "action" => action).increment(1);
 }
 
-fn attempt_ended(
-    saga: &str,
-    step: &StepName,
+/// How an attempt ended, from its timeline entry.
+struct Ended<'a> {
+    step: &'a StepName,
     phase: Phase,
     attempt: u32,
     outcome: &'static str,
     at: Timestamp,
-    sent: &mut Sent,
-) {
+    reason: Option<&'a str>,
+}
+
+fn attempt_ended(saga: &Saga<'_>, e: &Ended<'_>, sent: &mut Sent) {
     let labels = [
-        ("saga", saga.to_owned()),
-        ("step", step.to_string()),
-        ("phase", phase.to_string()),
-        ("outcome", outcome.to_owned()),
+        ("saga", saga.name.to_string()),
+        ("step", e.step.to_string()),
+        ("phase", e.phase.to_string()),
+        ("outcome", e.outcome.to_owned()),
     ];
     counter!(ATTEMPTS, &labels).increment(1);
-    if let Some((sent_attempt, sent_at)) = sent.0.remove(&(step.clone(), phase)) {
-        if sent_attempt == attempt {
-            let seconds = at.0.saturating_sub(sent_at.0) as f64 / 1000.0;
-            histogram!(ATTEMPT_SECONDS, &labels).record(seconds);
-        }
+    let dispatch =
+        sent.attempts.remove(&(e.step.clone(), e.phase)).filter(|d| d.attempt == e.attempt);
+    if let Some(d) = &dispatch {
+        let seconds = e.at.0.saturating_sub(d.at.0) as f64 / 1000.0;
+        histogram!(ATTEMPT_SECONDS, &labels).record(seconds);
     }
+    attempt_span(saga, e, dispatch.as_ref());
+}
+
+/// The span of one attempt: from its dispatch (if this replica saw it) to its outcome, with
+/// the span id its command's `traceparent` carried.
+fn attempt_span(saga: &Saga<'_>, e: &Ended<'_>, dispatch: Option<&Dispatch>) {
+    let Some(trace) = saga.trace.filter(|_| spans::enabled()) else { return };
+    let command_id = CommandId::new(saga.id, e.step, e.phase, e.attempt);
+    let Some(this) = spans::with_span(trace, &spans::attempt_span_id(command_id.as_str())) else {
+        return;
+    };
+    let mut attributes = vec![
+        KeyValue::new("saga.id", saga.id.to_string()),
+        KeyValue::new("saga.name", saga.name.to_string()),
+        KeyValue::new("saga.step", e.step.to_string()),
+        KeyValue::new("saga.phase", e.phase.to_string()),
+        KeyValue::new("saga.attempt", i64::from(e.attempt)),
+        KeyValue::new("saga.outcome", e.outcome),
+    ];
+    if let Some(d) = dispatch {
+        attributes.push(KeyValue::new("saga.service", d.service.to_string()));
+        attributes.push(KeyValue::new("saga.command", d.command.to_string()));
+    }
+    let verb = if e.phase == Phase::Compensation { "compensate" } else { "step" };
+    spans::export(spans::Finished {
+        this: &this,
+        parent: Some(trace),
+        name: format!("{verb} {}", e.step),
+        kind: SpanKind::Client,
+        start: spans::time(dispatch.map_or(e.at, |d| d.at)),
+        end: spans::time(e.at),
+        attributes,
+        events: Vec::new(),
+        error: (e.outcome != "succeeded").then(|| e.reason.unwrap_or(e.outcome).to_owned()),
+    });
+}
+
+/// The saga's root span, from its start to its end, with the lifecycle events this replica
+/// logged as span events.
+fn saga_span(saga: &Saga<'_>, status: SagaStatus, at: Timestamp, sent: &mut Sent) {
+    let Some(trace) = saga.trace.filter(|_| spans::enabled()) else { return };
+    let events = std::mem::take(&mut sent.notes)
+        .into_iter()
+        .map(|(t, n)| {
+            let mut attrs = Vec::new();
+            if let Some(step) = &n.step {
+                attrs.push(KeyValue::new("saga.step", step.to_string()));
+            }
+            if let Some(reason) = &n.reason {
+                attrs.push(KeyValue::new("saga.reason", reason.clone()));
+            }
+            (spans::time(t), n.kind.as_str(), attrs)
+        })
+        .collect();
+    spans::export(spans::Finished {
+        this: trace,
+        parent: None,
+        name: format!("saga {}", saga.name),
+        kind: SpanKind::Internal,
+        start: spans::time(if saga.started_at.0 > 0 { saga.started_at } else { at }),
+        end: spans::time(at),
+        attributes: vec![
+            KeyValue::new("saga.id", saga.id.to_string()),
+            KeyValue::new("saga.name", saga.name.to_string()),
+            KeyValue::new("saga.status", status.to_string()),
+        ],
+        events,
+        error: None,
+    });
 }
 
 /// The sagas this replica holds and how many of them are parked, summed over its workers.

@@ -506,17 +506,22 @@ impl Shared {
             trace_id = %trace_id,
         );
         let cmd = Arc::new(cmd);
+        // This delivery's span: a child of the attempt's, the parent of the handler's spans,
+        // and the trace context of the reply.
+        let mine = traceparent.as_deref().map(crate::telemetry::child);
+        let began = std::time::SystemTime::now();
         async {
-            match self.process(&msg, cmd.clone(), traceparent.clone()).await {
+            match self.process(&msg, cmd.clone(), mine.clone()).await {
                 Ok(decided) => {
                     // Reply first, record after: the coordinator moves on one round trip
                     // sooner. A crash between the two leaves a claim that lapses at the
                     // deadline, as a crash inside the handler would.
                     let outcome = decided.outcome.clone();
-                    if let Err(e) =
-                        self.reply(&reply_to, &cmd, outcome, traceparent.as_deref()).await
-                    {
+                    if let Err(e) = self.reply(&reply_to, &cmd, outcome, mine.as_deref()).await {
                         warn!(error = %e, "reply failed; the coordinator will ask again");
+                    }
+                    if let (Some(parent), Some(this)) = (&traceparent, &mine) {
+                        handled_span(&cmd, &decided.outcome, parent, this, began);
                     }
                     self.settle(decided, &cmd).await;
                 }
@@ -952,7 +957,7 @@ impl Shared {
         let payload = self.codec.encode(&reply)?;
         let mut headers = HeaderMap::new();
         if let Some(tp) = traceparent {
-            headers.insert(headers::TRACEPARENT, crate::telemetry::child(tp).as_str());
+            headers.insert(headers::TRACEPARENT, tp);
         }
         self.client.publish_with_headers(to.subject(), headers, Bytes::from(payload)).await?;
         Ok(())
@@ -978,4 +983,43 @@ async fn contended() {
 
 fn unavailable(e: impl std::fmt::Display) -> Skip {
     Skip(format!("effects bucket unavailable: {e}"))
+}
+
+/// Exports the span of one delivery (`handle <service>.<command>`), a child of the attempt's
+/// span (`parent`, the command's `traceparent`), when spans are exported.
+fn handled_span(
+    cmd: &CommandMessage,
+    outcome: &ReplyOutcome,
+    parent: &str,
+    this: &str,
+    began: std::time::SystemTime,
+) {
+    if !crate::spans::enabled() {
+        return;
+    }
+    use opentelemetry::KeyValue;
+    let (result, error) = match outcome {
+        ReplyOutcome::Success { .. } => ("success", None),
+        ReplyOutcome::Failure { reason, .. } => ("failure", Some(reason.clone())),
+    };
+    crate::spans::export(crate::spans::Finished {
+        this,
+        parent: Some(parent),
+        name: format!("handle {}.{}", cmd.service, cmd.command),
+        kind: opentelemetry::trace::SpanKind::Server,
+        start: began,
+        end: std::time::SystemTime::now(),
+        attributes: vec![
+            KeyValue::new("saga.id", cmd.saga_id.to_string()),
+            KeyValue::new("saga.name", cmd.saga.to_string()),
+            KeyValue::new("saga.step", cmd.step.to_string()),
+            KeyValue::new("saga.phase", cmd.phase.to_string()),
+            KeyValue::new("saga.attempt", i64::from(cmd.attempt)),
+            KeyValue::new("saga.service", cmd.service.to_string()),
+            KeyValue::new("saga.command", cmd.command.to_string()),
+            KeyValue::new("saga.outcome", result),
+        ],
+        events: Vec::new(),
+        error,
+    });
 }

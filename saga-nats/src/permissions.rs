@@ -253,6 +253,7 @@ pub fn permissions(
                 format!("{API}.DIRECT.GET.SAGA_LOG.saga.log.*.{saga}.*"),
                 format!("{API}.DIRECT.GET.SAGA_IN.saga.in.*.{saga}.start"),
                 format!("saga.admin.timeline.{saga}"),
+                format!("saga.admin.get.{saga}"),
             ]);
             g.subscribe([format!("saga.log.*.{saga}.*")]);
         }

@@ -65,8 +65,8 @@ pub struct TimelinePage {
 #[derive(Debug, Clone)]
 pub struct SagaLog {
     js: jetstream::Context,
-    log: jetstream::stream::Stream<()>,
-    inputs: jetstream::stream::Stream<()>,
+    pub(crate) log: jetstream::stream::Stream<()>,
+    pub(crate) inputs: jetstream::stream::Stream<()>,
     codec: Codec,
 }
 
@@ -103,7 +103,17 @@ impl SagaLog {
         Ok(Some(Versioned { record, seq: msg.sequence, written }))
     }
 
-    fn decode(&self, id: &SagaId, bytes: &[u8]) -> Result<LogRecord, StoreError> {
+    /// The codec records are read with.
+    pub(crate) fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// The JetStream context.
+    pub(crate) fn js(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub(crate) fn decode(&self, id: &SagaId, bytes: &[u8]) -> Result<LogRecord, StoreError> {
         let record: LogRecord = self
             .codec
             .decode(bytes)
@@ -200,21 +210,6 @@ impl SagaLog {
         page.next = Some(seq);
         Ok(page)
     }
-
-    /// The ids of every saga with a log (live, and finished within the retention).
-    pub async fn ids(&self) -> Result<Vec<SagaId>, async_nats::Error> {
-        use futures::TryStreamExt;
-        let mut info = self.log.clone().info_with_subjects("saga.log.>").await?;
-        let mut ids = Vec::new();
-        while let Some((subject, _count)) = info.try_next().await? {
-            if let Some((id, _, _)) = subjects::parse_log(&subject) {
-                ids.push(id);
-            }
-        }
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
-    }
 }
 
 /// A registry error.
@@ -304,6 +299,54 @@ impl Registry {
             .expect("lock")
             .insert(plan.name().to_string(), (plan.clone(), std::time::Instant::now()));
         Ok(plan)
+    }
+
+    /// Every registered definition name, sorted (from the bucket's subject index: no entry is
+    /// read).
+    pub async fn names(&self) -> Result<Vec<SagaName>, RegistryError> {
+        let mut names: Vec<SagaName> = self
+            .keys(&format!("$KV.{}.*", subjects::DEFINITIONS_BUCKET))
+            .await?
+            .into_iter()
+            .filter_map(|key| SagaName::new(&key).ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The digests of every registered version of the saga named `name`, sorted.
+    pub async fn digests(&self, name: &SagaName) -> Result<Vec<String>, RegistryError> {
+        let prefix = format!("{name}.");
+        let mut digests: Vec<String> = self
+            .keys(&format!("$KV.{}.{name}.*", subjects::DEFINITIONS_BUCKET))
+            .await?
+            .into_iter()
+            .filter_map(|key| key.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        digests.sort();
+        Ok(digests)
+    }
+
+    /// The keys of the bucket whose subjects match `filter`.
+    async fn keys(&self, filter: &str) -> Result<Vec<String>, RegistryError> {
+        use futures::TryStreamExt;
+        let bucket_prefix = format!("$KV.{}.", subjects::DEFINITIONS_BUCKET);
+        let mut info = self
+            .kv
+            .stream
+            .clone()
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| RegistryError::Nats(e.into()))?;
+        let mut keys = Vec::new();
+        while let Some((subject, _)) =
+            info.try_next().await.map_err(|e| RegistryError::Nats(e.into()))?
+        {
+            if let Some(key) = subject.strip_prefix(&bucket_prefix) {
+                keys.push(key.to_owned());
+            }
+        }
+        Ok(keys)
     }
 
     /// The latest version of the saga named `name`.

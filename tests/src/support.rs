@@ -301,6 +301,12 @@ pub async fn recording_participant(
                     (name.clone(), runs.clone(), counter.clone(), instance.clone());
                 async move {
                     let effect = format!("{}.{name}.{phase}", cmd.saga_id);
+                    if phase == "a" && cmd.input.fail.contains(&name) {
+                        return Err(StepError::business(format!(
+                            "{name} refused order {}",
+                            cmd.input.n
+                        )));
+                    }
                     println!("start {effect}");
                     tokio::time::sleep(Duration::from_millis(cmd.input.delay_ms)).await;
                     let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -416,7 +422,7 @@ pub fn definitions_dir(defs: &[SagaDefinition]) -> PathBuf {
 pub async fn client_when_ready(nats: async_nats::Client, name: &str) -> SagaClient {
     for _ in 0..300 {
         if let Ok(client) = SagaClient::new(nats.clone()).await {
-            if client.list(&Default::default()).await.is_ok() {
+            if client.definition(name).await.is_ok() {
                 // `register` would overwrite; probe with a start of a throwaway saga instead.
                 let probe = client.start_with_key(name, "probe", &TestInput::default()).await;
                 if probe.is_ok() {

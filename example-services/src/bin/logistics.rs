@@ -24,12 +24,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     saga_coordinator::init_logging("info");
+    saga_coordinator::init_telemetry("logistics");
     let args = Args::parse();
     let nats = args.nats.connect("logistics").await?;
     let participant = logistics::run(nats, args.behaviour, args.concurrency).await?;
     info!("logistics ready");
     saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;
+    saga_nats::spans::shutdown();
     info!("logistics stopped");
     Ok(())
 }

@@ -18,12 +18,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     saga_coordinator::init_logging("info");
+    saga_coordinator::init_telemetry("notification");
     let args = Args::parse();
     let nats = args.nats.connect("notification").await?;
     let following = notification::run(nats).await?;
     info!("notification ready");
     saga_coordinator::shutdown_signal().await;
     following.shutdown().await;
+    saga_nats::spans::shutdown();
     info!("notification stopped");
     Ok(())
 }

@@ -23,6 +23,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     saga_coordinator::init_logging("info");
+    saga_coordinator::init_telemetry("seller");
     let args = Args::parse();
     let stock = seller::parse_stock(&args.stock).map_err(|e| anyhow::anyhow!("--stock: {e}"))?;
     let nats = args.nats.connect("seller").await?;
@@ -30,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     info!("seller ready");
     saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;
+    saga_nats::spans::shutdown();
     info!("seller stopped");
     Ok(())
 }

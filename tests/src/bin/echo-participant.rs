@@ -10,6 +10,7 @@ async fn main() {
         eprintln!("usage: echo-participant <nats-url> <instance>");
         std::process::exit(2);
     };
+    saga_coordinator::init_telemetry("echo-participant");
     let nats = async_nats::connect(&url).await.expect("connects to NATS");
     let _participant =
         saga_tests::support::recording_participant(nats, "svc", &["a", "b", "c"], &instance).await;
