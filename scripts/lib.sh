@@ -20,3 +20,23 @@ ensure_nats_server() {
   command -v nats-server >/dev/null 2>&1 || { echo "nats-server could not be installed" >&2; return 1; }
   nats-server --version
 }
+
+# Installs what the browser tests need when it is missing: Debian's chromium (apt-get, as root
+# or through sudo) and playwright-core (npm ci in tests/browser, from its lock file). No
+# browser is downloaded from anywhere else.
+ensure_browser() {
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "==> installing chromium (apt-get install chromium)"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+      || { echo "chromium could not be installed (the browser tests need /usr/bin/chromium)" >&2; return 1; }
+  fi
+  command -v node >/dev/null 2>&1 || { echo "node is missing (the browser tests need Node.js and npm)" >&2; return 1; }
+  if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    echo "==> installing playwright-core (npm ci in tests/browser)"
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error) \
+      || { echo "playwright-core could not be installed" >&2; return 1; }
+  fi
+}

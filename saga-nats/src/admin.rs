@@ -10,6 +10,7 @@
 //! | `timeline` | `saga.admin.timeline.<saga>` | [`TimelineRequest`] | [`TimelinePage`]: `{"entries": [...], "next": <seq> or null}` |
 //! | `stats` | `saga.admin.stats.<saga>` | `{}` | [`SagaCounts`](crate::index::SagaCounts) |
 //! | `defs` | `saga.admin.defs.<saga>` | `{}` | [`Definitions`] |
+//! | `followers` | `saga.admin.followers.<saga>` | `{}` | [`Follower`](crate::store::Follower)s: the durable consumers of those sagas' logs, and how far each consumed |
 //! | `dlq` | `saga.admin.dlq.<list\|show\|redrive\|discard>` | [`DlqListRequest`] or [`DlqRef`] | [`DlqPage`](crate::dlq::DlqPage), [`DeadLetter`](crate::dlq::DeadLetter), [`Redriven`](crate::dlq::Redriven) |
 //!
 //! `$SRV.STATS` (`nats micro stats saga-admin`) carries, in each endpoint's `data`, the saga
@@ -150,7 +151,7 @@ fn error(code: usize, status: String) -> service::error::Error {
 }
 
 /// The endpoints, each on `saga.admin.<endpoint>.<saga>`.
-pub const ENDPOINTS: [&str; 6] = ["list", "get", "timeline", "stats", "defs", "dlq"];
+pub const ENDPOINTS: [&str; 7] = ["list", "get", "timeline", "stats", "defs", "followers", "dlq"];
 
 /// The registered versions of a definition, as `defs` answers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -241,6 +242,7 @@ async fn serve(
         }
         "stats" => serde_json::to_vec(&log.counts(&saga).await.map_err(read)?),
         "defs" => serde_json::to_vec(&serve_defs(log, registry, &saga).await?),
+        "followers" => serde_json::to_vec(&log.followers(&saga).await.map_err(read)?),
         _ => return Err(error(404, format!("no endpoint {}", quote(endpoint)))),
     };
     answer.map_err(|e| error(500, format!("cannot encode the answer: {e}")))

@@ -585,6 +585,17 @@ impl SagaClient {
         })
     }
 
+    /// The followers of definition `saga`'s lifecycle events (durable consumers of its sagas'
+    /// logs) and how far each has consumed: a log record at sequence `seq` (see
+    /// [`TimelinePage::records`]) is consumed by a follower whose `acked_to >= seq`.
+    pub async fn followers(
+        &self,
+        saga: &str,
+    ) -> Result<Vec<crate::store::Follower>, SagaClientError> {
+        let name = self.named(saga)?;
+        Ok(self.admin("followers", &name, &serde_json::json!({})).await?.unwrap_or_default())
+    }
+
     /// One page of dead letters (every component's, or one's), oldest first.
     pub async fn dead_letters(
         &self,

@@ -52,7 +52,7 @@ pub use participant::{
 pub use provision::{
     provision, provision_participant, EffectsConfig, ProvisionConfig, ProvisionError,
 };
-pub use store::TimelinePage;
+pub use store::{Follower, RecordMeta, TimelinePage};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

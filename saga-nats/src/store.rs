@@ -59,6 +59,44 @@ pub struct TimelinePage {
     pub entries: Vec<TimelineEntry>,
     /// Pass this as `after` to read the next page; `None` when this page reached the end.
     pub next: Option<u64>,
+    /// The log records the page spans, oldest first: where each is, and the lifecycle events
+    /// it published (followers consume those records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<RecordMeta>,
+}
+
+/// Where a log record is, and the lifecycle events it published.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RecordMeta {
+    /// Its sequence in `SAGA_LOG`.
+    pub seq: u64,
+    /// Its subject (`saga.log.<id>.<saga>.<event>`).
+    pub subject: String,
+    /// When it was stored (ms since the epoch).
+    pub at: saga_core::Timestamp,
+    /// The lifecycle events it carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<saga_core::wire::LifecycleNote>,
+}
+
+/// A durable consumer of the saga logs: a follower of lifecycle events.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Follower {
+    /// Its durable name.
+    pub name: String,
+    /// The log subjects it consumes.
+    pub filters: Vec<String>,
+    /// Every record up to this `SAGA_LOG` sequence is acknowledged (consumed).
+    pub acked_to: u64,
+    /// Records up to this sequence were delivered to it.
+    pub delivered_to: u64,
+}
+
+impl Follower {
+    /// Whether it consumes the record on `subject`.
+    pub fn follows(&self, subject: &str) -> bool {
+        self.filters.iter().any(|f| subjects::matches(f, subject))
+    }
 }
 
 /// Reads and appends saga log records, and reads pending starts.
@@ -159,6 +197,37 @@ impl SagaLog {
         }
     }
 
+    /// The durable consumers of the saga logs whose subjects overlap those of definition
+    /// `saga`'s sagas (`saga.log.*.<saga>.*`), with how far each has consumed.
+    pub async fn followers(&self, saga: &SagaName) -> Result<Vec<Follower>, StoreError> {
+        use futures::TryStreamExt;
+        let err =
+            |e: async_nats::Error| StoreError::Nats { id: SagaId::from(saga.as_str()), source: e };
+        let sagas = format!("saga.log.*.{saga}.*");
+        let mut consumers = self.log.consumers();
+        let mut out = Vec::new();
+        while let Some(info) = consumers.try_next().await.map_err(|e| err(e.into()))? {
+            let Some(name) = info.config.durable_name.clone() else { continue };
+            let mut filters = info.config.filter_subjects.clone();
+            if !info.config.filter_subject.is_empty() {
+                filters.push(info.config.filter_subject.clone());
+            }
+            if filters.is_empty() {
+                filters.push("saga.log.>".into());
+            }
+            if filters.iter().any(|f| subjects::overlap(f, &sagas)) {
+                out.push(Follower {
+                    name,
+                    filters,
+                    acked_to: info.ack_floor.stream_sequence,
+                    delivered_to: info.delivered.stream_sequence,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     /// The saga's start, while it is waiting in the input stream (from the moment it is
     /// accepted until the saga ends). Only a start of definition `saga` counts, unless
     /// `saga` is `None`.
@@ -205,7 +274,16 @@ impl SagaLog {
                 Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
             };
             seq = msg.sequence;
-            page.entries.extend(self.decode(id, &msg.payload)?.timeline);
+            let record = self.decode(id, &msg.payload)?;
+            page.entries.extend(record.timeline);
+            page.records.push(RecordMeta {
+                seq,
+                subject: msg.subject.to_string(),
+                at: saga_core::Timestamp(
+                    u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+                ),
+                events: record.events,
+            });
         }
         page.next = Some(seq);
         Ok(page)

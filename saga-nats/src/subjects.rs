@@ -122,6 +122,36 @@ pub fn log_filter(saga: Option<&SagaName>, event: Option<LifecycleKind>) -> Stri
     )
 }
 
+/// Whether `subject` (no wildcards) matches the NATS subject filter `filter` (`*` one token,
+/// `>` the rest).
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether two subject filters can match a subject in common.
+pub fn overlap(a: &str, b: &str) -> bool {
+    let mut a = a.split('.');
+    let mut b = b.split('.');
+    loop {
+        match (a.next(), b.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == "*" || y == "*" || x == y => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Splits a log subject into saga id, saga name and event token.
 pub fn parse_log(subject: &str) -> Option<(SagaId, SagaName, &str)> {
     let mut parts = subject.split('.');
@@ -258,6 +288,19 @@ pub mod headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_match_subjects_and_each_other() {
+        assert!(matches("saga.log.>", "saga.log.x.order.completed"));
+        assert!(matches("saga.log.*.order.*", "saga.log.x.order.completed"));
+        assert!(!matches("saga.log.*.order.*", "saga.log.x.refund.completed"));
+        assert!(!matches("saga.log.*.order", "saga.log.x.order.completed"));
+        assert!(!matches("saga.log.*.order.*.more", "saga.log.x.order.completed"));
+        assert!(overlap("saga.log.>", "saga.log.*.order.*"));
+        assert!(overlap("saga.log.*.*.completed", "saga.log.*.order.*"));
+        assert!(!overlap("saga.log.*.refund.*", "saga.log.*.order.*"));
+        assert!(!overlap("saga.log.*.order", "saga.log.*.order.*"));
+    }
 
     #[test]
     fn input_subjects_round_trip() {

@@ -388,7 +388,7 @@ async fn dlq(client: &SagaClient, op: Dlq, json: bool) -> Result<(), Failure> {
                 }
                 t.print();
                 if let Some(next) = page.next {
-                    println!("more: sagactl dlq ls --cursor {next}");
+                    println!("more: run the same command with --cursor {next}");
                 }
             });
         }
@@ -459,7 +459,7 @@ async fn list(
         t.print();
         match all.next {
             Some(next) if all.sagas.len() >= limit => {
-                println!("more: sagactl list {saga} --cursor {next} …")
+                println!("more: run the same command with --cursor {next}")
             }
             _ => {}
         }
@@ -483,13 +483,25 @@ async fn show(client: &SagaClient, id: &str, json: bool) -> Result<(), Failure> 
     let Some(view) = client.get(&id).await? else {
         return Err(Failure { code: 3, message: format!("no saga {id}") });
     };
-    let timeline = if view.logged { client.timeline(&id).await? } else { Vec::new() };
+    let (mut timeline, mut records) = (Vec::new(), Vec::new());
+    let mut after = Some(0).filter(|_| view.logged);
+    while let Some(from) = after {
+        let page = client.timeline_page(&id, from, 64).await?;
+        timeline.extend(page.entries);
+        records.extend(page.records);
+        after = page.next;
+    }
+    // Who follows these lifecycle events, and how far each has consumed (an operator's
+    // read: without it, the events are shown without their followers).
+    let followers = client.followers(view.saga().as_str()).await;
     if json {
         let doc = serde_json::json!({
             "snapshot": view.snapshot,
             "input": decoded(view.snapshot.input.as_bytes()),
             "logged": view.logged,
             "timeline": timeline,
+            "records": records,
+            "followers": followers.as_ref().ok(),
         });
         println!("{}", serde_json::to_string_pretty(&doc).expect("JSON encodes"));
         return Ok(());
@@ -497,7 +509,50 @@ async fn show(client: &SagaClient, id: &str, json: bool) -> Result<(), Failure> 
     print_view(&view);
     println!();
     print_timeline(&timeline);
+    println!();
+    print_lifecycle(&records, followers);
     Ok(())
+}
+
+/// The lifecycle events the saga's log records published, and which followers consumed each.
+fn print_lifecycle(
+    records: &[saga_nats::RecordMeta],
+    followers: Result<Vec<saga_nats::Follower>, SagaClientError>,
+) {
+    let mut t = Table::new(["PUBLISHED", "LIFECYCLE EVENTS", "STEP", "FOLLOWERS"]);
+    for r in records.iter().filter(|r| !r.events.is_empty()) {
+        let kinds: Vec<&str> = r.events.iter().map(|e| e.kind.as_str()).collect();
+        let steps: Vec<String> =
+            r.events.iter().filter_map(|e| e.step.as_ref().map(ToString::to_string)).collect();
+        let consumers = match &followers {
+            Ok(all) => {
+                let mut who: Vec<String> = all
+                    .iter()
+                    .filter(|f| f.follows(&r.subject))
+                    .map(|f| {
+                        let state = if f.acked_to >= r.seq {
+                            "consumed"
+                        } else if f.delivered_to >= r.seq {
+                            "delivered"
+                        } else {
+                            "pending"
+                        };
+                        format!("{} ({state})", f.name)
+                    })
+                    .collect();
+                if who.is_empty() {
+                    who.push("-".into());
+                }
+                who.join(", ")
+            }
+            Err(_) => "?".into(),
+        };
+        t.row([at(r.at), kinds.join(", "), steps.join(", "), consumers]);
+    }
+    t.print();
+    if let Err(e) = followers {
+        println!("(followers not shown: {e})");
+    }
 }
 
 fn print_view(view: &SagaView) {

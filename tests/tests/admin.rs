@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use saga_core::{SagaId, SagaStatus, StepName, Timestamp};
 use saga_nats::index::{ListPage, ListRequest, SagaCounts, Which};
 use saga_nats::SagaClient;
@@ -192,6 +193,16 @@ async fn admin_requests_get_clear_errors_and_the_service_answers_get() {
             .map(|v| v.as_str().to_owned());
         (code, error, answer.payload)
     };
+    // Discovery: the admin service answers $SRV.PING and lists its endpoints in $SRV.INFO.
+    let ping = nats.request("$SRV.PING.saga-admin", Bytes::new()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "saga-admin", "{ping}");
+    let info = nats.request("$SRV.INFO.saga-admin", Bytes::new()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let endpoints: BTreeSet<&str> =
+        info["endpoints"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(endpoints, saga_nats::admin::ENDPOINTS.into_iter().collect(), "{info}");
+
     let (code, error, _) = ask("saga.admin.list.adm", r#"{"status": "sleeping"}"#).await;
     assert_eq!(code.as_deref(), Some("400"));
     assert!(error.unwrap().contains("request body"), "names what was wrong");
@@ -263,14 +274,41 @@ async fn sagactl_lists_shows_starts_and_acts_with_exit_codes_scripts_can_rely_on
     assert_eq!(code, 2, "bad usage");
     assert!(err.contains("--status sleeping"), "{err}");
 
-    // show: the steps and the timeline, with the failure's reason.
+    // show: the steps, the timeline with the failure's reason, and the lifecycle events with
+    // the followers that consumed them (a follower of the terminal events, here "audit").
+    let _audit = saga_nats::follow::follow_sagas(
+        p.stack.nats.clone(),
+        "audit",
+        Some("lst"),
+        &[saga_core::LifecycleKind::Compensated],
+        |_| async { Ok::<(), String>(()) },
+    )
+    .await
+    .unwrap();
     let failed = p.compensated[0].as_str();
-    let (code, out, err) = run(args(&["show", failed])).await;
-    assert_eq!(code, 0, "{err}");
-    for needle in
-        ["compensated", "STEP", "WHEN", "dispatched", "failed", "compensation_started", "finished"]
-    {
-        assert!(out.contains(needle), "{needle} missing from:\n{out}");
+    let mut shown = String::new();
+    for _ in 0..300 {
+        let (code, out, err) = run(args(&["show", failed])).await;
+        assert_eq!(code, 0, "{err}");
+        shown = out;
+        if shown.contains("audit (consumed)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for needle in [
+        "compensated",
+        "STEP",
+        "WHEN",
+        "dispatched",
+        "failed",
+        "compensation_started",
+        "finished",
+        "LIFECYCLE EVENTS",
+        "step_failed",
+        "audit (consumed)",
+    ] {
+        assert!(shown.contains(needle), "{needle} missing from:\n{shown}");
     }
     let (code, _, err) = run(args(&["show", "no-such-saga"])).await;
     assert_eq!(code, 3, "not found: {err}");
@@ -303,6 +341,18 @@ async fn sagactl_lists_shows_starts_and_acts_with_exit_codes_scripts_can_rely_on
     let done = p.completed[0].as_str();
     let (code, _, err) = run(args(&["cancel", done, "--reason", "too late"])).await;
     assert_eq!(code, 1, "refused: {err}");
+    let hanging = p.hanging[0].as_str();
+    let (code, out, err) = run(args(&["cancel", hanging, "--reason", "customer called"])).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("applied"), "{out}");
+    // b's attempt is still in flight (it hangs until its 60 s timeout), so the saga is
+    // compensated once that attempt ends; the cancellation and its operator are recorded now.
+    let timeline = p.stack.client.timeline(&p.hanging[0]).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(&e.event,
+            saga_core::TimelineEvent::CancelRequested { by, .. } if by.as_deref() == Some("cli-operator"))),
+        "the cancellation names the operator: {timeline:?}"
+    );
     let view = p.stack.client.wait(&p.parked[0], WAIT).await.unwrap();
     assert_eq!(view.status(), SagaStatus::Compensated);
     let timeline = p.stack.client.timeline(&p.parked[0]).await.unwrap();
@@ -452,4 +502,57 @@ async fn definitions_list_every_version_and_the_live_sagas_running_each() {
     let err = client.definitions("nope").await.unwrap_err();
     assert_eq!(err.kind(), saga_nats::ErrorKind::UnknownSaga, "{err}");
     client.cancel(&live, "test over").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parked_among_thousands_are_listed_without_reading_the_others() {
+    init_logging();
+    let stack = echo_stack("many", &["a", "b"], Duration::from_secs(30)).await;
+    let (nats, client) = (stack.nats.clone(), stack.client.clone());
+    const DONE: u64 = 2_000;
+    let mut ids = Vec::new();
+    for chunk in (0..DONE).collect::<Vec<_>>().chunks(100) {
+        let starts =
+            chunk.iter().map(|&n| {
+                let client = client.clone();
+                async move {
+                    client.start("many", &TestInput { n, ..Default::default() }).await.unwrap()
+                }
+            });
+        ids.extend(futures::future::join_all(starts).await);
+    }
+    let mut parked = Vec::new();
+    for n in 0..3 {
+        let input = TestInput {
+            n: 10_000 + n,
+            fail: vec!["b".into()],
+            comp_fail: vec![("a".into(), 100)],
+            ..Default::default()
+        };
+        parked.push(client.start("many", &input).await.unwrap());
+    }
+    wait_all(&client, &parked, WAIT).await;
+    eventually("every saga has ended", || async {
+        let c = client.stats("many").await.unwrap();
+        (c.finished.get("completed") == Some(&DONE) && c.in_flight == 3).then_some(())
+    })
+    .await;
+
+    // Every read the listing makes is a JetStream direct get: count them.
+    let mut reads = nats.subscribe("$JS.API.DIRECT.GET.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let parked_only = ListRequest { status: Which::parse("parked").unwrap(), ..Default::default() };
+    let page = client.list("many", &parked_only).await.unwrap();
+    let listed: BTreeSet<SagaId> = page.sagas.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(listed, set(&parked), "exactly the parked ones");
+    nats.flush().await.unwrap();
+    let mut n = 0;
+    while tokio::time::timeout(Duration::from_millis(300), reads.next()).await.is_ok() {
+        n += 1;
+    }
+    eprintln!("listing the parked: {n} direct gets among {} sagas", DONE + 3);
+    // A few reads per parked saga (and the coordinator's own keep-alive reads of them), not
+    // one per saga: 2,003 sagas are stored.
+    assert!(n <= 40, "{n} direct gets to list 3 parked sagas among {}", DONE + 3);
+    assert!(n >= 3, "the listing reads through direct gets ({n} seen): the count means something");
 }
