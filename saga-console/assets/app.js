@@ -118,6 +118,7 @@ async function saga(id) {
     <h2>Timeline</h2>${chart(s.timeline, snap)}
     <h2>Steps</h2><table data-testid="steps"><thead><tr><th>Step</th><th>Status</th><th>Attempt</th><th>Compensation attempt</th><th>Output</th><th>Last error</th></tr></thead><tbody>${steps}</tbody></table>
     <h2>Choreography: lifecycle events and their followers</h2>${choreography(s.records, s.followers)}
+    <h2>Domain events carrying this saga's id</h2>${domainEvents(s.domain)}
     <h2>History</h2>${history(s.timeline)}`;
   main.querySelectorAll("[data-action]").forEach((b) => b.addEventListener("click", () => {
     const [action, label, what] = actions.find(([a]) => a === b.dataset.action);
@@ -203,6 +204,16 @@ function choreography(records, followers) {
     return `<tr><td>${when(r.at)}</td><td>${r.events.map((e) => esc(e.kind)).join(", ")}</td><td>${esc(steps)}</td><td>${who.join(" ") || '<span class="muted">no follower</span>'}</td></tr>`;
   });
   return `<table data-testid="choreography"><thead><tr><th>Published</th><th>Lifecycle events</th><th>Step</th><th>Followers</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
+}
+
+// The services' own events tagged with this saga (published with `publish_saga_event`).
+function domainEvents(d) {
+  if (!d) return `<p class="muted">Not available.</p>`;
+  const rows = d.events.map((e) => `<tr data-subject="${esc(e.subject)}"><td>${when(e.at)}</td><td class="mono">${esc(e.subject)}</td>
+    <td><details><summary>body</summary><pre class="mono">${esc(JSON.stringify(e.body, null, 2))}</pre></details></td></tr>`);
+  const scanned = `${d.scanned} domain event${d.scanned === 1 ? "" : "s"} looked at${d.complete ? "" : " (the saga's whole life was not covered: only the first ones)"}`;
+  return `<table data-testid="domain-events"><thead><tr><th>Published</th><th>Subject</th><th>Body</th></tr></thead><tbody>${rows.join("")}</tbody></table>
+    <p class="muted">${rows.length ? "" : "None. "}${scanned}.</p>`;
 }
 
 // NATS subject matching: `*` one token, `>` the rest.

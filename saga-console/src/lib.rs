@@ -238,6 +238,7 @@ async fn saga(State(c): State<Console>, Path(id): Path<String>) -> Response {
         }
     }
     let followers = c.client.followers(view.saga().as_str()).await.unwrap_or_default();
+    let domain = c.client.domain_events(view.saga().as_str(), &id).await.ok();
     let outputs: serde_json::Map<String, Value> = view
         .snapshot
         .steps
@@ -255,6 +256,7 @@ async fn saga(State(c): State<Console>, Path(id): Path<String>) -> Response {
         "timeline": timeline,
         "records": records,
         "followers": followers,
+        "domain": domain,
     }))
     .into_response()
 }

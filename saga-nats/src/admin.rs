@@ -10,6 +10,7 @@
 //! | `timeline` | `saga.admin.timeline.<saga>` | [`TimelineRequest`] | [`TimelinePage`]: `{"entries": [...], "next": <seq> or null}` |
 //! | `stats` | `saga.admin.stats.<saga>` | `{}` | [`SagaCounts`](crate::index::SagaCounts) |
 //! | `defs` | `saga.admin.defs.<saga>` | `{}` | [`Definitions`] |
+//! | `domain` | `saga.admin.domain.<saga>` | [`GetRequest`] | [`SagaDomainEvents`](crate::index::SagaDomainEvents): the domain events tagged with the saga's id (published with [`crate::follow::publish_saga_event`]) during its life |
 //! | `followers` | `saga.admin.followers.<saga>` | `{}` | [`Follower`](crate::store::Follower)s: the durable consumers of those sagas' logs, and how far each consumed |
 //! | `dlq` | `saga.admin.dlq.<list\|show\|redrive\|discard>` | [`DlqListRequest`] or [`DlqRef`] | [`DlqPage`](crate::dlq::DlqPage), [`DeadLetter`](crate::dlq::DeadLetter), [`Redriven`](crate::dlq::Redriven) |
 //!
@@ -151,7 +152,8 @@ fn error(code: usize, status: String) -> service::error::Error {
 }
 
 /// The endpoints, each on `saga.admin.<endpoint>.<saga>`.
-pub const ENDPOINTS: [&str; 7] = ["list", "get", "timeline", "stats", "defs", "followers", "dlq"];
+pub const ENDPOINTS: [&str; 8] =
+    ["list", "get", "timeline", "stats", "defs", "followers", "domain", "dlq"];
 
 /// The registered versions of a definition, as `defs` answers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -243,6 +245,20 @@ async fn serve(
         "stats" => serde_json::to_vec(&log.counts(&saga).await.map_err(read)?),
         "defs" => serde_json::to_vec(&serve_defs(log, registry, &saga).await?),
         "followers" => serde_json::to_vec(&log.followers(&saga).await.map_err(read)?),
+        "domain" => {
+            let request: GetRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            checked_id(&request.id)?;
+            let saga_now = serve_get(log, registry, &saga, &request.id).await?;
+            let snap = &saga_now.snapshot;
+            // The saga's life, with a minute's slack each side for clocks and late events.
+            let from = saga_core::Timestamp(snap.started_at.0.saturating_sub(60_000));
+            let to = if snap.status.is_terminal() {
+                saga_core::Timestamp(snap.updated_at.0 + 60_000)
+            } else {
+                saga_core::Timestamp(u64::MAX)
+            };
+            serde_json::to_vec(&log.domain_events(&request.id, from, to).await.map_err(read)?)
+        }
         _ => return Err(error(404, format!("no endpoint {}", quote(endpoint)))),
     };
     answer.map_err(|e| error(500, format!("cannot encode the answer: {e}")))

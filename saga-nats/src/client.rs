@@ -596,6 +596,20 @@ impl SagaClient {
         Ok(self.admin("followers", &name, &serde_json::json!({})).await?.unwrap_or_default())
     }
 
+    /// The domain events tagged with saga `id` (published with
+    /// [`crate::follow::publish_saga_event`]) during its life, from the admin service.
+    pub async fn domain_events(
+        &self,
+        saga: &str,
+        id: &SagaId,
+    ) -> Result<crate::index::SagaDomainEvents, SagaClientError> {
+        let name = self.named(saga)?;
+        let request = crate::admin::GetRequest { id: id.clone() };
+        self.admin("domain", &name, &request).await?.ok_or_else(|| {
+            SagaClientError::new(ErrorKind::NotFound, format!("no saga {id} of definition {saga}"))
+        })
+    }
+
     /// One page of dead letters (every component's, or one's), oldest first.
     pub async fn dead_letters(
         &self,

@@ -208,11 +208,38 @@ pub async fn publish_domain_event<T: Serialize + ?Sized>(
     id: &str,
     event: &T,
 ) -> Result<(), FollowError> {
+    publish(client, subject, id, None, event).await
+}
+
+/// Publishes a domain event as [`publish_domain_event`] does, tagged with the saga it belongs
+/// to (header `Saga-Id`): the console and the admin service show it with that saga (e.g. an
+/// event a step's handler publishes, with `cmd.saga_id`).
+pub async fn publish_saga_event<T: Serialize + ?Sized>(
+    client: &async_nats::Client,
+    saga: &SagaId,
+    subject: &str,
+    id: &str,
+    event: &T,
+) -> Result<(), FollowError> {
+    publish(client, subject, id, Some(saga), event).await
+}
+
+async fn publish<T: Serialize + ?Sized>(
+    client: &async_nats::Client,
+    subject: &str,
+    id: &str,
+    saga: Option<&SagaId>,
+    event: &T,
+) -> Result<(), FollowError> {
     let full = format!("domain.{subject}");
     let payload = rmp_serde::to_vec_named(event)
         .map_err(|e| FollowError::Encode { subject: full.clone(), detail: e.to_string() })?;
     let js = jetstream::new(client.clone());
-    let msg = jetstream::message::PublishMessage::build().message_id(id).payload(payload.into());
+    let mut msg =
+        jetstream::message::PublishMessage::build().message_id(id).payload(payload.into());
+    if let Some(saga) = saga {
+        msg = msg.header(subjects::headers::SAGA_ID, saga.as_str());
+    }
     js.send_publish(full, msg)
         .await
         .map_err(|e| FollowError::Nats(e.into()))?

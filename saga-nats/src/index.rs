@@ -410,3 +410,97 @@ impl<'a> Merged<'a> {
         Ok(Some(msg))
     }
 }
+
+/// A domain event that carries a saga's id (header `Saga-Id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SagaDomainEvent {
+    /// Its sequence in `DOMAIN_EVENTS`.
+    pub seq: u64,
+    /// Its subject (`domain.…`).
+    pub subject: String,
+    /// When it was stored (ms since the epoch).
+    pub at: Timestamp,
+    /// Its body as JSON, when it is MessagePack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+}
+
+/// The domain events found for one saga.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SagaDomainEvents {
+    /// The events tagged with the saga's id, oldest first.
+    pub events: Vec<SagaDomainEvent>,
+    /// How many domain events were looked at (those stored from the saga's start on).
+    pub scanned: u64,
+    /// Whether every domain event up to the saga's end (or now) was looked at.
+    pub complete: bool,
+}
+
+/// The most domain events one request looks at.
+pub const MAX_DOMAIN_SCAN: u64 = 10_000;
+
+impl SagaLog {
+    /// The domain events tagged with saga `id`, among those stored between `from` and `to`
+    /// (ms since the epoch): the saga's life. Reads `DOMAIN_EVENTS` from `from` on with an
+    /// ordered consumer, at most [`MAX_DOMAIN_SCAN`] events.
+    pub async fn domain_events(
+        &self,
+        id: &SagaId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<SagaDomainEvents, StoreError> {
+        use futures::StreamExt;
+        let err = |e: async_nats::Error| StoreError::Nats { id: id.clone(), source: e };
+        let mut out = SagaDomainEvents::default();
+        // Provisioned with the other saga streams.
+        let stream =
+            self.js().get_stream(subjects::DOMAIN_STREAM).await.map_err(|e| err(e.into()))?;
+        let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(from.0) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime {
+                    start_time: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.into()))?;
+        let mut consumer = consumer;
+        let pending = consumer.info().await.map_err(|e| err(e.into()))?.num_pending;
+        if pending == 0 {
+            out.complete = true;
+            return Ok(out);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| err(e.into()))?;
+        while out.scanned < pending.min(MAX_DOMAIN_SCAN) {
+            let next =
+                tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await;
+            let Ok(Some(Ok(msg))) = next else { break };
+            out.scanned += 1;
+            let Ok(info) = msg.info() else { continue };
+            let at = Timestamp(
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+            );
+            if at > to {
+                out.complete = true;
+                break;
+            }
+            let tagged = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(subjects::headers::SAGA_ID))
+                .is_some_and(|v| v.as_str() == id.as_str());
+            if tagged {
+                out.events.push(SagaDomainEvent {
+                    seq: info.stream_sequence,
+                    subject: msg.subject.to_string(),
+                    at,
+                    body: crate::dlq::msgpack_json(&msg.payload),
+                });
+            }
+        }
+        out.complete |= out.scanned >= pending;
+        Ok(out)
+    }
+}

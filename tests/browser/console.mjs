@@ -61,6 +61,9 @@ try {
     "the history lists the compensation and the reason");
   const choreo = await page.locator('[data-testid="choreography"]').innerText();
   check(choreo.includes("compensated"), `the choreography lists the lifecycle events (${choreo.slice(0, 200)})`);
+  await page.waitForSelector('[data-testid="domain-events"] tr[data-subject="domain.shop.refund_requested"]');
+  const domain = await page.locator('[data-testid="domain-events"] tbody tr').count();
+  check(domain === 1, `the domain event tagged with the saga is shown, and only it (${domain})`);
   await shot("saga-timeline");
 
   // 3. An operator action from the page: retry the parked saga, with a reason.

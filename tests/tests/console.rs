@@ -48,6 +48,22 @@ async fn the_console_lists_shows_and_acts_in_a_real_browser() {
     assert_eq!(client.wait(&compensated, WAIT).await.unwrap().status(), SagaStatus::Compensated);
     assert_eq!(client.wait(&parked, WAIT).await.unwrap().status(), SagaStatus::NeedsIntervention);
 
+    // A service's own event about the compensated order, tagged with its saga.
+    let refund = serde_json::json!({ "order": 7, "refund": "full" });
+    saga_nats::follow::publish_saga_event(
+        &stack.nats,
+        &compensated,
+        "shop.refund_requested",
+        "r-7",
+        &refund,
+    )
+    .await
+    .unwrap();
+    // One about no saga: not shown.
+    saga_nats::follow::publish_domain_event(&stack.nats, "shop.audit", "a-1", &refund)
+        .await
+        .unwrap();
+
     let console = saga_console::Console {
         client: client.clone().with_operator("browser-op"),
         nats: stack.nats.clone(),
