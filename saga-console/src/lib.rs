@@ -225,18 +225,14 @@ async fn saga(State(c): State<Console>, Path(id): Path<String>) -> Response {
         }
         Err(e) => return Failed(e).into_response(),
     };
-    let (mut timeline, mut records) = (Vec::new(), Vec::new());
-    let mut after = Some(0).filter(|_| view.logged);
-    while let Some(from) = after {
-        match c.client.timeline_page(&id, from, 64).await {
-            Ok(page) => {
-                timeline.extend(page.entries);
-                records.extend(page.records);
-                after = page.next;
-            }
+    let page = match view.logged {
+        true => match c.client.whole_timeline(&id).await {
+            Ok(page) => page,
             Err(e) => return Failed(e).into_response(),
-        }
-    }
+        },
+        false => Default::default(),
+    };
+    let (timeline, records) = (page.entries, page.records);
     let followers = c.client.followers(view.saga().as_str()).await.unwrap_or_default();
     let domain = c.client.domain_events(view.saga().as_str(), &id).await.ok();
     let outputs: serde_json::Map<String, Value> = view

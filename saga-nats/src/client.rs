@@ -406,14 +406,21 @@ impl SagaClient {
 
     /// The saga's whole timeline, oldest first.
     pub async fn timeline(&self, id: &SagaId) -> Result<Vec<TimelineEntry>, SagaClientError> {
-        let mut entries = Vec::new();
+        Ok(self.whole_timeline(id).await?.entries)
+    }
+
+    /// The saga's whole timeline and the log records it spans (where each is, and which
+    /// lifecycle events it published), every page read.
+    pub async fn whole_timeline(&self, id: &SagaId) -> Result<TimelinePage, SagaClientError> {
+        let mut whole = TimelinePage::default();
         let mut after = 0;
         loop {
             let page = self.timeline_page(id, after, 64).await?;
-            entries.extend(page.entries);
+            whole.entries.extend(page.entries);
+            whole.records.extend(page.records);
             match page.next {
                 Some(next) => after = next,
-                None => return Ok(entries),
+                None => return Ok(whole),
             }
         }
     }

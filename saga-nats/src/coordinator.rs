@@ -595,8 +595,8 @@ impl Worker {
         let mut redelivered = false;
         if let Ok(info) = msg.info() {
             redelivered = info.delivered > 1;
-            let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            observe::input_lag(now().0.saturating_sub(published));
+            let published = crate::deliver::millis(info.published);
+            observe::input_lag(now().0.saturating_sub(published.0));
         }
         // Not logged now: the held start is the saga's durable record until its first
         // transition is logged, with the timeline entries `begin` keeps.

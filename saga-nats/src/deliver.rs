@@ -13,6 +13,12 @@ pub(crate) fn now() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
 
+/// A time the server stamped (a stored message's, a delivery's publish time) in ms since the
+/// epoch; 0 for one before the epoch.
+pub(crate) fn millis(t: time::OffsetDateTime) -> Timestamp {
+    Timestamp(u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+}
+
 /// The delay before an input that could not be handled is delivered again: 250 ms doubling
 /// per delivery, at most 30 s.
 pub(crate) fn redelivery_delay(delivered: i64) -> Duration {

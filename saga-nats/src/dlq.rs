@@ -207,9 +207,7 @@ fn letter(msg: &StreamMessage, with_body: bool) -> DeadLetter {
         component: msg.subject.strip_prefix("saga.dlq.").unwrap_or_default().to_owned(),
         subject: header(msg, headers::DLQ_SUBJECT),
         reason: header(msg, headers::DLQ_REASON),
-        at: saga_core::Timestamp(
-            u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-        ),
+        at: crate::deliver::millis(msg.time),
         size: msg.payload.len(),
         body: with_body.then(|| msgpack_json(&msg.payload)).flatten(),
     }

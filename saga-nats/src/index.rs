@@ -367,7 +367,7 @@ async fn subject_count(
 
 /// When the stream stored `msg`.
 fn millis(msg: &StreamMessage) -> Timestamp {
-    Timestamp(u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+    crate::deliver::millis(msg.time)
 }
 
 /// The messages of a stream matching any of several filters, in stream order, from a
@@ -479,9 +479,7 @@ impl SagaLog {
             let Ok(Some(Ok(msg))) = next else { break };
             out.scanned += 1;
             let Ok(info) = msg.info() else { continue };
-            let at = Timestamp(
-                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-            );
+            let at = crate::deliver::millis(info.published);
             if at > to {
                 out.complete = true;
                 break;

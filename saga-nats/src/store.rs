@@ -135,9 +135,7 @@ impl SagaLog {
             Err(e) => return Err(StoreError::Nats { id: id.clone(), source: e.into() }),
         };
         let record = self.decode(id, &msg.payload)?;
-        let written = saga_core::Timestamp(
-            u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-        );
+        let written = crate::deliver::millis(msg.time);
         Ok(Some(Versioned { record, seq: msg.sequence, written }))
     }
 
@@ -279,9 +277,7 @@ impl SagaLog {
             page.records.push(RecordMeta {
                 seq,
                 subject: msg.subject.to_string(),
-                at: saga_core::Timestamp(
-                    u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-                ),
+                at: crate::deliver::millis(msg.time),
                 events: record.events,
             });
         }

@@ -483,14 +483,8 @@ async fn show(client: &SagaClient, id: &str, json: bool) -> Result<(), Failure> 
     let Some(view) = client.get(&id).await? else {
         return Err(Failure { code: 3, message: format!("no saga {id}") });
     };
-    let (mut timeline, mut records) = (Vec::new(), Vec::new());
-    let mut after = Some(0).filter(|_| view.logged);
-    while let Some(from) = after {
-        let page = client.timeline_page(&id, from, 64).await?;
-        timeline.extend(page.entries);
-        records.extend(page.records);
-        after = page.next;
-    }
+    let page = if view.logged { client.whole_timeline(&id).await? } else { Default::default() };
+    let (timeline, records) = (page.entries, page.records);
     // Who follows these lifecycle events, and how far each has consumed (an operator's
     // read: without it, the events are shown without their followers).
     let followers = client.followers(view.saga().as_str()).await;
