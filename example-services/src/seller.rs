@@ -9,7 +9,7 @@ use async_nats::jetstream::kv;
 use futures::TryStreamExt;
 use saga_nats::{Command, Participant, StepError};
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::model::{Order, Reservation};
 
@@ -191,13 +191,21 @@ pub async fn run(
         }
     }
     let reserve_store = store.clone();
+    let events = nats.clone();
     let participant = Participant::builder(nats, "seller")
         .action("reserve", move |cmd: Command<Order>| {
-            let store = reserve_store.clone();
+            let (store, events) = (reserve_store.clone(), events.clone());
             async move {
                 match store.reserve(&cmd.input).await.map_err(|e| StepError::transient(e.to_string()))? {
                     Reserved::Yes(r) => {
                         info!(order = %cmd.input.id, sku = %r.sku, quantity = r.quantity, remaining = r.remaining, "reserved");
+                        // Seller's own event, tagged with the saga: whoever follows
+                        // `domain.seller.>` learns of it, and the console shows it with the saga.
+                        let id = format!("seller.reserved.{}", cmd.saga_id);
+                        let event = saga_nats::follow::publish_saga_event(&events, &cmd.saga_id, "seller.reserved", &id, &r);
+                        if let Err(e) = event.await {
+                            warn!(order = %cmd.input.id, error = %e, "the reserved event was not published");
+                        }
                         Ok(r)
                     }
                     Reserved::Refused(why) => {

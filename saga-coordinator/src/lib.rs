@@ -98,7 +98,8 @@ enum Command {
     ///   saga-coordinator permissions --definitions example-services/sagas \
     ///       --starts orders=place-order --follows notification=place-order \
     ///       --bucket seller=demo_stock --bucket orders=demo_orders \
-    ///       --bucket notification=demo_notifications --operator ops --keys ./keys > auth.conf
+    ///       --bucket notification=demo_notifications --events seller \
+    ///       --operator ops --keys ./keys > auth.conf
     #[command(verbatim_doc_comment)]
     Permissions(permissions::PermissionsArgs),
 }

@@ -27,6 +27,11 @@ pub(crate) struct PermissionsArgs {
     #[arg(long, value_name = "NAME")]
     operator: Vec<String>,
 
+    /// SERVICE: publishes its own domain events, on `domain.SERVICE.>` only (stored in
+    /// DOMAIN_EVENTS). Repeat for each, or comma-separate.
+    #[arg(long = "events", value_name = "SERVICE", value_delimiter = ',')]
+    events: Vec<String>,
+
     /// SERVICE=BUCKET[,BUCKET…]: key-value buckets of the service's own (application state).
     #[arg(long, value_name = "SERVICE=BUCKETS")]
     bucket: Vec<String>,
@@ -114,6 +119,7 @@ pub(crate) fn run(args: PermissionsArgs) -> Result<(), String> {
         operators: args.operator.iter().cloned().collect(),
         buckets: pairs("bucket", &args.bucket)?,
         readers: pairs("reads", &args.reads)?,
+        publishers: args.events.iter().cloned().collect(),
     };
     let users = permissions(&definitions, &access).map_err(|e| e.to_string())?;
     let write = |text: String| match &args.out {

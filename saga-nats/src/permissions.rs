@@ -34,6 +34,8 @@ pub struct Access {
     pub buckets: BTreeMap<String, BTreeSet<String>>,
     /// Service → other services' key-value buckets it may read (an auditor's view).
     pub readers: BTreeMap<String, BTreeSet<String>>,
+    /// Services that publish their own domain events, on `domain.<service>.>` only.
+    pub publishers: BTreeSet<String>,
 }
 
 /// One NATS user's permissions.
@@ -321,6 +323,18 @@ pub fn permissions(
         }
     }
 
+    for service in &access.publishers {
+        token("service", service)?;
+        if *service == coordinator || access.operators.contains(service) {
+            return Err(PermissionsError::Clash(format!(
+                "{service} publishes domain events: give it a service name of its own"
+            )));
+        }
+        let g = users.entry(service.clone()).or_default();
+        g.roles.push(format!("publisher of domain.{service}.>"));
+        g.publish([format!("domain.{service}.>")]);
+    }
+
     for operator in &access.operators {
         token("operator", operator)?;
         if users.contains_key(operator) {
@@ -470,6 +484,19 @@ mod tests {
         let alice = user(&users, "alice");
         assert!(alice.publish.contains("saga.in.*.*.op.alice"));
         assert!(!alice.publish.iter().any(|s| s.contains("saga.cmd") || s.contains(".start")));
+    }
+
+    #[test]
+    fn a_publisher_of_domain_events_publishes_under_its_own_name_only() {
+        let (defs, mut access) = demo();
+        access.publishers.insert("seller".into());
+        let users = permissions(&defs, &access).unwrap();
+        let seller = user(&users, "seller");
+        assert!(seller.publish.contains("domain.seller.>"));
+        assert!(seller.roles.contains(&"publisher of domain.seller.>".to_owned()));
+        assert!(!user(&users, "logistics").publish.iter().any(|s| s.starts_with("domain.")));
+        access.publishers.insert("coordinator".into());
+        assert!(permissions(&defs, &access).unwrap_err().to_string().contains("service name"));
     }
 
     #[test]

@@ -258,6 +258,7 @@ fn demo_access() -> Access {
         ]
         .into(),
         readers: [("orders".into(), set(&["demo_stock", "demo_notifications"]))].into(),
+        publishers: set(&["seller"]),
         ..Access::default()
     }
 }
@@ -314,6 +315,15 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
         .find(|o| o.status() == Some(SagaStatus::Completed))
         .expect("an order completed");
     let id = completed.saga_id.clone();
+    // The seller published its own event for the order, tagged with the saga.
+    let (operator, operator_denials) = bus.connect("demo").await;
+    let client = saga_nats::SagaClient::new(operator).await.unwrap();
+    let tagged = client.domain_events("place-order", &id).await.unwrap();
+    no_denials("demo", &operator_denials);
+    assert!(
+        tagged.events.iter().any(|e| e.subject == "domain.seller.reserved"),
+        "the seller's reserved event, tagged with saga {id}: {tagged:?}"
+    );
     let stock_before = report.stock_after.clone();
     let statuses: Vec<_> =
         report.outcomes.iter().map(|o| (o.saga_id.clone(), o.status())).collect();
