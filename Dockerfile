@@ -1,9 +1,10 @@
-# One image with every demo binary: the saga coordinator and the four demo services.
+# One image with every demo binary: the saga coordinator, sagactl, the web console and the four
+# demo services.
 # Built by docker-compose.yml; each service runs one binary from it.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p saga-coordinator -p example-services --bins
+RUN cargo build --release --locked -p saga-coordinator -p sagactl -p saga-console -p example-services --bins
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 saga && mkdir /auth && chown saga /auth
@@ -13,6 +14,8 @@ COPY --from=build \
     /src/target/release/seller \
     /src/target/release/logistics \
     /src/target/release/notification \
+    /src/target/release/sagactl \
+    /src/target/release/saga-console \
     /usr/local/bin/
 COPY example-services/sagas /etc/sagas
 USER saga
