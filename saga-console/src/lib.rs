@@ -276,14 +276,10 @@ async fn act(
     if body.reason.trim().is_empty() {
         return bad("a reason is required".into());
     }
-    let result = match action.as_str() {
-        "cancel" => c.client.cancel(&id, &body.reason).await,
-        "retry" => c.client.retry(&id, &body.reason).await,
-        "skip" => c.client.skip(&id, &body.reason).await,
-        "resolve" => c.client.resolve(&id, &body.reason).await,
-        other => return bad(format!("{other:?}: not an action (cancel, retry, skip, resolve)")),
+    let Some(operator_action) = saga_core::wire::OperatorAction::parse(&action) else {
+        return bad(format!("{action:?}: not an action (cancel, retry, skip, resolve)"));
     };
-    match result {
+    match c.client.act(&id, operator_action, &body.reason).await {
         Ok(()) => {
             info!(saga_id = %id, action, operator = ?c.operator, "operator action applied");
             Json(json!({ "applied": true, "action": action, "id": id })).into_response()

@@ -222,6 +222,19 @@ pub enum OperatorAction {
 }
 
 impl OperatorAction {
+    /// Every action.
+    pub const ALL: [OperatorAction; 4] = [
+        OperatorAction::Cancel,
+        OperatorAction::Retry,
+        OperatorAction::Skip,
+        OperatorAction::Resolve,
+    ];
+
+    /// The action named by a word (`cancel`, `retry`, `skip`, `resolve`).
+    pub fn parse(word: &str) -> Option<OperatorAction> {
+        OperatorAction::ALL.into_iter().find(|a| a.as_str() == word)
+    }
+
     /// The action as a word.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -218,25 +218,21 @@ async fn serve(
         msg.subject.rsplit('.').next().and_then(|token| SagaName::new(token).ok()).ok_or_else(
             || error(400, format!("{} names no saga definition", quote(&msg.subject))),
         )?;
-    let body =
-        |e: serde_json::Error| error(400, format!("request body: {}", quote(&e.to_string())));
     let read =
         |e: crate::store::StoreError| error(500, format!("cannot read sagas of {saga}: {e}"));
     let answer = match endpoint {
         "timeline" => {
-            let request: TimelineRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            let request: TimelineRequest = parse(msg)?;
             serde_json::to_vec(&serve_timeline(log, &saga, request).await?)
         }
         "get" => {
-            let request: GetRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            let request: GetRequest = parse(msg)?;
             checked_id(&request.id)?;
             let answer = serve_get(log, registry, &saga, &request.id).await?;
             serde_json::to_vec(&answer)
         }
         "list" => {
-            let payload: &[u8] = if msg.payload.is_empty() { b"{}" } else { &msg.payload };
-            let request: crate::index::ListRequest =
-                serde_json::from_slice(payload).map_err(body)?;
+            let request: crate::index::ListRequest = parse(msg)?;
             if request.limit.is_some_and(|l| l == 0 || l > crate::index::MAX_PAGE) {
                 return Err(error(400, format!("limit must be 1 to {}", crate::index::MAX_PAGE)));
             }
@@ -246,7 +242,7 @@ async fn serve(
         "defs" => serde_json::to_vec(&serve_defs(log, registry, &saga).await?),
         "followers" => serde_json::to_vec(&log.followers(&saga).await.map_err(read)?),
         "domain" => {
-            let request: GetRequest = serde_json::from_slice(&msg.payload).map_err(body)?;
+            let request: GetRequest = parse(msg)?;
             checked_id(&request.id)?;
             let saga_now = serve_get(log, registry, &saga, &request.id).await?;
             let snap = &saga_now.snapshot;
@@ -262,6 +258,15 @@ async fn serve(
         _ => return Err(error(404, format!("no endpoint {}", quote(endpoint)))),
     };
     answer.map_err(|e| error(500, format!("cannot encode the answer: {e}")))
+}
+
+/// A request's JSON body (an empty body is `{}`).
+fn parse<T: serde::de::DeserializeOwned>(
+    msg: &async_nats::Message,
+) -> Result<T, service::error::Error> {
+    let payload: &[u8] = if msg.payload.is_empty() { b"{}" } else { &msg.payload };
+    serde_json::from_slice(payload)
+        .map_err(|e| error(400, format!("request body: {}", quote(&e.to_string()))))
 }
 
 fn checked_id(id: &SagaId) -> Result<(), service::error::Error> {
@@ -326,9 +331,6 @@ async fn serve_dlq(
     dlq: &DeadLetters,
     msg: &async_nats::Message,
 ) -> Result<Vec<u8>, service::error::Error> {
-    let payload: &[u8] = if msg.payload.is_empty() { b"{}" } else { &msg.payload };
-    let body =
-        |e: serde_json::Error| error(400, format!("request body: {}", quote(&e.to_string())));
     let failed = |e: DlqError| match e {
         DlqError::NotFound(_) => error(404, e.to_string()),
         DlqError::Refused(_) => error(409, e.to_string()),
@@ -337,14 +339,14 @@ async fn serve_dlq(
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
     let answer = match op {
         "list" => {
-            let request: DlqListRequest = serde_json::from_slice(payload).map_err(body)?;
+            let request: DlqListRequest = parse(msg)?;
             if request.limit.is_some_and(|l| l == 0 || l > crate::dlq::MAX_PAGE) {
                 return Err(error(400, format!("limit must be 1 to {}", crate::dlq::MAX_PAGE)));
             }
             serde_json::to_vec(&dlq.list(&request).await.map_err(failed)?)
         }
         "show" | "redrive" | "discard" => {
-            let DlqRef { seq } = serde_json::from_slice(payload).map_err(body)?;
+            let DlqRef { seq } = parse(msg)?;
             match op {
                 "show" => serde_json::to_vec(&dlq.show(seq).await.map_err(failed)?),
                 "redrive" => {

@@ -665,22 +665,40 @@ impl SagaClient {
     /// once its pivot succeeded (the coordinator logs the refusal with its reason; the saga is
     /// unchanged).
     pub async fn cancel(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
-        self.operate(id, OperatorAction::Cancel, reason, &[SagaStatus::Running]).await
+        self.act(id, OperatorAction::Cancel, reason).await
+    }
+
+    /// Any operator action: [`cancel`](SagaClient::cancel) a running saga, or
+    /// [`retry`](SagaClient::retry), [`skip`](SagaClient::skip) or
+    /// [`resolve`](SagaClient::resolve) one in `needs_intervention`.
+    pub async fn act(
+        &self,
+        id: &SagaId,
+        action: OperatorAction,
+        reason: &str,
+    ) -> Result<(), SagaClientError> {
+        let allowed = match action {
+            OperatorAction::Cancel => SagaStatus::Running,
+            OperatorAction::Retry | OperatorAction::Skip | OperatorAction::Resolve => {
+                SagaStatus::NeedsIntervention
+            }
+        };
+        self.operate(id, action, reason, &[allowed]).await
     }
 
     /// Operator: retries the stuck compensations of a saga in `needs_intervention`.
     pub async fn retry(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
-        self.operate(id, OperatorAction::Retry, reason, &[SagaStatus::NeedsIntervention]).await
+        self.act(id, OperatorAction::Retry, reason).await
     }
 
     /// Operator: skips the stuck compensations of a saga in `needs_intervention`.
     pub async fn skip(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
-        self.operate(id, OperatorAction::Skip, reason, &[SagaStatus::NeedsIntervention]).await
+        self.act(id, OperatorAction::Skip, reason).await
     }
 
     /// Operator: marks a saga in `needs_intervention` resolved (it ends `resolved`).
     pub async fn resolve(&self, id: &SagaId, reason: &str) -> Result<(), SagaClientError> {
-        self.operate(id, OperatorAction::Resolve, reason, &[SagaStatus::NeedsIntervention]).await
+        self.act(id, OperatorAction::Resolve, reason).await
     }
 
     async fn operate(

@@ -711,12 +711,9 @@ async fn watch(nats: &async_nats::Client, saga: Option<&str>, json: bool) -> Res
 async fn act(client: &SagaClient, a: &Action, what: &str, json: bool) -> Result<(), Failure> {
     let id =
         SagaId::new(&a.id).map_err(|e| usage(format!("{:?} is not a saga id: it {e}", a.id)))?;
-    match what {
-        "cancel" => client.cancel(&id, &a.reason).await?,
-        "retry" => client.retry(&id, &a.reason).await?,
-        "skip" => client.skip(&id, &a.reason).await?,
-        _ => client.resolve(&id, &a.reason).await?,
-    }
+    let action =
+        saga_core::wire::OperatorAction::parse(what).expect("a subcommand names an action");
+    client.act(&id, action, &a.reason).await?;
     print_json_or(json, &serde_json::json!({ "id": id, "action": what, "applied": true }), || {
         println!("{what}: applied to saga {id}")
     });
