@@ -14,6 +14,7 @@
 //! and reports what happened. `./scripts/demo` runs it against real processes; the
 //! integration test runs the same code in-process.
 
+pub mod ledger;
 pub mod logistics;
 pub mod model;
 pub mod notification;

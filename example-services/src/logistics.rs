@@ -9,6 +9,7 @@ use saga_nats::{Command, Participant, StepError};
 use tracing::info;
 
 use crate::draw;
+use crate::ledger::{now_ms, Ledger};
 use crate::model::{Order, Shipment};
 
 /// How Logistics behaves.
@@ -60,17 +61,22 @@ impl LogisticsConfig {
 
 const COURIERS: [&str; 3] = ["swift", "steady", "cargo-bike"];
 
-/// Starts Logistics, serving `schedule` and `cancel`.
+/// Starts Logistics, serving `schedule` and `cancel`, recording each run in `ledger` if there
+/// is one.
 pub async fn run(
     nats: async_nats::Client,
     config: LogisticsConfig,
     concurrency: usize,
+    ledger: Option<Ledger>,
 ) -> anyhow::Result<Participant> {
     config.validate().map_err(|e| anyhow::anyhow!("logistics: {e}"))?;
+    let cancel_ledger = ledger.clone();
     let participant = Participant::builder(nats, "logistics")
         .action("schedule", move |cmd: Command<Order>| {
-            let config = config.clone();
+            let (config, ledger) = (config.clone(), ledger.clone());
+            let started = now_ms();
             async move {
+                let _begun = ledger.as_ref().map(Ledger::begin);
                 let order = &cmd.input;
                 let spread = 0.5 + draw(&format!("{}/latency/{}", order.id, cmd.attempt));
                 tokio::time::sleep(Duration::from_millis(config.latency_ms).mul_f64(spread)).await;
@@ -88,12 +94,24 @@ pub async fn run(
                 let courier = COURIERS[(draw(&format!("{}/courier-pick", order.id)) * 3.0) as usize];
                 let shipment = Shipment { shipment: format!("ship-{}", order.id), courier: courier.to_owned() };
                 info!(order = %order.id, shipment = %shipment.shipment, courier, attempt = cmd.attempt, "shipment scheduled");
+                if let Some(ledger) = &ledger {
+                    ledger.record(&ledger.run("logistics", "schedule", &cmd, started)).await?;
+                }
                 Ok(shipment)
             }
         })
-        .compensation("cancel", |cmd: Command<Order>| {
+        .compensation("cancel", move |cmd: Command<Order>| {
+            let ledger = cancel_ledger.clone();
+            let started = now_ms();
             async move {
-                match cmd.action_output::<Shipment>().transpose()? {
+                let _begun = ledger.as_ref().map(Ledger::begin);
+                let output = cmd.action_output::<Shipment>().transpose()?;
+                if let Some(ledger) = &ledger {
+                    let mut run = ledger.run("logistics", "cancel", &cmd, started);
+                    run.had_output = output.is_some();
+                    ledger.record(&run).await?;
+                }
+                match output {
                     Some(s) => info!(order = %cmd.input.id, shipment = %s.shipment, "shipment cancelled"),
                     // The schedule's outcome is unknown (it timed out, or this service died
                     // before recording it): its shipment id follows from the order's.

@@ -11,6 +11,7 @@ use saga_nats::{Command, Participant, StepError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::ledger::{now_ms, Ledger};
 use crate::model::{Order, Reservation};
 
 /// The key-value bucket of stock.
@@ -178,11 +179,12 @@ pub fn parse_stock(text: &str) -> Result<Vec<(String, u32)>, String> {
 }
 
 /// Starts Seller: seeds the stock (what is not stocked yet) and serves `reserve` and
-/// `release`.
+/// `release`, recording each run in `ledger` if there is one.
 pub async fn run(
     nats: async_nats::Client,
     stock: &[(String, u32)],
     concurrency: usize,
+    ledger: Option<Ledger>,
 ) -> anyhow::Result<Participant> {
     let store = StockStore::open(nats.clone()).await?;
     for (sku, n) in stock {
@@ -192,10 +194,13 @@ pub async fn run(
     }
     let reserve_store = store.clone();
     let events = nats.clone();
+    let release_ledger = ledger.clone();
     let participant = Participant::builder(nats, "seller")
         .action("reserve", move |cmd: Command<Order>| {
-            let (store, events) = (reserve_store.clone(), events.clone());
+            let (store, events, ledger) = (reserve_store.clone(), events.clone(), ledger.clone());
+            let started = now_ms();
             async move {
+                let _begun = ledger.as_ref().map(Ledger::begin);
                 match store.reserve(&cmd.input).await.map_err(|e| StepError::transient(e.to_string()))? {
                     Reserved::Yes(r) => {
                         info!(order = %cmd.input.id, sku = %r.sku, quantity = r.quantity, remaining = r.remaining, "reserved");
@@ -205,6 +210,9 @@ pub async fn run(
                         let event = saga_nats::follow::publish_saga_event(&events, &cmd.saga_id, "seller.reserved", &id, &r);
                         if let Err(e) = event.await {
                             warn!(order = %cmd.input.id, error = %e, "the reserved event was not published");
+                        }
+                        if let Some(ledger) = &ledger {
+                            ledger.record(&ledger.run("seller", "reserve", &cmd, started)).await?;
                         }
                         Ok(r)
                     }
@@ -216,10 +224,17 @@ pub async fn run(
             }
         })
         .compensation("release", move |cmd: Command<Order>| {
-            let store = store.clone();
+            let (store, ledger) = (store.clone(), release_ledger.clone());
+            let started = now_ms();
             async move {
+                let _begun = ledger.as_ref().map(Ledger::begin);
                 let n = store.release(&cmd.input).await.map_err(|e| StepError::transient(e.to_string()))?;
                 info!(order = %cmd.input.id, sku = %cmd.input.sku, quantity = n, "released");
+                if let Some(ledger) = &ledger {
+                    let mut run = ledger.run("seller", "release", &cmd, started);
+                    run.had_output = cmd.action_output::<Reservation>().is_some();
+                    ledger.record(&run).await?;
+                }
                 Ok(())
             }
         })

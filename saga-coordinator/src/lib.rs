@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use saga_core::SagaDefinition;
 use saga_nats::{Coordinator, CoordinatorConfig, NatsOptions, ProvisionConfig};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 mod permissions;
 
@@ -192,7 +192,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         kv_buckets: args.kv_buckets.clone(),
         ..Default::default()
     };
-    let coordinator = Coordinator::start(client, config).await?;
+    // A server that is starting (or restarting) may refuse JetStream requests for a while.
+    let give_up =
+        tokio::time::Instant::now() + Duration::from_secs(args.nats.wait_secs.unwrap_or(0));
+    let coordinator = loop {
+        match Coordinator::start(client.clone(), config.clone()).await {
+            Ok(coordinator) => break coordinator,
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up => {
+                warn!("cannot start yet: {e}; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     shutdown_signal().await;
     info!("signal received: finishing in-flight work");
     coordinator.shutdown().await;

@@ -96,6 +96,15 @@ pub struct NatsOptions {
     /// no other connection can read the replies it gets.
     #[cfg_attr(feature = "cli", arg(long, env = "NATS_INBOX_PREFIX", value_name = "PREFIX"))]
     pub inbox_prefix: Option<String>,
+
+    /// At start, keep trying a server that cannot be reached for up to this many seconds (it
+    /// may be starting or restarting), logging each failure; a refused login still fails at
+    /// once [default: 0, one attempt].
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "nats-wait-secs", env = "NATS_WAIT_SECS", value_name = "SECS")
+    )]
+    pub wait_secs: Option<u64>,
 }
 
 /// Secrets stay out of logs: `Debug` shows which settings are present, never a password, a
@@ -114,6 +123,7 @@ impl fmt::Debug for NatsOptions {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("inbox_prefix", &self.inbox_prefix)
+            .field("wait_secs", &self.wait_secs)
             .finish()
     }
 }
@@ -183,6 +193,7 @@ impl NatsOptions {
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             inbox_prefix: self.inbox_prefix.or(fallback.inbox_prefix),
+            wait_secs: self.wait_secs.or(fallback.wait_secs),
         }
     }
 
@@ -354,8 +365,28 @@ impl NatsOptions {
     }
 
     /// Connects with `opts` (made by [`NatsOptions::connect_options`], perhaps with more
-    /// settings added) to these options' servers.
+    /// settings added) to these options' servers; an unreachable server is tried again for
+    /// up to `wait_secs`.
     pub async fn connect_with(
+        &self,
+        opts: async_nats::ConnectOptions,
+    ) -> Result<async_nats::Client, ConnectError> {
+        let give_up =
+            tokio::time::Instant::now() + Duration::from_secs(self.wait_secs.unwrap_or(0));
+        loop {
+            match self.connect_once(opts.clone()).await {
+                Err(ConnectError::Unreachable { urls, reason })
+                    if tokio::time::Instant::now() < give_up =>
+                {
+                    tracing::warn!("cannot reach NATS at {urls} ({reason}); trying again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn connect_once(
         &self,
         opts: async_nats::ConnectOptions,
     ) -> Result<async_nats::Client, ConnectError> {

@@ -107,6 +107,19 @@ pub enum CoordinatorError {
     Nats(async_nats::Error),
 }
 
+impl CoordinatorError {
+    /// Whether trying again later may succeed: NATS failed or timed out (the server may be
+    /// starting or electing a leader), rather than something being refused or invalid.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CoordinatorError::Provision(ProvisionError::Create { .. })
+                | CoordinatorError::Nats(_)
+                | CoordinatorError::Definition(RegistryError::Nats(_))
+        )
+    }
+}
+
 /// A running coordinator replica. Cheap to clone; [`Coordinator::shutdown`] stops it
 /// gracefully, handing the sagas it holds to the other replicas at once.
 #[derive(Debug, Clone)]

@@ -86,6 +86,9 @@ pub struct Command<T> {
     pub command_id: CommandId,
     /// The W3C trace context of the saga.
     pub traceparent: Option<String>,
+    /// When the coordinator stops waiting for this attempt: the handler is stopped then, and
+    /// its outcome is unknown to the saga (calls it makes should give up before).
+    pub deadline: saga_core::Timestamp,
     deps: Arc<BTreeMap<StepName, Payload>>,
     output: Option<Payload>,
 }
@@ -221,6 +224,7 @@ impl ParticipantBuilder {
                         attempt: cmd.attempt,
                         command_id: cmd.command_id(),
                         traceparent,
+                        deadline: cmd.deadline,
                         deps: Arc::new(cmd.deps.clone()),
                         output,
                     };

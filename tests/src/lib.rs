@@ -11,6 +11,7 @@
 //! to stderr.
 
 pub mod auth;
+pub mod chaos;
 pub mod support;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};

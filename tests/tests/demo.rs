@@ -40,8 +40,10 @@ async fn stack(nats: &async_nats::Client, stock: &str, behaviour: LogisticsConfi
     let stock = seller::parse_stock(stock).unwrap();
     Stack {
         _coordinator: coordinator,
-        _seller: seller::run(nats.clone(), &stock, 16).await.expect("seller starts"),
-        _logistics: logistics::run(nats.clone(), behaviour, 32).await.expect("logistics starts"),
+        _seller: seller::run(nats.clone(), &stock, 16, None).await.expect("seller starts"),
+        _logistics: logistics::run(nats.clone(), behaviour, 32, None)
+            .await
+            .expect("logistics starts"),
         notification: Some(notification::run(nats.clone()).await.expect("notification starts")),
         orders: Orders::new(nats.clone()).await.expect("orders connects"),
     }
@@ -280,10 +282,10 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
     let coordinator = Coordinator::start(nats, config).await.expect("coordinator starts");
     let (nats, seller_denials) = bus.connect("seller").await;
     let stock = seller::parse_stock("apple=8,pear=8,plum=8").unwrap();
-    let _seller = seller::run(nats, &stock, 16).await.expect("seller starts");
+    let _seller = seller::run(nats, &stock, 16, None).await.expect("seller starts");
     let (nats, logistics_denials) = bus.connect("logistics").await;
     let behaviour = LogisticsConfig { latency_ms: 5, failure_rate: 0.2, ..Default::default() };
-    let _logistics = logistics::run(nats, behaviour, 32).await.expect("logistics starts");
+    let _logistics = logistics::run(nats, behaviour, 32, None).await.expect("logistics starts");
     let (nats, notification_denials) = bus.connect("notification").await;
     let following = notification::run(nats).await.expect("notification starts");
     let (orders_nats, orders_denials) = bus.connect("orders").await;

@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     saga_coordinator::init_telemetry("logistics");
     let args = Args::parse();
     let nats = args.nats.connect("logistics").await?;
-    let participant = logistics::run(nats, args.behaviour, args.concurrency).await?;
+    let participant = logistics::run(nats, args.behaviour, args.concurrency, None).await?;
     info!("logistics ready");
     saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;

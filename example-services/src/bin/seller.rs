@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let stock = seller::parse_stock(&args.stock).map_err(|e| anyhow::anyhow!("--stock: {e}"))?;
     let nats = args.nats.connect("seller").await?;
-    let participant = seller::run(nats, &stock, args.concurrency).await?;
+    let participant = seller::run(nats, &stock, args.concurrency, None).await?;
     info!("seller ready");
     saga_coordinator::shutdown_signal().await;
     participant.shutdown().await;
