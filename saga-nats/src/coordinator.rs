@@ -580,55 +580,97 @@ impl Worker {
             // A copy of a saga another replica held: take it over from its log, as below.
             self.sagas.remove(id);
         }
-        if let Some(v) = self.shared.log.load(id).await? {
-            let snap = &v.record.snapshot;
-            same_saga(id, &snap.saga, &snap.digest, &snap.input, &start)?;
-            let live = self.resume(id, v, vec![msg]).await?;
-            if live.state.status().is_terminal() {
-                for msg in live.handles {
-                    let _ = msg.ack().await;
-                }
-                return Ok(());
-            }
-            info!(saga_id = %id, status = %live.state.status(), "taking over a saga another replica held");
-            let outstanding = live.state.outstanding(&live.plan);
-            self.sagas.insert(id.clone(), live);
-            self.execute(id, &outstanding).await;
-            return Ok(());
-        }
+        // No read first: the first record's compare-and-swap below tells whether the saga
+        // exists already (logged by another replica, or finished).
         let trace = msg
             .headers
             .as_ref()
             .and_then(|h| h.get(headers::TRACEPARENT))
             .map(|v| v.as_str().to_owned())
             .filter(|tp| crate::telemetry::trace_id(tp).is_some());
-        // Delivered before, and nothing logged: an earlier holder may have sent the first
-        // commands (unclaimed) and died. Send nothing unclaimed: the saga's outstanding work
-        // re-sends them, claimed, once they would have timed out.
-        let mut redelivered = false;
         if let Ok(info) = msg.info() {
-            redelivered = info.delivered > 1;
             let published = crate::deliver::millis(info.published);
             observe::input_lag(now().0.saturating_sub(published.0));
         }
-        // Not logged now: the held start is the saga's durable record until its first
-        // transition is logged, with the timeline entries `begin` keeps.
+        let same = start.clone();
         let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
-        let saga = observe::Saga {
-            name: live.state.saga(),
-            id,
-            trace: live.trace.as_deref(),
-            started_at: live.state.started_at(),
+        // The first transition is logged before any command goes out, over nothing: so "no
+        // log" always means "nothing sent", and the first attempt can go unclaimed even when
+        // two replicas got the start (a restarted server can deliver a held start again, as
+        // if it were new). The replica that loses the compare-and-swap takes over instead.
+        let record = LogRecord {
+            v: PROTOCOL_VERSION,
+            snapshot: live.state.snapshot(),
+            timeline: std::mem::take(&mut live.timeline),
+            events: std::mem::take(&mut live.events),
+            trace: live.trace.clone(),
         };
-        observe::transition(&saga, &live.timeline, &[], &mut live.sent, &self.shared.tally);
-        let effects = if redelivered {
-            info!(saga_id = %id, "taking over a saga begun by another replica, before anything was logged");
-            live.state.outstanding(&live.plan)
-        } else {
-            effects
-        };
+        let mut appended = self.shared.log.append(&record, 0).await;
+        if let Err(StoreError::Nats { .. }) = &appended {
+            // The write may have landed although its acknowledgement was lost.
+            if let Ok(Some(v)) = self.shared.log.load(id).await {
+                if v.record.snapshot == record.snapshot {
+                    appended = Ok(v.seq);
+                }
+            }
+        }
+        match appended {
+            Ok(seq) => {
+                live.seq = seq;
+                live.last_write = Instant::now();
+                let saga = observe::Saga {
+                    name: live.state.saga(),
+                    id,
+                    trace: live.trace.as_deref(),
+                    started_at: live.state.started_at(),
+                };
+                observe::transition(
+                    &saga,
+                    &record.timeline,
+                    &record.events,
+                    &mut live.sent,
+                    &self.shared.tally,
+                );
+                self.sagas.insert(id.clone(), live);
+                self.execute(id, &effects).await;
+                Ok(())
+            }
+            Err(StoreError::Conflict { .. }) => {
+                observe::log_conflict();
+                let Some(v) = self.shared.log.load(id).await? else {
+                    return Err(HandleError::Refused(format!(
+                        "saga {id}: its first record was refused as stale, yet no record is there"
+                    )));
+                };
+                self.take_over(id, v, &same, live.handles).await
+            }
+            // Not logged, so nothing was sent: the start is redelivered and begun again.
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A start of a saga that is logged already: resume it from its log, and let the start
+    /// go if the saga has ended.
+    async fn take_over(
+        &mut self,
+        id: &SagaId,
+        v: Versioned,
+        start: &StartMessage,
+        handles: Vec<jetstream::Message>,
+    ) -> Result<(), HandleError> {
+        let snap = &v.record.snapshot;
+        same_saga(id, &snap.saga, &snap.digest, &snap.input, start)?;
+        let live = self.resume(id, v, handles).await?;
+        if live.state.status().is_terminal() {
+            for msg in live.handles {
+                let _ = msg.ack().await;
+            }
+            return Ok(());
+        }
+        info!(saga_id = %id, status = %live.state.status(), "taking over a saga another replica holds or held");
+        let outstanding = live.state.outstanding(&live.plan);
         self.sagas.insert(id.clone(), live);
-        self.execute(id, &effects).await;
+        self.execute(id, &outstanding).await;
         Ok(())
     }
 

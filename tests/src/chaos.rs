@@ -740,6 +740,10 @@ fn audit_effects(
     for r in runs {
         by_effect.entry((&r.saga_id, &r.step, &r.handler)).or_default().push(r);
     }
+    // In the order the runs began (a run that began first may have been stored last).
+    for rs in by_effect.values_mut() {
+        rs.sort_by_key(|r| r.started_ms);
+    }
     for ((saga, step, handler), rs) in &by_effect {
         for pair in rs.windows(2) {
             if let Some(why) = unrecorded(pair[0], pair[1].started_ms, kills) {
@@ -1020,6 +1024,10 @@ mod tests {
         // A first run that recorded itself at its command's deadline may have been stopped.
         runs[0].stored_ms = 7_000;
         runs[2].started_ms = 7_500;
+        let r = audit(&runs, &done, &[]);
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Runs pair in the order they began, whatever the order they were stored in.
+        runs.swap(0, 2);
         let r = audit(&runs, &done, &[]);
         assert!(r.problems.is_empty(), "{:?}", r.problems);
     }
