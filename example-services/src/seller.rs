@@ -129,7 +129,19 @@ impl StockStore {
     /// there first. `f` says whether it changed anything.
     async fn change<T>(&self, sku: &str, f: impl Fn(&mut Stock) -> (bool, T)) -> anyhow::Result<T> {
         let key = key(sku);
+        let mut tries = 0u32;
         loop {
+            tries = tries.saturating_add(1);
+            if tries > 1 {
+                // Another writer got there first: back off (growing, jittered) so that many
+                // handlers on one SKU take turns instead of all retrying at once.
+                let ms = 5u64 << tries.min(6);
+                let jitter = crate::draw(&format!("{key}/{tries}/{:?}", std::time::Instant::now()));
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    (ms as f64 * (0.5 + jitter)) as u64,
+                ))
+                .await;
+            }
             let (mut stock, revision) = self.load(&key).await?.unwrap_or_default();
             let (changed, out) = f(&mut stock);
             if !changed {

@@ -81,6 +81,24 @@ struct Reservation<'a> {
     reservation: &'a str,
 }
 
+/// The log record a coordinator writes for one transition of `state` (`h` handled it).
+fn logged(
+    description: &str,
+    state: &SagaState,
+    h: &saga_core::Handled,
+    trace: &str,
+) -> (String, Vector) {
+    let record = LogRecord {
+        v: PROTOCOL_VERSION,
+        snapshot: state.snapshot(),
+        timeline: h.timeline.clone(),
+        events: LifecycleNote::of(h.result.as_ref().unwrap()),
+        trace: Some(trace.to_owned()),
+    };
+    let subject = format!("saga.log.{}.{}.{}", state.id(), state.saga(), record.headline());
+    vector(description, "log_record", subject, None, &record)
+}
+
 fn definition() -> SagaDefinition {
     SagaDefinition::builder("place-order")
         .step("reserve-items", "seller", "reserve", |s| s.compensation("release"))
@@ -138,22 +156,12 @@ fn record() -> Vec<(String, Vector)> {
 
     let mut state = SagaState::new(id.clone(), &plan);
     let h = state.handle(&plan, tick(), &Event::Start { input: input.clone() });
-    let record = LogRecord {
-        v: PROTOCOL_VERSION,
-        snapshot: state.snapshot(),
-        timeline: h.timeline,
-        events: LifecycleNote::of(h.result.as_ref().unwrap()),
-        trace: Some(trace.clone()),
-    };
-    out.push(vector(
+    out.push(logged(
         "the coordinator logs the start before it sends anything: started, reserve-items dispatched (Nats-Expected-Last-Subject-Sequence 0 over saga.log.<id>.>)",
-        "log_record",
-        format!("saga.log.{id}.{}.{}", plan.name(), record.headline()),
-        None,
-        &record,
+        &state,
+        &h,
+        &trace,
     ));
-    let mut timeline = Vec::new();
-    let mut events = Vec::new();
     let d = dispatches(h.result.as_ref().unwrap()).remove(0);
     let cmd = CommandMessage::from_dispatch(&id, plan.name(), &d);
     out.push(vector(
@@ -191,21 +199,11 @@ fn record() -> Vec<(String, Vector)> {
     ));
 
     let h = state.handle(&plan, tick(), &reply.to_event());
-    timeline.extend(h.timeline);
-    events.extend(LifecycleNote::of(h.result.as_ref().unwrap()));
-    let record = LogRecord {
-        v: PROTOCOL_VERSION,
-        snapshot: state.snapshot(),
-        timeline: std::mem::take(&mut timeline),
-        events: std::mem::take(&mut events),
-        trace: Some(trace.clone()),
-    };
-    out.push(vector(
+    out.push(logged(
         "the coordinator logs reserve-items succeeded and schedule-shipment dispatched (Nats-Expected-Last-Subject-Sequence: the first record's sequence)",
-        "log_record",
-        format!("saga.log.{id}.{}.{}", plan.name(), record.headline()),
-        None,
-        &record,
+        &state,
+        &h,
+        &trace,
     ));
     let d = dispatches(h.result.as_ref().unwrap()).remove(0);
     let cmd = CommandMessage::from_dispatch(&id, plan.name(), &d);
@@ -226,19 +224,11 @@ fn record() -> Vec<(String, Vector)> {
         &reply,
     ));
     let h = state.handle(&plan, tick(), &reply.to_event());
-    let record = LogRecord {
-        v: PROTOCOL_VERSION,
-        snapshot: state.snapshot(),
-        timeline: h.timeline,
-        events: LifecycleNote::of(h.result.as_ref().unwrap()),
-        trace: Some(trace.clone()),
-    };
-    out.push(vector(
+    out.push(logged(
         "the coordinator logs the failure and the start of compensation",
-        "log_record",
-        format!("saga.log.{id}.{}.{}", plan.name(), record.headline()),
-        None,
-        &record,
+        &state,
+        &h,
+        &trace,
     ));
     let d = dispatches(h.result.as_ref().unwrap()).remove(0);
     assert_eq!(d.phase, Phase::Compensation);
@@ -253,19 +243,11 @@ fn record() -> Vec<(String, Vector)> {
     let reply = ReplyMessage::to(&cmd, ReplyOutcome::Success { output: Payload::default() });
     out.push(vector("seller replies: released", "reply", reply_subject(&d, &id), None, &reply));
     let h = state.handle(&plan, tick(), &reply.to_event());
-    let record = LogRecord {
-        v: PROTOCOL_VERSION,
-        snapshot: state.snapshot(),
-        timeline: h.timeline,
-        events: LifecycleNote::of(h.result.as_ref().unwrap()),
-        trace: Some(trace),
-    };
-    out.push(vector(
+    out.push(logged(
         "the coordinator logs the end: compensated (followers of compensated events read this record)",
-        "log_record",
-        format!("saga.log.{id}.{}.{}", plan.name(), record.headline()),
-        None,
-        &record,
+        &state,
+        &h,
+        &trace,
     ));
     out.push(vector(
         "a compensation that found no record of its action blocks it for good",

@@ -483,26 +483,34 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     for k in 0..config.kills {
         tokio::time::sleep(gap.mul_f64(0.5 + rng.unit())).await;
         report.exits.extend(stack.lock().expect("lock").revive()?);
-        if round.is_empty() {
-            round = kinds.clone();
-            for i in (1..round.len()).rev() {
-                round.swap(i, rng.below(i + 1));
+        // The next kind with a process up (every instance of a kind may be down at once).
+        let mut misses = 0;
+        let (kind, candidates) = loop {
+            if misses >= kinds.len() {
+                // Nothing up to kill: wait for a restart.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                misses = 0;
             }
-        }
-        let kind = round.pop().expect("refilled");
-        let pause = config.max_down.mul_f64(rng.unit());
-        let candidates: Vec<usize> = {
+            if round.is_empty() {
+                round = kinds.clone();
+                for i in (1..round.len()).rev() {
+                    round.swap(i, rng.below(i + 1));
+                }
+            }
+            let kind = round.pop().expect("refilled");
             let (stack, down) = (stack.lock().expect("lock"), down.lock().expect("lock"));
-            match kind {
+            let candidates: Vec<usize> = match kind {
                 Kind::Server => vec![SERVER].into_iter().filter(|v| !down.contains(v)).collect(),
                 _ => (0..stack.procs.len())
                     .filter(|i| stack.procs[*i].kind == kind && !down.contains(i))
                     .collect(),
+            };
+            if !candidates.is_empty() {
+                break (kind, candidates);
             }
+            misses += 1;
         };
-        if candidates.is_empty() {
-            continue;
-        }
+        let pause = config.max_down.mul_f64(rng.unit());
         let v = candidates[rng.below(candidates.len())];
         down.lock().expect("lock").insert(v);
         if v == SERVER {
