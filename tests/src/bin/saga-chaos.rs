@@ -106,6 +106,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let coordinator = chaos::sibling(&exe, "saga-coordinator");
+    if !coordinator.is_file() {
+        eprintln!(
+            "saga-chaos: no saga-coordinator next to this program ({}): build both with `cargo build --release -p saga-tests --bins` (./scripts/chaos does)",
+            coordinator.display()
+        );
+        return ExitCode::from(2);
+    }
     let seed = args.seed.unwrap_or_else(example_services::ledger::now_ms);
     let config = ChaosConfig {
         sagas: args.sagas,
@@ -119,7 +127,7 @@ async fn main() -> ExitCode {
         logistics_latency_ms: args.logistics_latency_ms,
         seed,
         dir: args.dir.unwrap_or_else(|| PathBuf::from(format!("target/chaos/{seed}"))),
-        coordinator_exe: chaos::sibling(&exe, "saga-coordinator"),
+        coordinator_exe: coordinator,
         services_exe: exe,
         progress: true,
     };
