@@ -171,14 +171,6 @@ fn record() -> Vec<(String, Vector)> {
         Some(reply_subject(&d, &id)),
         &cmd,
     ));
-    let claim = EffectRecord::InProgress { until: d.deadline.0 + 500, attempt: 1 };
-    out.push(vector(
-        "seller claims the effect until the command's deadline plus 500 ms (KV saga_fx_seller, update at revision 0)",
-        "effect_record",
-        format!("$KV.saga_fx_seller.{}", cmd.effect_key()),
-        None,
-        &claim,
-    ));
     let output =
         Payload::new(rmp_serde::to_vec_named(&Reservation { reservation: "r-1" }).unwrap());
     let ok = ReplyOutcome::Success { output: output.clone() };
@@ -191,7 +183,7 @@ fn record() -> Vec<(String, Vector)> {
         &reply,
     ));
     out.push(vector(
-        "seller records the effect as done, with its reply",
+        "seller records the effect as done, with its reply (KV update at revision 0: the first send of a first attempt runs unclaimed)",
         "effect_record",
         format!("$KV.saga_fx_seller.{}", cmd.effect_key()),
         None,
@@ -239,6 +231,14 @@ fn record() -> Vec<(String, Vector)> {
         format!("saga.cmd.{}.{}", d.service, d.command),
         Some(reply_subject(&d, &id)),
         &cmd,
+    ));
+    let claim = EffectRecord::InProgress { until: d.deadline.0 + 500, attempt: 1 };
+    out.push(vector(
+        "seller claims the compensation's effect until the command's deadline plus 500 ms (KV saga_fx_seller, update at revision 0): every delivery but the first send of an action's first attempt is claimed",
+        "effect_record",
+        format!("$KV.saga_fx_seller.{}", cmd.effect_key()),
+        None,
+        &claim,
     ));
     let reply = ReplyMessage::to(&cmd, ReplyOutcome::Success { output: Payload::default() });
     out.push(vector("seller replies: released", "reply", reply_subject(&d, &id), None, &reply));
