@@ -62,11 +62,42 @@ pub struct Ledger {
 
 /// A handler under way; see [`Ledger::begin`].
 #[derive(Debug)]
-pub struct Begun(Ledger);
+pub struct Begun {
+    ledger: Ledger,
+    started_ms: u64,
+}
+
+impl Begun {
+    /// Records the run of `cmd`'s `handler` at `service`, its effect done now (`had_output`:
+    /// for a compensation, whether it received its action's output), retrying (with one
+    /// message id) until the server stores it; a transient step error if it cannot within 20 s.
+    pub async fn finished<T>(
+        &self,
+        service: &str,
+        handler: &str,
+        cmd: &Command<T>,
+        had_output: bool,
+    ) -> Result<(), StepError> {
+        let run = Run {
+            service: service.to_owned(),
+            handler: handler.to_owned(),
+            saga_id: cmd.saga_id.to_string(),
+            step: cmd.step.to_string(),
+            attempt: cmd.attempt,
+            instance: self.ledger.instance.clone(),
+            had_output,
+            deadline_ms: cmd.deadline.0,
+            started_ms: self.started_ms,
+            finished_ms: now_ms(),
+            stored_ms: 0,
+        };
+        self.ledger.record(&run).await
+    }
+}
 
 impl Drop for Begun {
     fn drop(&mut self) {
-        self.0.notice("ended");
+        self.ledger.notice("ended");
     }
 }
 
@@ -102,7 +133,7 @@ impl Ledger {
     /// way when the process was killed.
     pub fn begin(&self) -> Begun {
         self.notice("begun");
-        Begun(self.clone())
+        Begun { ledger: self.clone(), started_ms: now_ms() }
     }
 
     fn notice(&self, what: &str) {
@@ -110,26 +141,9 @@ impl Ledger {
         tokio::spawn(async move { nats.publish(subject, bytes::Bytes::new()).await });
     }
 
-    /// The run of `cmd`'s handler `handler` at `service` that started at `started_ms`.
-    pub fn run<T>(&self, service: &str, handler: &str, cmd: &Command<T>, started_ms: u64) -> Run {
-        Run {
-            service: service.to_owned(),
-            handler: handler.to_owned(),
-            saga_id: cmd.saga_id.to_string(),
-            step: cmd.step.to_string(),
-            attempt: cmd.attempt,
-            instance: self.instance.clone(),
-            had_output: false,
-            deadline_ms: cmd.deadline.0,
-            started_ms,
-            finished_ms: now_ms(),
-            stored_ms: 0,
-        }
-    }
-
     /// Records `run`, retrying (with the same message id) until the server stores it; a
     /// transient step error if it cannot within 20 s.
-    pub async fn record(&self, run: &Run) -> Result<(), StepError> {
+    async fn record(&self, run: &Run) -> Result<(), StepError> {
         let subject = format!("demo.runs.{}.{}", run.service, run.handler);
         let body = serde_json::to_vec(run).map_err(|e| StepError::business(e.to_string()))?;
         let msg_id = uuid::Uuid::new_v4().to_string();

@@ -9,7 +9,7 @@ use saga_nats::{Command, Participant, StepError};
 use tracing::info;
 
 use crate::draw;
-use crate::ledger::{now_ms, Ledger};
+use crate::ledger::Ledger;
 use crate::model::{Order, Shipment};
 
 /// How Logistics behaves.
@@ -74,9 +74,8 @@ pub async fn run(
     let participant = Participant::builder(nats, "logistics")
         .action("schedule", move |cmd: Command<Order>| {
             let (config, ledger) = (config.clone(), ledger.clone());
-            let started = now_ms();
             async move {
-                let _begun = ledger.as_ref().map(Ledger::begin);
+                let begun = ledger.as_ref().map(Ledger::begin);
                 let order = &cmd.input;
                 let spread = 0.5 + draw(&format!("{}/latency/{}", order.id, cmd.attempt));
                 tokio::time::sleep(Duration::from_millis(config.latency_ms).mul_f64(spread)).await;
@@ -94,22 +93,19 @@ pub async fn run(
                 let courier = COURIERS[(draw(&format!("{}/courier-pick", order.id)) * 3.0) as usize];
                 let shipment = Shipment { shipment: format!("ship-{}", order.id), courier: courier.to_owned() };
                 info!(order = %order.id, shipment = %shipment.shipment, courier, attempt = cmd.attempt, "shipment scheduled");
-                if let Some(ledger) = &ledger {
-                    ledger.record(&ledger.run("logistics", "schedule", &cmd, started)).await?;
+                if let Some(begun) = &begun {
+                    begun.finished("logistics", "schedule", &cmd, false).await?;
                 }
                 Ok(shipment)
             }
         })
         .compensation("cancel", move |cmd: Command<Order>| {
             let ledger = cancel_ledger.clone();
-            let started = now_ms();
             async move {
-                let _begun = ledger.as_ref().map(Ledger::begin);
+                let begun = ledger.as_ref().map(Ledger::begin);
                 let output = cmd.action_output::<Shipment>().transpose()?;
-                if let Some(ledger) = &ledger {
-                    let mut run = ledger.run("logistics", "cancel", &cmd, started);
-                    run.had_output = output.is_some();
-                    ledger.record(&run).await?;
+                if let Some(begun) = &begun {
+                    begun.finished("logistics", "cancel", &cmd, output.is_some()).await?;
                 }
                 match output {
                     Some(s) => info!(order = %cmd.input.id, shipment = %s.shipment, "shipment cancelled"),

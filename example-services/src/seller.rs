@@ -11,7 +11,7 @@ use saga_nats::{Command, Participant, StepError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::ledger::{now_ms, Ledger};
+use crate::ledger::Ledger;
 use crate::model::{Order, Reservation};
 
 /// The key-value bucket of stock.
@@ -210,9 +210,8 @@ pub async fn run(
     let participant = Participant::builder(nats, "seller")
         .action("reserve", move |cmd: Command<Order>| {
             let (store, events, ledger) = (reserve_store.clone(), events.clone(), ledger.clone());
-            let started = now_ms();
             async move {
-                let _begun = ledger.as_ref().map(Ledger::begin);
+                let begun = ledger.as_ref().map(Ledger::begin);
                 match store.reserve(&cmd.input).await.map_err(|e| StepError::transient(e.to_string()))? {
                     Reserved::Yes(r) => {
                         info!(order = %cmd.input.id, sku = %r.sku, quantity = r.quantity, remaining = r.remaining, "reserved");
@@ -223,8 +222,8 @@ pub async fn run(
                         if let Err(e) = event.await {
                             warn!(order = %cmd.input.id, error = %e, "the reserved event was not published");
                         }
-                        if let Some(ledger) = &ledger {
-                            ledger.record(&ledger.run("seller", "reserve", &cmd, started)).await?;
+                        if let Some(begun) = &begun {
+                            begun.finished("seller", "reserve", &cmd, false).await?;
                         }
                         Ok(r)
                     }
@@ -237,15 +236,13 @@ pub async fn run(
         })
         .compensation("release", move |cmd: Command<Order>| {
             let (store, ledger) = (store.clone(), release_ledger.clone());
-            let started = now_ms();
             async move {
-                let _begun = ledger.as_ref().map(Ledger::begin);
+                let begun = ledger.as_ref().map(Ledger::begin);
                 let n = store.release(&cmd.input).await.map_err(|e| StepError::transient(e.to_string()))?;
                 info!(order = %cmd.input.id, sku = %cmd.input.sku, quantity = n, "released");
-                if let Some(ledger) = &ledger {
-                    let mut run = ledger.run("seller", "release", &cmd, started);
-                    run.had_output = cmd.action_output::<Reservation>().is_some();
-                    ledger.record(&run).await?;
+                if let Some(begun) = &begun {
+                    let had_output = cmd.action_output::<Reservation>().is_some();
+                    begun.finished("seller", "release", &cmd, had_output).await?;
                 }
                 Ok(())
             }

@@ -369,7 +369,8 @@ struct Live {
     /// The log sequence of its newest record (0: none yet).
     seq: u64,
     trace: Option<String>,
-    /// Timeline entries and lifecycle events decided but not yet logged (the start's).
+    /// Timeline entries and lifecycle events decided but not yet logged (a saga rebuilt from
+    /// its pending start, or a transition whose write failed).
     timeline: Vec<TimelineEntry>,
     events: Vec<LifecycleNote>,
     /// Inputs held unacknowledged while the saga lives: its start (twice, if it was
@@ -571,7 +572,7 @@ impl Worker {
         msg: jetstream::Message,
     ) -> Result<(), HandleError> {
         if let Some(live) = self.sagas.get_mut(id) {
-            same_saga(id, live.state.saga(), live.state.digest(), live.state.input(), &start)?;
+            same_saga(id, identity(&live.state), (&start.saga, &start.digest, &start.input))?;
             if !live.handles.is_empty() {
                 // Redelivered while held here (a missed keep-alive): keep holding it.
                 live.handles.push(msg);
@@ -592,7 +593,6 @@ impl Worker {
             let published = crate::deliver::millis(info.published);
             observe::input_lag(now().0.saturating_sub(published.0));
         }
-        let same = start.clone();
         let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
         // The first transition is logged before any command goes out, over nothing: so "no
         // log" always means "nothing sent", and the first attempt can go unclaimed even when
@@ -605,32 +605,9 @@ impl Worker {
             events: std::mem::take(&mut live.events),
             trace: live.trace.clone(),
         };
-        let mut appended = self.shared.log.append(&record, 0).await;
-        if let Err(StoreError::Nats { .. }) = &appended {
-            // The write may have landed although its acknowledgement was lost.
-            if let Ok(Some(v)) = self.shared.log.load(id).await {
-                if v.record.snapshot == record.snapshot {
-                    appended = Ok(v.seq);
-                }
-            }
-        }
-        match appended {
+        match self.append(id, &record, 0).await {
             Ok(seq) => {
-                live.seq = seq;
-                live.last_write = Instant::now();
-                let saga = observe::Saga {
-                    name: live.state.saga(),
-                    id,
-                    trace: live.trace.as_deref(),
-                    started_at: live.state.started_at(),
-                };
-                observe::transition(
-                    &saga,
-                    &record.timeline,
-                    &record.events,
-                    &mut live.sent,
-                    &self.shared.tally,
-                );
+                live.logged(id, seq, &record.timeline, &record.events, &self.shared.tally);
                 self.sagas.insert(id.clone(), live);
                 self.execute(id, &effects).await;
                 Ok(())
@@ -642,11 +619,32 @@ impl Worker {
                         "saga {id}: its first record was refused as stale, yet no record is there"
                     )));
                 };
-                self.take_over(id, v, &same, live.handles).await
+                let Live { state, handles, .. } = live;
+                self.take_over(id, v, identity(&state), handles).await
             }
             // Not logged, so nothing was sent: the start is redelivered and begun again.
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Appends `record` to saga `id`'s log over the record at `expected` (0: none). A write
+    /// whose acknowledgement was lost may have landed: if the newest record is this one, the
+    /// write succeeded.
+    async fn append(
+        &self,
+        id: &SagaId,
+        record: &LogRecord,
+        expected: u64,
+    ) -> Result<u64, StoreError> {
+        let appended = self.shared.log.append(record, expected).await;
+        if let Err(StoreError::Nats { .. }) = &appended {
+            if let Ok(Some(v)) = self.shared.log.load(id).await {
+                if v.record.snapshot == record.snapshot && v.record.timeline == record.timeline {
+                    return Ok(v.seq);
+                }
+            }
+        }
+        appended
     }
 
     /// A start of a saga that is logged already: resume it from its log, and let the start
@@ -655,11 +653,11 @@ impl Worker {
         &mut self,
         id: &SagaId,
         v: Versioned,
-        start: &StartMessage,
+        asked: Identity<'_>,
         handles: Vec<jetstream::Message>,
     ) -> Result<(), HandleError> {
         let snap = &v.record.snapshot;
-        same_saga(id, &snap.saga, &snap.digest, &snap.input, start)?;
+        same_saga(id, (&snap.saga, &snap.digest, &snap.input), asked)?;
         let live = self.resume(id, v, handles).await?;
         if live.state.status().is_terminal() {
             for msg in live.handles {
@@ -840,31 +838,13 @@ impl Worker {
                 events,
                 trace: live.trace.clone(),
             };
-            let mut appended = self.shared.log.append(&record, live.seq).await;
-            if let Err(StoreError::Nats { .. }) = &appended {
-                // The write may have landed although its acknowledgement was lost: then it
-                // is the saga's newest record, and its effects must be carried out.
-                if let Ok(Some(v)) = self.shared.log.load(id).await {
-                    if v.record.snapshot == record.snapshot && v.record.timeline == record.timeline
-                    {
-                        appended = Ok(v.seq);
-                    }
-                }
-            }
+            let expected = live.seq;
+            let appended = self.append(id, &record, expected).await;
             let live = self.sagas.get_mut(id).expect("loaded above");
             match appended {
                 Ok(seq) => {
                     let entries = &record.timeline[pending.0..];
-                    let saga = observe::Saga {
-                        name: &record.snapshot.saga,
-                        id,
-                        trace: live.trace.as_deref(),
-                        started_at: record.snapshot.started_at,
-                    };
-                    let (sent, tally) = (&mut live.sent, &self.shared.tally);
-                    observe::transition(&saga, entries, &record.events, sent, tally);
-                    live.seq = seq;
-                    live.last_write = Instant::now();
+                    live.logged(id, seq, entries, &record.events, &self.shared.tally);
                     debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
                     // The saga's start is held until it ends; an operator action is done with
                     // once logged (held, a redelivery would apply it a second time).
@@ -1206,19 +1186,20 @@ impl Worker {
 }
 
 /// Refuses a start whose definition or input is not that of the saga it names.
-fn same_saga(
-    id: &SagaId,
-    saga: &saga_core::SagaName,
-    digest: &str,
-    input: &saga_core::Payload,
-    start: &StartMessage,
-) -> Result<(), HandleError> {
-    if *saga == start.saga && digest == start.digest && *input == start.input {
+fn same_saga(id: &SagaId, is: Identity<'_>, asked: Identity<'_>) -> Result<(), HandleError> {
+    if is == asked {
         return Ok(());
     }
     Err(HandleError::Refused(format!(
         "saga {id} already exists with another definition or input; a start with the same id (or idempotency key) and other input is refused"
     )))
+}
+
+/// What a saga is, or what a start asks for: its definition, version and input.
+type Identity<'a> = (&'a saga_core::SagaName, &'a str, &'a saga_core::Payload);
+
+fn identity(state: &SagaState) -> Identity<'_> {
+    (state.saga(), state.digest(), state.input())
 }
 
 /// The instant (on this process's clock) matching the time a record was written, so that a
@@ -1229,6 +1210,27 @@ fn written_at(written: Timestamp) -> Instant {
 }
 
 impl Live {
+    /// Takes note that its transition was logged at `seq`, with these new timeline `entries`
+    /// and lifecycle `events` (counted and traced here, once).
+    fn logged(
+        &mut self,
+        id: &SagaId,
+        seq: u64,
+        entries: &[TimelineEntry],
+        events: &[LifecycleNote],
+        tally: &observe::Tally,
+    ) {
+        let saga = observe::Saga {
+            name: self.state.saga(),
+            id,
+            trace: self.trace.as_deref(),
+            started_at: self.state.started_at(),
+        };
+        observe::transition(&saga, entries, events, &mut self.sent, tally);
+        self.seq = seq;
+        self.last_write = Instant::now();
+    }
+
     fn new(
         state: SagaState,
         plan: Arc<Plan>,

@@ -44,6 +44,10 @@ pub const PLACE_ORDER_YAML: &str = include_str!("../../example-services/sagas/pl
 /// before its outcome was recorded.
 const DEADLINE_MARGIN_MS: u64 = 100;
 
+/// The demo saga's steps: (step, action, compensation).
+const STEPS: [(&str, &str, &str); 2] =
+    [("reserve-items", "reserve", "release"), ("schedule-shipment", "schedule", "cancel")];
+
 /// The victim number of the nats-server.
 const SERVER: usize = usize::MAX;
 
@@ -477,38 +481,20 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let server = Arc::new(Mutex::new(server));
     let down: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
     let mut restarts = Vec::new();
-    // Each kind in turn, in a random order per round: every kind is hit once the kills are
-    // as many as the kinds.
     let mut round: Vec<Kind> = Vec::new();
     for k in 0..config.kills {
         tokio::time::sleep(gap.mul_f64(0.5 + rng.unit())).await;
         report.exits.extend(stack.lock().expect("lock").revive()?);
-        // The next kind with a process up (every instance of a kind may be down at once).
-        let mut misses = 0;
         let (kind, candidates) = loop {
-            if misses >= kinds.len() {
-                // Nothing up to kill: wait for a restart.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                misses = 0;
-            }
-            if round.is_empty() {
-                round = kinds.clone();
-                for i in (1..round.len()).rev() {
-                    round.swap(i, rng.below(i + 1));
-                }
-            }
-            let kind = round.pop().expect("refilled");
-            let (stack, down) = (stack.lock().expect("lock"), down.lock().expect("lock"));
-            let candidates: Vec<usize> = match kind {
-                Kind::Server => vec![SERVER].into_iter().filter(|v| !down.contains(v)).collect(),
-                _ => (0..stack.procs.len())
-                    .filter(|i| stack.procs[*i].kind == kind && !down.contains(i))
-                    .collect(),
+            let picked = {
+                let (stack, down) = (stack.lock().expect("lock"), down.lock().expect("lock"));
+                next_kind(&mut rng, &mut round, &kinds, &stack, &down)
             };
-            if !candidates.is_empty() {
-                break (kind, candidates);
+            match picked {
+                Some(picked) => break picked,
+                // Nothing up to kill: wait for a restart.
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-            misses += 1;
         };
         let pause = config.max_down.mul_f64(rng.unit());
         let v = candidates[rng.below(candidates.len())];
@@ -604,7 +590,9 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 
     let runs = Ledger::all(&nats).await?;
     report.runs = runs.len();
-    audit_effects(&runs, &status_of, &report.kills.clone(), &mut report);
+    let kills = std::mem::take(&mut report.kills);
+    audit_effects(&runs, &status_of, &kills, &mut report);
+    report.kills = kills;
     let order_ends: Vec<(&Order, Option<SagaStatus>)> = ends
         .iter()
         .map(|(order, _, end)| (order, end.as_ref().ok().map(|v| v.snapshot.status)))
@@ -620,6 +608,37 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     drop(stack);
     drop(server);
     Ok(report)
+}
+
+/// The next kind of `round` with a process up, and those processes (`SERVER` for the
+/// server); `None` when no kind has one. The kinds come in rounds, each in a random order, so
+/// that every kind is hit once the kills are as many as the kinds.
+fn next_kind(
+    rng: &mut Rng,
+    round: &mut Vec<Kind>,
+    kinds: &[Kind],
+    stack: &Stack,
+    down: &BTreeSet<usize>,
+) -> Option<(Kind, Vec<usize>)> {
+    for _ in 0..kinds.len() {
+        if round.is_empty() {
+            *round = kinds.to_vec();
+            for i in (1..round.len()).rev() {
+                round.swap(i, rng.below(i + 1));
+            }
+        }
+        let kind = round.pop()?;
+        let candidates: Vec<usize> = match kind {
+            Kind::Server => [SERVER].into_iter().filter(|v| !down.contains(v)).collect(),
+            _ => (0..stack.procs.len())
+                .filter(|i| stack.procs[*i].kind == kind && !down.contains(i))
+                .collect(),
+        };
+        if !candidates.is_empty() {
+            return Some((kind, candidates));
+        }
+    }
+    None
 }
 
 /// Orders, once a coordinator has provisioned the streams and registered the definition.
@@ -768,18 +787,16 @@ fn audit_effects(
             }
         }
     }
-    let compensation_of = |action: &str| match action {
-        "reserve" => "release",
-        "schedule" => "cancel",
-        _ => "",
-    };
     for ((saga, step, handler), rs) in &by_effect {
         let status = status_of.get(*saga).copied();
-        let undo = compensation_of(handler);
-        if undo.is_empty() {
+        let Some(&(_, action, undo)) = STEPS.iter().find(|s| s.1 == *handler || s.2 == *handler)
+        else {
+            report.problems.push(format!("saga {saga}: a run of an unknown handler {handler}"));
+            continue;
+        };
+        if *handler == undo {
             // A compensation: did it get its action's output?
             for c in rs.iter().filter(|c| !c.had_output) {
-                let action = if *handler == "release" { "reserve" } else { "schedule" };
                 let before: Vec<&&Run> = by_effect
                     .get(&(*saga, *step, action))
                     .map(|a| a.iter().filter(|a| a.finished_ms <= c.started_ms).collect())
@@ -817,8 +834,7 @@ fn audit_effects(
     // Every completed saga ran each action.
     for (saga, status) in status_of {
         if *status == SagaStatus::Completed {
-            for (step, action) in [("reserve-items", "reserve"), ("schedule-shipment", "schedule")]
-            {
+            for (step, action, _) in STEPS {
                 if !by_effect.contains_key(&(saga.as_str(), step, action)) {
                     report
                         .problems
