@@ -109,13 +109,15 @@ pub fn now_ms() -> u64 {
 }
 
 impl Ledger {
-    /// Creates the stream (the auditor does this once, before any service starts).
-    pub async fn create(nats: &async_nats::Client) -> anyhow::Result<()> {
+    /// Creates the stream on `replicas` replicas (the auditor does this once, before any
+    /// service starts).
+    pub async fn create(nats: &async_nats::Client, replicas: usize) -> anyhow::Result<()> {
         jetstream::new(nats.clone())
             .get_or_create_stream(stream::Config {
                 name: STREAM.into(),
                 subjects: vec![SUBJECTS.into()],
                 duplicate_window: Duration::from_secs(120),
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await

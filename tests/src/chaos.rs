@@ -1,7 +1,9 @@
 //! The chaos harness: the demo stack (several coordinator replicas, two instances of each
-//! service, a nats-server) under a steady load of orders, while a random process is killed
-//! with SIGKILL at random instants and started again. Afterwards it audits from NATS state
-//! alone and lists every problem:
+//! service, a nats-server or a 3-node JetStream cluster) under a steady load of orders, while
+//! a random process is killed with SIGKILL at random instants and started again. On a cluster
+//! the server kills alternate between the saga log's stream leader and a follower, one node
+//! down at a time, and the harness measures how long leadership takes to move. Afterwards it
+//! audits from NATS state alone and lists every problem:
 //!
 //! - every started saga ended (one left running, compensating or parked is stuck);
 //! - no handler ran its effect twice, unless the earlier run's outcome could not have been
@@ -11,7 +13,9 @@
 //! - the stock balances: what each SKU lost is what this run's completed orders hold, and
 //!   exactly those orders hold items;
 //! - exactly one notification per ended order;
-//! - nothing left in a work queue, and no dead letters.
+//! - nothing left in a work queue, and no dead letters;
+//! - on a cluster, every node's replica of the log (read through a connection to that node
+//!   alone) gives every saga the status the audit saw.
 //!
 //! `saga-chaos` (the binary) runs it; `tests/tests/chaos.rs` runs a short version.
 
@@ -27,15 +31,17 @@ use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use example_services::ledger::{now_ms, Ledger, Run};
 use example_services::model::Order;
+use example_services::notification::NOTIFICATION_BUCKET;
 use example_services::orders::Orders;
+use example_services::orders::ORDER_BUCKET;
 use example_services::scenario::{percentile, ScenarioConfig};
-use example_services::seller::StockStore;
+use example_services::seller::{StockStore, STOCK_BUCKET};
 use example_services::{notification, PLACE_ORDER};
 use futures::StreamExt;
 use saga_core::{SagaId, SagaStatus};
-use saga_nats::SagaClient;
+use saga_nats::{subjects, SagaClient};
 
-use crate::NatsServer;
+use crate::NatsCluster;
 
 /// The demo's saga definition.
 pub const PLACE_ORDER_YAML: &str = include_str!("../../example-services/sagas/place-order.yaml");
@@ -48,8 +54,15 @@ const DEADLINE_MARGIN_MS: u64 = 100;
 const STEPS: [(&str, &str, &str); 2] =
     [("reserve-items", "reserve", "release"), ("schedule-shipment", "schedule", "cancel")];
 
-/// The victim number of the nats-server.
-const SERVER: usize = usize::MAX;
+/// Something the harness kills: a process of the stack (by index) or a server node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Victim {
+    Proc(usize),
+    Node(usize),
+}
+
+/// How many sagas' views the follower-read check reads through each node.
+const FOLLOWER_READS: usize = 300;
 
 /// The SKUs ordered.
 const SKUS: [&str; 3] = ["apple", "pear", "plum"];
@@ -67,8 +80,11 @@ pub struct ChaosConfig {
     pub coordinators: usize,
     /// Instances of each service (seller, logistics, notification).
     pub instances: usize,
-    /// Whether the nats-server is among the victims.
+    /// Whether the nats-server (a node, on a cluster) is among the victims.
     pub kill_server: bool,
+    /// NATS servers: 1, or 3 for a JetStream cluster with every stream and bucket on 3
+    /// replicas.
+    pub servers: usize,
     /// Longest pause between a kill and the restart.
     pub max_down: Duration,
     /// How long the sagas may take to end after the last order is placed.
@@ -112,8 +128,24 @@ pub enum Kind {
     Logistics,
     /// Notification.
     Notification,
-    /// The nats-server.
+    /// The nats-server (a node of the cluster).
     Server,
+}
+
+/// A node of the cluster killed, and how the cluster took it.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    /// The node's name.
+    pub node: String,
+    /// Whether it led the saga log's stream when it was killed (`None`: the cluster did not
+    /// say).
+    pub was_leader: Option<bool>,
+    /// The streams (and key-value buckets) it led then, and how many there were.
+    pub led: (Vec<String>, usize),
+    /// How long until the log's stream had a leader on another node (leader kills).
+    pub new_leader_after: Option<Duration>,
+    /// How long until the next saga ended after the kill.
+    pub next_end_after: Option<Duration>,
 }
 
 impl Kind {
@@ -140,6 +172,8 @@ pub struct ChaosReport {
     pub kills: Vec<Kill>,
     /// Processes that exited without being killed (and were started again), with why.
     pub exits: Vec<String>,
+    /// The server kills, on a cluster.
+    pub failovers: Vec<Failover>,
     /// Handler runs recorded in the ledger.
     pub runs: usize,
     /// Effects that ran again after an earlier run whose outcome could not be recorded, by
@@ -189,6 +223,30 @@ impl ChaosReport {
             let _ = writeln!(out, "    {e}");
         }
         let _ = writeln!(out, "  load {:.1?}, whole run {:.1?}", self.load_time, self.total_time);
+        if !self.failovers.is_empty() {
+            let _ = writeln!(
+                out,
+                "== cluster node kills: leader or follower of the saga log; streams led; pause"
+            );
+            let ms =
+                |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
+            for f in &self.failovers {
+                let _ = writeln!(
+                    out,
+                    "  {:<3} {:<9} led {:>2} of {:>2} streams   log's new leader after {:>8}   next saga ended after {:>8}",
+                    f.node,
+                    match f.was_leader {
+                        Some(true) => "leader",
+                        Some(false) => "follower",
+                        None => "unknown",
+                    },
+                    f.led.0.len(),
+                    f.led.1,
+                    ms(f.new_leader_after),
+                    ms(f.next_end_after)
+                );
+            }
+        }
         let _ = writeln!(out, "== outcomes");
         for (status, n) in &self.statuses {
             let _ = writeln!(out, "  {status:<20} {n:>6}");
@@ -277,6 +335,8 @@ struct Stack {
     url: String,
     defs: PathBuf,
     procs: Vec<Proc>,
+    /// Replicas of each stream the coordinators provision.
+    replicas: usize,
 }
 
 impl Stack {
@@ -294,6 +354,7 @@ impl Stack {
                 let mut c = Command::new(&self.config.coordinator_exe);
                 c.args(["--nats-url", &self.url, "--nats-wait-secs", "60"])
                     .args(["--ack-wait-secs", "2", "--workers", "16"])
+                    .args(["--replicas", &self.replicas.to_string()])
                     .arg("--definitions")
                     .arg(&self.defs)
                     .args(["--replica-name", &instance.replace('.', "-")]);
@@ -401,15 +462,41 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     std::fs::create_dir_all(&defs)?;
     std::fs::write(defs.join("place-order.yaml"), PLACE_ORDER_YAML)?;
 
-    let server = tokio::task::spawn_blocking(NatsServer::start).await?;
-    let url = server.url();
-    log(&config, format!("nats-server at {url}, store {}", server.store_dir().display()));
+    let servers = config.servers.max(1);
+    let cluster = tokio::task::spawn_blocking(move || NatsCluster::start(servers)).await?;
+    let url = cluster.urls();
+    for i in 0..cluster.len() {
+        let node = cluster.node(i);
+        log(
+            &config,
+            format!(
+                "nats-server {} at {}, store {}",
+                cluster.name(i),
+                node.url(),
+                node.store_dir().display()
+            ),
+        );
+    }
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
-        .connect(&url)
+        .connect(url.split(',').collect::<Vec<_>>())
         .await
         .context("connecting the harness")?;
-    Ledger::create(&nats).await?;
+    NatsCluster::wait_for_jetstream(&nats).await.map_err(anyhow::Error::msg)?;
+    // Every stream and bucket on as many replicas as there are nodes (at most 3), the demo's
+    // own included: the harness creates those before the services open them.
+    let replicas = servers.min(3);
+    Ledger::create(&nats, replicas).await?;
+    // The effect buckets of the demo's two step services.
+    let effects = ["seller", "logistics"].map(|s| subjects::effects_bucket(&s.into()));
+    for bucket in [STOCK_BUCKET, NOTIFICATION_BUCKET, ORDER_BUCKET]
+        .into_iter()
+        .map(String::from)
+        .chain(effects)
+    {
+        saga_nats::provision::ensure_bucket(&nats, &bucket, replicas).await?;
+    }
+    let ends_seen = watch_ends(&nats).await?;
     let stock = StockStore::open(nats.clone()).await?;
     let per_sku = (config.sagas as u32).max(10);
     for sku in SKUS {
@@ -436,7 +523,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             });
         }
     }
-    let mut stack = Stack { config: config.clone(), url: url.clone(), defs, procs };
+    let mut stack = Stack { config: config.clone(), url: url.clone(), defs, procs, replicas };
     // The coordinators first: they create the streams and buckets the services use.
     for i in 0..config.coordinators {
         stack.spawn(i)?;
@@ -478,9 +565,10 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         kinds.push(Kind::Server);
     }
     let stack = Arc::new(Mutex::new(stack));
-    let server = Arc::new(Mutex::new(server));
-    let down: Arc<Mutex<BTreeSet<usize>>> = Arc::default();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let down: Arc<Mutex<BTreeSet<Victim>>> = Arc::default();
     let mut restarts = Vec::new();
+    let mut leader_polls = Vec::new();
     let mut round: Vec<Kind> = Vec::new();
     for k in 0..config.kills {
         tokio::time::sleep(gap.mul_f64(0.5 + rng.unit())).await;
@@ -488,7 +576,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         let (kind, candidates) = loop {
             let picked = {
                 let (stack, down) = (stack.lock().expect("lock"), down.lock().expect("lock"));
-                next_kind(&mut rng, &mut round, &kinds, &stack, &down)
+                next_kind(&mut rng, &mut round, &kinds, &stack, servers, &down)
             };
             match picked {
                 Some(picked) => break picked,
@@ -497,24 +585,70 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             }
         };
         let pause = config.max_down.mul_f64(rng.unit());
-        let v = candidates[rng.below(candidates.len())];
+        let mut v = candidates[rng.below(candidates.len())];
+        if kind == Kind::Server && servers > 1 {
+            // On a cluster, the log stream's leader and a follower in turn.
+            let want_leader = report.failovers.len() % 2 == 0;
+            let mut leaders = NatsCluster::stream_leaders(&nats).await;
+            for _ in 0..5 {
+                if leaders.contains_key(subjects::LOG_STREAM) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                leaders = NatsCluster::stream_leaders(&nats).await;
+            }
+            let c = cluster.lock().expect("lock");
+            let leader = leaders.get(subjects::LOG_STREAM).and_then(|l| c.index_of(l));
+            v = match (want_leader, leader) {
+                (true, Some(l)) => Victim::Node(l),
+                (false, Some(l)) => {
+                    let followers: Vec<usize> = (0..c.len()).filter(|i| *i != l).collect();
+                    Victim::Node(followers[rng.below(followers.len())])
+                }
+                (_, None) => v,
+            };
+            let Victim::Node(n) = v else { unreachable!("a server kill picks a node") };
+            let led = leaders.iter().filter(|(_, l)| *l == c.name(n)).map(|(s, _)| s.clone());
+            report.failovers.push(Failover {
+                node: c.name(n).to_owned(),
+                was_leader: leader.map(|l| l == n),
+                led: (led.collect(), leaders.len()),
+                new_leader_after: None,
+                next_end_after: None,
+            });
+        }
         down.lock().expect("lock").insert(v);
-        if v == SERVER {
-            server.lock().expect("lock").kill();
+        if let Victim::Node(n) = v {
+            let name = {
+                let mut c = cluster.lock().expect("lock");
+                c.node_mut(n).kill();
+                c.name(n).to_owned()
+            };
+            let at_ms = now_ms();
             report.kills.push(Kill {
-                instance: "nats-server".into(),
+                instance: format!("nats-server {name}"),
                 kind,
-                at_ms: now_ms(),
+                at_ms,
                 cut_handlers: 0,
             });
-            let (server, down) = (server.clone(), down.clone());
+            if report.failovers.last().is_some_and(|f| f.was_leader == Some(true) && f.node == name)
+            {
+                leader_polls.push((
+                    report.failovers.len() - 1,
+                    tokio::spawn(new_leader(nats.clone(), name)),
+                ));
+            }
+            let (cluster, down) = (cluster.clone(), down.clone());
             restarts.push(tokio::spawn(async move {
                 tokio::time::sleep(pause).await;
-                tokio::task::spawn_blocking(move || server.lock().expect("lock").restart()).await?;
-                down.lock().expect("lock").remove(&SERVER);
+                tokio::task::spawn_blocking(move || {
+                    cluster.lock().expect("lock").node_mut(n).restart()
+                })
+                .await?;
+                down.lock().expect("lock").remove(&v);
                 anyhow::Ok(())
             }));
-        } else {
+        } else if let Victim::Proc(v) = v {
             let mut s = stack.lock().expect("lock");
             let instance = s.procs[v].instance();
             let cut = under_way.now(&instance);
@@ -524,7 +658,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             restarts.push(tokio::spawn(async move {
                 tokio::time::sleep(pause).await;
                 stack.lock().expect("lock").spawn(v)?;
-                down.lock().expect("lock").remove(&v);
+                down.lock().expect("lock").remove(&Victim::Proc(v));
                 anyhow::Ok(())
             }));
         }
@@ -542,6 +676,9 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     }
     for r in restarts {
         r.await??;
+    }
+    for (i, poll) in leader_polls {
+        report.failovers[i].new_leader_after = poll.await?;
     }
     let placed_ids = load.await??;
     report.load_time = started.elapsed();
@@ -587,6 +724,12 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     }
     report.latencies_ms.sort_unstable();
     log(&config, "sagas ended; auditing");
+    if servers > 1 {
+        // A node restarted last may still be catching up, or a stream electing its leader.
+        NatsCluster::wait_for_streams(&nats, Duration::from_secs(60))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
 
     let runs = Ledger::all(&nats).await?;
     report.runs = runs.len();
@@ -604,22 +747,102 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     for e in &report.exits {
         report.problems.push(format!("a process crashed: {e}"));
     }
+    if servers > 1 {
+        let urls: Vec<String> = {
+            let c = cluster.lock().expect("lock");
+            (0..c.len()).map(|i| c.node(i).url()).collect()
+        };
+        audit_follower_reads(&urls, &status_of, &mut report).await?;
+    }
+    let ends_seen = ends_seen.lock().expect("lock").clone();
+    for (f, k) in
+        report.failovers.iter_mut().zip(report.kills.iter().filter(|k| k.kind == Kind::Server))
+    {
+        f.next_end_after =
+            ends_seen.iter().find(|t| **t >= k.at_ms).map(|t| Duration::from_millis(t - k.at_ms));
+    }
     report.total_time = started.elapsed();
     drop(stack);
-    drop(server);
+    drop(cluster);
     Ok(report)
 }
 
-/// The next kind of `round` with a process up, and those processes (`SERVER` for the
-/// server); `None` when no kind has one. The kinds come in rounds, each in a random order, so
+/// When each saga ended (ms since the epoch, in the order seen), from the log's terminal
+/// records.
+async fn watch_ends(nats: &async_nats::Client) -> anyhow::Result<Arc<Mutex<Vec<u64>>>> {
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut subs = Vec::new();
+    for event in ["completed", "compensated"] {
+        subs.push(nats.subscribe(format!("saga.log.*.*.{event}")).await?);
+    }
+    let mut ends = futures::stream::select_all(subs);
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while ends.next().await.is_some() {
+            out.lock().expect("lock").push(now_ms());
+        }
+    });
+    Ok(seen)
+}
+
+/// How long until stream `SAGA_LOG` reports a leader other than `killed` (`None` after 60 s).
+async fn new_leader(nats: async_nats::Client, killed: String) -> Option<Duration> {
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(60) {
+        if let Some(leader) = NatsCluster::stream_leader(&nats, subjects::LOG_STREAM).await {
+            if leader != killed {
+                return Some(began.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Reads up to [`FOLLOWER_READS`] sagas' views through a connection to each node alone (a
+/// direct get is answered by the replica of the node it reaches, leader or follower), and
+/// flags any that differs from the status the audit saw.
+async fn audit_follower_reads(
+    urls: &[String],
+    status_of: &HashMap<String, SagaStatus>,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    for url in urls {
+        let node = async_nats::ConnectOptions::new()
+            .ignore_discovered_servers()
+            .connect(url)
+            .await
+            .with_context(|| format!("connecting to {url} alone"))?;
+        let client = SagaClient::new(node).await?;
+        for (id, status) in status_of.iter().take(FOLLOWER_READS) {
+            let read = client.get(&SagaId::from(id.as_str())).await;
+            match read {
+                Ok(Some(view)) if view.snapshot.status == *status => {}
+                Ok(Some(view)) => report.problems.push(format!(
+                    "saga {id} read through {url}: {}, but {status} through the cluster",
+                    view.snapshot.status
+                )),
+                Ok(None) => {
+                    report.problems.push(format!("saga {id} read through {url}: not found"))
+                }
+                Err(e) => report.problems.push(format!("saga {id} read through {url}: {e}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The next kind of `round` with a process up, and those processes (or server nodes);
+/// `None` when no kind has one. The kinds come in rounds, each in a random order, so
 /// that every kind is hit once the kills are as many as the kinds.
 fn next_kind(
     rng: &mut Rng,
     round: &mut Vec<Kind>,
     kinds: &[Kind],
     stack: &Stack,
-    down: &BTreeSet<usize>,
-) -> Option<(Kind, Vec<usize>)> {
+    servers: usize,
+    down: &BTreeSet<Victim>,
+) -> Option<(Kind, Vec<Victim>)> {
     for _ in 0..kinds.len() {
         if round.is_empty() {
             *round = kinds.to_vec();
@@ -628,10 +851,14 @@ fn next_kind(
             }
         }
         let kind = round.pop()?;
-        let candidates: Vec<usize> = match kind {
-            Kind::Server => [SERVER].into_iter().filter(|v| !down.contains(v)).collect(),
+        let candidates: Vec<Victim> = match kind {
+            // One node down at a time, so that a cluster keeps its quorum.
+            Kind::Server if down.iter().any(|v| matches!(v, Victim::Node(_))) => Vec::new(),
+            Kind::Server => (0..servers).map(Victim::Node).collect(),
             _ => (0..stack.procs.len())
-                .filter(|i| stack.procs[*i].kind == kind && !down.contains(i))
+                .map(Victim::Proc)
+                .filter(|v| !down.contains(v))
+                .filter(|v| matches!(v, Victim::Proc(i) if stack.procs[*i].kind == kind))
                 .collect(),
         };
         if !candidates.is_empty() {
@@ -644,7 +871,9 @@ fn next_kind(
 /// Orders, once a coordinator has provisioned the streams and registered the definition.
 async fn orders_when_ready(nats: &async_nats::Client) -> anyhow::Result<Orders> {
     let mut last = String::new();
-    for _ in 0..300 {
+    // A new cluster places its first replicated streams slowly (its nodes report their
+    // resources to the meta leader first): wait up to two minutes.
+    for _ in 0..1200 {
         match Orders::new(nats.clone()).await {
             Ok(orders) => {
                 let names = orders.client().definition_names().await;
@@ -657,7 +886,7 @@ async fn orders_when_ready(nats: &async_nats::Client) -> anyhow::Result<Orders> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("the stack was not ready within 30 s: {last}")
+    anyhow::bail!("the stack was not ready within 2 min: {last}")
 }
 
 /// Places every order at `rate` per second; an order whose start fails (the server is down, a

@@ -12,7 +12,9 @@
 
 pub mod auth;
 pub mod chaos;
+pub mod cluster;
 pub mod support;
+pub use cluster::NatsCluster;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -212,6 +214,13 @@ impl NatsServer {
     /// Spawns the process and waits until it is ready. On failure the
     /// returned message includes the log tail; the child may still be set.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let log_offset = self.spawn()?;
+        self.wait_ready(log_offset)
+    }
+
+    /// Spawns the process; returns the length of the log before it, from where
+    /// [`NatsServer::wait_ready`] looks for the ready marker.
+    fn spawn(&mut self) -> Result<u64, String> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -228,7 +237,7 @@ impl NatsServer {
             .spawn()
             .map_err(|e| format!("cannot spawn {}: {e}", self.binary.display()))?;
         self.child = Some(child);
-        self.wait_ready(log_offset)
+        Ok(log_offset)
     }
 
     /// Polls until the port accepts TCP connections and the log (written

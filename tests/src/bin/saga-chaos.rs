@@ -39,9 +39,14 @@ struct Args {
     /// Instances of each service.
     #[arg(long, default_value_t = 2)]
     instances: usize,
-    /// Never kill the nats-server.
+    /// Never kill the nats-server (or a node of the cluster).
     #[arg(long)]
     spare_server: bool,
+    /// Run a JetStream cluster of this many nats-server nodes (3) instead of one server,
+    /// every stream and bucket on 3 replicas; server kills alternate between the saga log's
+    /// stream leader and a follower, one node down at a time.
+    #[arg(long, default_value_t = 1, value_name = "NODES")]
+    cluster: usize,
     /// Longest pause between a kill and the restart, in ms.
     #[arg(long, default_value_t = 2000)]
     max_down_ms: u64,
@@ -122,6 +127,7 @@ async fn main() -> ExitCode {
         coordinators: args.coordinators,
         instances: args.instances,
         kill_server: !args.spare_server,
+        servers: args.cluster,
         max_down: Duration::from_millis(args.max_down_ms),
         settle: Duration::from_secs(args.settle_secs),
         logistics_latency_ms: args.logistics_latency_ms,
@@ -132,20 +138,21 @@ async fn main() -> ExitCode {
         progress: true,
     };
     eprintln!(
-        "saga-chaos: {} orders at {}/s, {} kills, {} coordinators, {} instances of each service, seed {seed}; logs in {}",
+        "saga-chaos: {} orders at {}/s, {} kills, {} coordinators, {} instances of each service, {} nats-server node(s), seed {seed}; logs in {}",
         config.sagas,
         config.rate,
         config.kills,
         config.coordinators,
         config.instances,
+        config.servers,
         config.dir.display()
     );
     match chaos::run(config).await {
         Ok(report) => {
             println!("{}", report.render());
             println!(
-                "reproduce: saga-chaos --sagas {} --rate {} --kills {} --seed {seed}",
-                args.sagas, args.rate, args.kills
+                "reproduce: saga-chaos --sagas {} --rate {} --kills {} --cluster {} --seed {seed}",
+                args.sagas, args.rate, args.kills, args.cluster
             );
             if report.is_ok() {
                 ExitCode::SUCCESS
@@ -164,7 +171,7 @@ async fn serve(role: Role, url: &str, instance: &str, latency_ms: u64) -> anyhow
     let nats = async_nats::ConnectOptions::new()
         .name(instance)
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(url.split(',').collect::<Vec<_>>())
         .await?;
     // A server that just restarted may answer JetStream requests only after a while: keep
     // trying to start for a minute, as a supervisor restarting the service would.
