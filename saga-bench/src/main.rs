@@ -10,6 +10,7 @@
 
 mod conn;
 mod floor;
+mod growth;
 mod load;
 mod measure;
 mod ours;
@@ -113,6 +114,14 @@ struct Args {
 
     /// Internal: run one coordinator replica of the bench saga (`--steps`) against
     /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
+    /// Growth run (ours only): closed loop at one concurrency (the first of --concurrency,
+    /// default 64), window after window (--duration, default 30s), until the saga log holds
+    /// this many finished sagas; prints each window's throughput, latency, CPU per saga,
+    /// the coordinators' resident memory and the log's size, then compares the first windows
+    /// with the last. Example: --growth 1000000 --coordinator-processes.
+    #[arg(long, value_name = "SAGAS", conflicts_with_all = ["systems", "quick"])]
+    growth: Option<u64>,
+
     #[arg(long, hide = true, requires = "nats_url")]
     serve_coordinator: bool,
 
@@ -189,6 +198,7 @@ struct Plan {
     floor: bool,
     ours: bool,
     auth: bool,
+    growth: Option<u64>,
 }
 
 impl Plan {
@@ -206,16 +216,20 @@ impl Plan {
             coordinator_processes: args.coordinator_processes,
             profile: args.profile,
             warmup: args.warmup.unwrap_or(warmup),
-            measure: args.duration.unwrap_or(measure),
+            measure: args.duration.unwrap_or(match args.growth {
+                Some(_) => growth::WINDOW,
+                None => measure,
+            }),
             concurrencies: args
                 .concurrency
                 .as_ref()
                 .map(|c| c.iter().map(|&c| c as usize).collect())
                 .unwrap_or(concurrencies),
             replica_check: !args.quick,
-            floor: args.systems != Systems::Ours,
+            floor: args.systems != Systems::Ours && args.growth.is_none(),
             ours: args.systems != Systems::Floor,
             auth: args.auth,
+            growth: args.growth,
         }
     }
 }
@@ -294,6 +308,17 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             plan.coordinator_processes,
         )
         .await?;
+        if let Some(target) = plan.growth {
+            let c = plan.concurrencies.first().copied().filter(|_| plan.concurrencies.len() == 1);
+            let c = c.unwrap_or(report::MAIN_CONCURRENCY);
+            let windows =
+                growth::run(ours.clone(), plan.coordinators, plan.steps, c, target, &env).await?;
+            ours.stop().await;
+            println!();
+            println!("{}", growth::verdict(&windows));
+            println!("reproduce: {}", reproduce_command());
+            return Ok(());
+        }
         measure_system("ours", plan.coordinators, ours.clone(), &plan, &env, &mut results).await?;
         if plan.replica_check {
             ours.add_coordinator().await?;

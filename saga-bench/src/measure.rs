@@ -217,6 +217,11 @@ impl StoredMessages {
         Ok(StoredMessages { js: jetstream::new(conn) })
     }
 
+    /// The JetStream context it asks on.
+    pub(crate) fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// Every stream's last sequence now: one `STREAM.LIST` request per 256 streams.
     pub(crate) async fn snapshot(&self) -> anyhow::Result<Sequences> {
         let mut streams = self.js.streams();

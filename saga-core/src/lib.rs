@@ -164,7 +164,8 @@ pub use ids::{
 };
 pub use machine::{
     Cause, Dispatch, Effect, Event, Handled, LifecycleKind, Payload, Rejection, Rule, SagaState,
-    SagaStatus, SnapshotError, StepStatus, Timer, TimerKind, UNCLAIMED_GRACE,
+    SagaStatus, SnapshotError, StepStatus, Timer, TimerKind, COMPENSATION_TIMEOUT_ATTEMPTS,
+    UNCLAIMED_GRACE,
 };
 pub use retry::RetryPolicy;
 pub use validate::{Plan, ValidationError, MAX_STEPS, MAX_TIMEOUT};

@@ -396,6 +396,13 @@ pub struct Dispatch {
 /// outcome: a driver re-sends it only after this much more time.
 pub const UNCLAIMED_GRACE: Duration = Duration::from_millis(1000);
 
+/// How many compensation attempts in a row may time out before the saga parks, when the
+/// step's retry policy allows fewer. A compensation must run, and a timeout says only that no
+/// answer came in time: on a cluster, a stream electing a new leader stops every write for
+/// several seconds (up to 20 s measured, RELIABILITY.md), and a participant that cannot record
+/// its barrier meanwhile does not answer. A failure reply counts against `max_attempts` alone.
+pub const COMPENSATION_TIMEOUT_ATTEMPTS: u32 = 10;
+
 /// Lifecycle events published for services that follow sagas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1596,7 +1603,7 @@ impl SagaState {
                     }
                     Phase::Compensation => {
                         let reason = format!("compensation attempt {} timed out", timer.attempt);
-                        self.compensation_attempt_failed(plan, now, i, &reason, out);
+                        self.compensation_attempt_failed(plan, now, i, &reason, true, out);
                     }
                 }
             }
@@ -1836,21 +1843,31 @@ impl SagaState {
                 transient: true,
             },
         );
-        self.compensation_attempt_failed(plan, now, i, reason, out);
+        self.compensation_attempt_failed(plan, now, i, reason, false, out);
         Ok(())
     }
 
+    /// A compensation attempt failed (a failure reply) or `timed_out`: try again, or park the
+    /// saga once the budget is spent. A timed-out attempt may have been slowed by NATS itself
+    /// (a stream electing a leader, a node restarting), so timeouts get a longer budget:
+    /// [`COMPENSATION_TIMEOUT_ATTEMPTS`] attempts, or the policy's `max_attempts` if larger.
     fn compensation_attempt_failed(
         &mut self,
         plan: &Plan,
         now: Timestamp,
         i: usize,
         reason: &str,
+        timed_out: bool,
         out: &mut Out,
     ) {
         let s = &mut self.steps[i];
         s.last_error = Some(reason.to_owned());
-        if s.comp_attempt - s.comp_budget_from < plan.steps()[i].retry.max_attempts {
+        let max_attempts = plan.steps()[i].retry.max_attempts;
+        let budget = match timed_out {
+            true => max_attempts.max(COMPENSATION_TIMEOUT_ATTEMPTS),
+            false => max_attempts,
+        };
+        if s.comp_attempt - s.comp_budget_from < budget {
             self.backoff(plan, now, i, Phase::Compensation, out);
             return;
         }

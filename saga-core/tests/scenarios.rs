@@ -478,8 +478,8 @@ fn cancel_before_the_pivot_compensates_what_is_done() {
     assert!(!sim.sent.iter().any(|d| d.step.as_str() != "a"), "p and r never ran");
 }
 
-/// chain3 with c failing, and b's compensation failing three times (the last by a timeout):
-/// the saga needs intervention.
+/// chain3 with c failing, and b's compensation failing three times (the second by a
+/// timeout): the third failure reply spends the budget and the saga needs intervention.
 fn parked() -> Sim {
     let mut sim = Sim::new(&chain3());
     sim.start();
@@ -1455,17 +1455,25 @@ fn bug_a_late_success_of_the_stuck_compensation_unparks_the_saga() {
     sim.at(10).ok(succeeded("a", 1));
     sim.at(20).ok(succeeded("b", 1));
     sim.at(30).ok(failed("c", 1, false));
-    sim.at(40).ok(comp_failed("b", 1));
-    sim.at(140).ok(timer("b", Phase::Compensation, 1, TimerKind::Backoff));
-    sim.at(150).ok(comp_failed("b", 2));
-    sim.at(350).ok(timer("b", Phase::Compensation, 2, TimerKind::Backoff));
+    // Every attempt times out: the budget for timeouts is COMPENSATION_TIMEOUT_ATTEMPTS.
+    let last = saga_core::COMPENSATION_TIMEOUT_ATTEMPTS;
+    let mut t = 40;
+    for n in 1..last {
+        let h = sim.at(t).handle(timer("b", Phase::Compensation, n, TimerKind::Timeout));
+        assert_eq!(h.rule, Rule::CompensatingTimer, "attempt {n}");
+        assert!(h.result.is_ok(), "attempt {n}");
+        assert_eq!(sim.step("b"), StepStatus::CompensationRetryWait, "attempt {n}");
+        t += 100;
+        sim.at(t).ok(timer("b", Phase::Compensation, n, TimerKind::Backoff));
+        t += 100;
+    }
     assert_eq!(
-        summary(&sim.at(1350).ok(timer("b", Phase::Compensation, 3, TimerKind::Timeout))),
+        summary(&sim.at(t).ok(timer("b", Phase::Compensation, last, TimerKind::Timeout))),
         s(&["publish needs_intervention b"])
     );
     assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
     // The timed-out attempt did its work after all.
-    let h = sim.at(1400).handle(comp_ok("b", 3));
+    let h = sim.at(1400).handle(comp_ok("b", last));
     assert_eq!(h.rule, Rule::CompensationSucceeded);
     assert_eq!(sim.step("b"), StepStatus::Compensated);
     assert_eq!(
