@@ -96,7 +96,13 @@ pub async fn run(nats: async_nats::Client) -> anyhow::Result<Following> {
                         Ok(())
                     }
                     // A redelivered event: the customer was told already.
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+                    // (On a cluster, a follower's stale read can make it a conflict instead.)
+                    Err(e)
+                        if e.kind() == kv::CreateErrorKind::AlreadyExists
+                            || saga_nats::store::is_conflict(&e) =>
+                    {
+                        Ok(())
+                    }
                     Err(e) => Err(format!("cannot record notification for {}: {e}", notice.order_id)),
                 }
             }

@@ -118,7 +118,10 @@ impl Orders {
             |e: String| OrderError::Unavailable(format!("cannot record order {}: {e}", order.id));
         match self.placed.create(&order.id, record.into()).await {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists
+                    || saga_nats::store::is_conflict(&e) =>
+            {
                 let existing =
                     self.placed.get(&order.id).await.map_err(|e| unavailable(e.to_string()))?;
                 let existing: Option<Order> =

@@ -60,7 +60,12 @@ impl StockStore {
         let stock = Stock { available, held: BTreeMap::new() };
         match self.kv.create(key(sku), serde_json::to_vec(&stock)?.into()).await {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists
+                    || saga_nats::store::is_conflict(&e) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(anyhow::anyhow!("cannot seed stock of {sku}: {e}")),
         }
     }
@@ -153,7 +158,7 @@ impl StockStore {
             } else {
                 match self.kv.update(&key, bytes.into(), revision).await {
                     Ok(_) => Ok(()),
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    Err(e) if saga_nats::store::is_conflict(&e) => {
                         continue;
                     }
                     Err(e) => Err(e.to_string()),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::StreamExt;
 use saga_core::wire::{quote, OperatorAction, OperatorMessage, StartMessage, PROTOCOL_VERSION};
@@ -352,7 +352,7 @@ impl SagaClient {
             // A start with this id is already waiting (or was just accepted): it is the same
             // saga only if it has the same input.
             Ok(_) => self.existing(&id, &plan, &input).await?.unwrap_or(Ok(id)),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            Err(e) if crate::store::is_conflict(&e) => {
                 self.existing(&id, &plan, &input).await?.unwrap_or(Ok(id))
             }
             Err(e) => Err(SagaClientError::nats(e)),

@@ -175,7 +175,7 @@ impl DeadLetters {
             // Error 10071 (a start expects no message on its subject) or 10077 (the stream
             // holds one message per subject): an input of that saga is waiting.
             Err(e)
-                if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+                if crate::store::is_conflict(&e)
                     || e.to_string().contains("maximum messages per subject") =>
             {
                 return Err(DlqError::Refused(format!(

@@ -759,7 +759,7 @@ impl Shared {
         // (an update expecting revision 0 is a create) and read only if something is there.
         match self.effects.update(key, claim.clone(), 0).await {
             Ok(rev) => return Ok(Claim::Run(rev)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+            Err(e) if crate::store::is_conflict(&e) => {}
             Err(e) => return Err(unavailable(e)),
         }
         loop {
@@ -873,7 +873,7 @@ impl Shared {
         for _ in 0..600 {
             match self.effects.update(key, record.clone(), rev).await {
                 Ok(_) => return,
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e) if crate::store::is_conflict(&e) => {
                     match self.record_over(key, rev, &record).await {
                         Ok(()) => return,
                         Err(e) => warn!(key, error = %e, "recording the effect failed; retrying"),

@@ -4,12 +4,35 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use saga_core::wire::{quote, LogRecord, StartMessage};
 use saga_core::{Codec, CodecError, Plan, SagaDefinition, SagaId, SagaName, TimelineEntry};
 
 use crate::subjects::{self, headers};
+
+/// Whether `err` (or an error it wraps) is a compare-and-swap conflict: JetStream refused a
+/// write because the stream or subject has moved past the sequence the write expected, so the
+/// writer should read again and decide again. A single server answers error 10071 (`wrong last
+/// sequence: N`), which async-nats reports as `PublishErrorKind::WrongLastSequence` (and a
+/// key-value update as `UpdateErrorKind::WrongLastRevision`); a clustered stream answers 10164
+/// (`wrong last sequence`), which async-nats reports as an "other" error. Both are conflicts,
+/// not NATS failures.
+pub fn is_conflict(err: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<jetstream::Error>() {
+            return matches!(
+                js.error_code(),
+                ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            );
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// A log record and the stream sequence it was read at (the compare-and-swap token).
 #[derive(Debug, Clone)]
@@ -188,9 +211,7 @@ impl SagaLog {
             .await;
         match ack {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(StoreError::Conflict { id: id.clone(), expected })
-            }
+            Err(e) if is_conflict(&e) => Err(StoreError::Conflict { id: id.clone(), expected }),
             Err(e) => Err(StoreError::Nats { id: id.clone(), source: e.into() }),
         }
     }
