@@ -55,7 +55,7 @@ async fn conflicts_are_recognised(client: async_nats::Client, replicas: usize) {
     let refused = js
         .send_publish(
             "logs.a",
-            jetstream::context::Publish::build()
+            jetstream::message::PublishMessage::build()
                 .payload("2".into())
                 .expected_last_subject_sequence(0),
         )
@@ -66,7 +66,7 @@ async fn conflicts_are_recognised(client: async_nats::Client, replicas: usize) {
     assert!(is_conflict(&refused), "{replicas} replica(s): {refused:?}");
     // Anything else is not a conflict.
     let missing = js
-        .send_publish("nowhere.a", jetstream::context::Publish::build().payload("x".into()))
+        .send_publish("nowhere.a", jetstream::message::PublishMessage::build().payload("x".into()))
         .await
         .expect("publish")
         .await
