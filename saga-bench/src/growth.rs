@@ -70,47 +70,66 @@ pub(crate) async fn run(
 
 fn header() -> String {
     format!(
-        "| {:>9} | {:>7} | {:>6} | {:>6} | {:>11} | {:>6} | {:>10} | {:>8} |\n|{}|",
+        "| {:>9} | {:>7} | {:>6} | {:>6} | {:>11} | {:>8} | {:>6} | {:>10} | {:>8} |\n|{}|",
         "history",
         "sagas/s",
         "p50 ms",
         "p99 ms",
         "CPU ms/saga",
+        "(server)",
         "errors",
         "coord. RSS",
         "log MiB",
-        "--:|--:|--:|--:|--:|--:|--:|--:"
+        "--:|--:|--:|--:|--:|--:|--:|--:|--:"
     )
 }
 
 fn row(w: &Window) -> String {
     format!(
-        "| {:>9} | {:>7.0} | {:>6} | {:>6} | {:>11.3} | {:>6} | {:>6.0} MiB | {:>8.0} |",
+        "| {:>9} | {:>7.0} | {:>6} | {:>6} | {:>11.3} | {:>8.3} | {:>6} | {:>6.0} MiB | {:>8.0} |",
         w.history,
         w.m.throughput(),
         format_ms(w.m.latency.p50),
         format_ms(w.m.latency.p99),
         w.m.cpu_ms_per_saga(),
+        w.m.server_cpu_ms_per_saga(),
         w.m.errors,
         w.rss_mib,
         w.log_mib
     )
 }
 
-/// The comparison of the first windows with the last ones (the mean of up to three each).
+/// The first quarter of the windows against the last quarter (at least one each): the
+/// medians of their throughput and of their CPU per saga (medians, because one window on a
+/// shared machine can be off by 10 % or more), and the verdict on the goal (throughput flat
+/// within 10 %).
 pub(crate) fn verdict(windows: &[Window]) -> String {
-    let n = (windows.len() / 2).clamp(1, 3);
-    let mean = |ws: &[Window]| ws.iter().map(|w| w.m.throughput()).sum::<f64>() / ws.len() as f64;
-    let (first, last) = (mean(&windows[..n]), mean(&windows[windows.len() - n..]));
-    let change = (last / first - 1.0) * 100.0;
+    let n = (windows.len() / 4).max(1);
+    let median = |ws: &[Window], f: &dyn Fn(&Window) -> f64| {
+        let mut v: Vec<f64> = ws.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        if v.len() % 2 == 0 {
+            (v[mid - 1] + v[mid]) / 2.0
+        } else {
+            v[mid]
+        }
+    };
+    let (first, last) = (&windows[..n], &windows[windows.len() - n..]);
+    let rate = |w: &Window| w.m.throughput();
+    let cpu = |w: &Window| w.m.cpu_ms_per_saga();
+    let (r0, r1) = (median(first, &rate), median(last, &rate));
+    let (c0, c1) = (median(first, &cpu), median(last, &cpu));
+    let change = (r1 / r0 - 1.0) * 100.0;
     let met = if change.abs() <= 10.0 { "met" } else { "NOT met" };
     format!(
-        "throughput, first {n} window(s) {first:.0} sagas/s, last {n} {last:.0} sagas/s: {change:+.1}% (goal: flat within 10%): {met}"
+        "medians of the first and last {n} window(s): throughput {r0:.0} -> {r1:.0} sagas/s ({change:+.1}%), CPU {c0:.3} -> {c1:.3} ms/saga ({:+.1}%); goal (throughput flat within 10%): {met}",
+        (c1 / c0 - 1.0) * 100.0
     )
 }
 
 /// Resident memory of process `pid`, KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()

@@ -11,6 +11,7 @@
 mod conn;
 mod floor;
 mod growth;
+mod inflight;
 mod load;
 mod measure;
 mod ours;
@@ -122,6 +123,14 @@ struct Args {
     #[arg(long, value_name = "SAGAS", conflicts_with_all = ["systems", "quick"])]
     growth: Option<u64>,
 
+    /// In-flight run (ours only): this many sagas at once, each held at its first step by a
+    /// participant that is slow until it speeds up; prints the rate the starts were
+    /// accepted, the coordinators' resident memory and the CPU and messages per second while
+    /// they wait, how long they took to end once the participant sped up, and the memory
+    /// after. Example: --in-flight 100000 --coordinator-processes.
+    #[arg(long, value_name = "SAGAS", conflicts_with_all = ["systems", "quick", "growth"])]
+    in_flight: Option<usize>,
+
     #[arg(long, hide = true, requires = "nats_url")]
     serve_coordinator: bool,
 
@@ -199,6 +208,7 @@ struct Plan {
     ours: bool,
     auth: bool,
     growth: Option<u64>,
+    in_flight: Option<usize>,
 }
 
 impl Plan {
@@ -226,10 +236,13 @@ impl Plan {
                 .map(|c| c.iter().map(|&c| c as usize).collect())
                 .unwrap_or(concurrencies),
             replica_check: !args.quick,
-            floor: args.systems != Systems::Ours && args.growth.is_none(),
+            floor: args.systems != Systems::Ours
+                && args.growth.is_none()
+                && args.in_flight.is_none(),
             ours: args.systems != Systems::Floor,
             auth: args.auth,
             growth: args.growth,
+            in_flight: args.in_flight,
         }
     }
 }
@@ -299,6 +312,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             replicas_where(&plan),
             plan.steps
         ));
+        let gate = plan.in_flight.map(inflight::gate);
         let ours = Ours::start(
             &conn,
             plan.steps,
@@ -306,8 +320,15 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             plan.failure_rate,
             plan.coordinators,
             plan.coordinator_processes,
+            gate.as_ref().map(|(gate, _)| gate.clone()),
         )
         .await?;
+        if let (Some(sagas), Some((gate, open))) = (plan.in_flight, gate) {
+            inflight::run(ours.clone(), gate, open, sagas, &env).await?;
+            ours.stop().await;
+            println!("reproduce: {}", reproduce_command());
+            return Ok(());
+        }
         if let Some(target) = plan.growth {
             let c = plan.concurrencies.first().copied().filter(|_| plan.concurrencies.len() == 1);
             let c = c.unwrap_or(report::MAIN_CONCURRENCY);

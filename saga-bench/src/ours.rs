@@ -27,6 +27,21 @@ use crate::replica::CoordinatorProcess;
 const SAGA: &str = "bench";
 /// Handlers a participant runs at once: enough for the largest closed loop.
 const PARTICIPANT_CONCURRENCY: usize = 256;
+/// Each step's timeout: long enough for the in-flight run, which holds every saga at its
+/// first step until the gate opens (no timer fires in the other runs either way).
+const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Holds the first step's handler until opened (`--in-flight`): a participant that is slow
+/// until it speeds up.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    /// `true` once the handlers may go on.
+    pub(crate) open: tokio::sync::watch::Receiver<bool>,
+    /// Handlers of the first step waiting at the gate now.
+    pub(crate) waiting: Arc<AtomicU64>,
+    /// Handlers the first participant runs at once.
+    pub(crate) concurrency: usize,
+}
 
 /// The saga's input: what the participants need, and the payload.
 #[derive(Debug, Serialize)]
@@ -126,7 +141,9 @@ fn parse_event_subject(subject: &str) -> Option<(&str, &str)> {
 pub(crate) fn definition(steps: usize) -> SagaDefinition {
     let mut b = SagaDefinition::builder(SAGA);
     for i in 0..steps {
-        b = b.step(&format!("s{i}"), &format!("p{i}"), "do", |s| s.compensation("undo"));
+        b = b.step(&format!("s{i}"), &format!("p{i}"), "do", |s| {
+            s.compensation("undo").timeout(STEP_TIMEOUT)
+        });
     }
     b.build()
 }
@@ -167,6 +184,7 @@ impl Ours {
         failure_rate: f64,
         coordinators: usize,
         replica_processes: bool,
+        gate: Option<Gate>,
     ) -> anyhow::Result<Arc<Ours>> {
         let def = definition(steps);
         let mut counter = MessageCounter::default();
@@ -180,15 +198,25 @@ impl Ours {
             let nats = conn.connect(&service).await.context("connecting a participant")?;
             counter.watch(&nats);
             let last = i + 1 == steps;
+            let gate = gate.clone().filter(|_| i == 0);
+            let concurrency = gate.as_ref().map_or(PARTICIPANT_CONCURRENCY, |g| g.concurrency);
             let participant = Participant::builder(nats, &service)
-                .action("do", move |cmd: Command<StepInput>| async move {
-                    if last && cmd.input.fail {
-                        return Err(StepError::business("planned failure"));
+                .action("do", move |cmd: Command<StepInput>| {
+                    let gate = gate.clone();
+                    async move {
+                        if let Some(mut gate) = gate {
+                            gate.waiting.fetch_add(1, Ordering::Relaxed);
+                            let _ = gate.open.wait_for(|open| *open).await;
+                            gate.waiting.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        if last && cmd.input.fail {
+                            return Err(StepError::business("planned failure"));
+                        }
+                        Ok(cmd.input.n)
                     }
-                    Ok(cmd.input.n)
                 })
                 .compensation("undo", |cmd: Command<StepInput>| async move { Ok(cmd.input.n) })
-                .concurrency(PARTICIPANT_CONCURRENCY)
+                .concurrency(concurrency)
                 .start()
                 .await
                 .with_context(|| format!("starting participant p{i}"))?;
@@ -288,11 +316,26 @@ impl Ours {
     }
 
     async fn run(self: Arc<Self>, n: u64) -> anyhow::Result<()> {
+        let id = self.begin(n).await?;
+        self.end(&id, n).await
+    }
+
+    /// Starts saga number `n`; returns its id once the start is accepted.
+    pub(crate) async fn begin(&self, n: u64) -> anyhow::Result<saga_core::SagaId> {
         let fail = planned_failure(n, self.failure_rate);
         let input = BenchInput { n, fail, pad: &self.pad };
-        let id = self.client.start(SAGA, &input).await.context("starting a saga")?;
+        self.client.start(SAGA, &input).await.context("starting a saga")
+    }
+
+    /// Waits for saga number `n`, started as `id`, to end, and fails if it did not end as
+    /// planned.
+    pub(crate) async fn end(&self, id: &saga_core::SagaId, n: u64) -> anyhow::Result<()> {
         let how = self.waiters.wait(id.as_str()).await?;
-        let planned = if fail { Ended::Compensated } else { Ended::Completed };
+        let planned = if planned_failure(n, self.failure_rate) {
+            Ended::Compensated
+        } else {
+            Ended::Completed
+        };
         if how != planned {
             bail!("saga {id} (n = {n}) ended {how:?}, planned {planned:?}");
         }

@@ -34,6 +34,12 @@ pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 /// How long one connection attempt may take before it is reported as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Messages a subscription may hold before the client drops what comes next (async-nats'
+/// default is 65,536). A coordinator holding 100,000 sagas at one step gets every reply at
+/// once when that step's service catches up; a dropped reply costs its saga a whole step
+/// timeout. The buffer grows only as it fills.
+pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
+
 /// Connection settings: server URLs, at most one way to authenticate, and TLS.
 ///
 /// Every field is optional. In a TOML or JSON configuration file they are the keys `url`,
@@ -303,8 +309,10 @@ impl NatsOptions {
         name: &str,
     ) -> Result<async_nats::ConnectOptions, ConnectError> {
         self.check()?;
-        let mut opts =
-            async_nats::ConnectOptions::new().name(name).connection_timeout(CONNECT_TIMEOUT);
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY);
         if let Some(path) = &self.creds {
             let text = read("credentials file", path)?;
             opts = opts.credentials(&text).map_err(|e| ConnectError::File {
@@ -439,6 +447,9 @@ fn on_event(name: &str, event: async_nats::Event) {
         }
         async_nats::Event::ServerError(e) => {
             tracing::warn!(connection = %name, error = %e, "NATS server error")
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::error!(connection = %name, subscription = sid, "messages dropped: a subscription fell more than {SUBSCRIPTION_CAPACITY} messages behind; sagas whose replies were dropped wait for their step timeout")
         }
         other => tracing::debug!(connection = %name, event = %other, "NATS connection event"),
     }
