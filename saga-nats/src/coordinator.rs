@@ -390,7 +390,57 @@ struct Worker {
     /// Its index among the workers.
     n: usize,
     sagas: HashMap<SagaId, Live>,
-    timers: BinaryHeap<Reverse<(Timestamp, SagaId, TimerKey)>>,
+    timers: TimerHeap,
+}
+
+/// The fewest heap entries worth a compaction.
+const COMPACT_TIMERS_FROM: usize = 4096;
+
+/// A worker's timers, by when they fire. A cancelled timer stays in the heap until its time
+/// (it is skipped then) or until a compaction drops it: every step's timeout is cancelled
+/// when its reply comes, long before it would fire, so without compactions the heap would
+/// hold every timeout of the last timeout period (throughput × steps × timeout entries,
+/// millions with timeouts of minutes) instead of what is active.
+#[derive(Debug)]
+struct TimerHeap {
+    heap: BinaryHeap<Reverse<(Timestamp, SagaId, TimerKey)>>,
+    /// The heap's size that triggers the next compaction.
+    compact_at: usize,
+}
+
+impl TimerHeap {
+    fn new() -> TimerHeap {
+        TimerHeap { heap: BinaryHeap::new(), compact_at: COMPACT_TIMERS_FROM }
+    }
+
+    fn push(&mut self, at: Timestamp, id: SagaId, key: TimerKey) {
+        self.heap.push(Reverse((at, id, key)));
+    }
+
+    /// When the earliest entry fires.
+    fn next_at(&self) -> Option<Timestamp> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// The earliest entry, if it is due at `now`.
+    fn pop_due(&mut self, now: Timestamp) -> Option<(Timestamp, SagaId, TimerKey)> {
+        if self.next_at()? > now {
+            return None;
+        }
+        self.heap.pop().map(|Reverse(entry)| entry)
+    }
+
+    /// Once the heap has doubled since the last compaction, keeps only the entries for which
+    /// `armed` holds. Linear in the heap, once per doubling.
+    fn compact(&mut self, armed: impl Fn(&Timestamp, &SagaId, &TimerKey) -> bool) {
+        if self.heap.len() < self.compact_at {
+            return;
+        }
+        let entries = std::mem::take(&mut self.heap).into_vec();
+        self.heap =
+            entries.into_iter().filter(|Reverse((at, id, key))| armed(at, id, key)).collect();
+        self.compact_at = (2 * self.heap.len()).max(COMPACT_TIMERS_FROM);
+    }
 }
 
 /// A timer in the heap (ordered, so it can sit in a `BinaryHeap`).
@@ -447,7 +497,18 @@ impl HandleError {
 
 impl Worker {
     fn new(shared: Arc<Shared>, n: usize) -> Worker {
-        Worker { shared, n, sagas: HashMap::new(), timers: BinaryHeap::new() }
+        Worker { shared, n, sagas: HashMap::new(), timers: TimerHeap::new() }
+    }
+
+    /// Drops the timer heap's entries of timers no longer armed (see [`TimerHeap`]).
+    fn compact_timers(&mut self) {
+        let sagas = &self.sagas;
+        self.timers.compact(|at, id, key| {
+            sagas
+                .get(id)
+                .and_then(|live| live.armed.get(&key.step))
+                .is_some_and(|(timer, armed_at)| armed_at == at && TimerKey::of(timer) == *key)
+        });
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Work>) {
@@ -455,7 +516,7 @@ impl Worker {
             tokio::time::interval((self.shared.ack_wait / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            let next_timer = self.timers.next_at();
             let sleep = async {
                 match next_timer {
                     Some(at) => {
@@ -474,6 +535,7 @@ impl Worker {
                 _ = sleep => self.fire_timers().await,
                 _ = tick.tick() => self.keep_alive().await,
             }
+            self.compact_timers();
         }
         // Hand held sagas to the other replicas now rather than after the ack wait.
         for (_, live) in self.sagas.drain() {
@@ -736,7 +798,7 @@ impl Worker {
         }
         for effect in live.state.outstanding(&live.plan) {
             if let Effect::ScheduleTimer { timer, at } = effect {
-                self.timers.push(Reverse((at, id.clone(), TimerKey::of(&timer))));
+                self.timers.push(at, id.clone(), TimerKey::of(&timer));
                 live.armed.insert(timer.step.clone(), (timer, at));
             }
         }
@@ -968,11 +1030,7 @@ impl Worker {
 
     async fn fire_timers(&mut self) {
         let now_ms = now();
-        while let Some(Reverse((at, _, _))) = self.timers.peek() {
-            if *at > now_ms {
-                break;
-            }
-            let Reverse((at, id, key)) = self.timers.pop().expect("peeked");
+        while let Some((at, id, key)) = self.timers.pop_due(now_ms) {
             let Some(live) = self.sagas.get_mut(&id) else { continue };
             let Some((timer, armed_at)) = live.armed.get(&key.step) else { continue };
             if *armed_at != at || TimerKey::of(timer) != key {
@@ -985,7 +1043,7 @@ impl Worker {
                 if let Some(live) = self.sagas.get_mut(&id) {
                     let again = Timestamp(now().0 + 1000);
                     live.armed.insert(timer.step.clone(), (timer.clone(), again));
-                    self.timers.push(Reverse((again, id.clone(), TimerKey::of(&timer))));
+                    self.timers.push(again, id.clone(), TimerKey::of(&timer));
                 }
             }
         }
@@ -1144,7 +1202,7 @@ impl Worker {
                 }
                 Effect::ScheduleTimer { timer, at } => {
                     live.armed.insert(timer.step.clone(), (timer.clone(), *at));
-                    self.timers.push(Reverse((*at, id.clone(), TimerKey::of(timer))));
+                    self.timers.push(*at, id.clone(), TimerKey::of(timer));
                 }
                 Effect::CancelTimer { timer } => {
                     if live.armed.get(&timer.step).is_some_and(|(t, _)| t == timer) {
@@ -1282,4 +1340,54 @@ fn bounded(mut event: Event) -> Event {
         _ => {}
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(step: &str, attempt: u32) -> TimerKey {
+        TimerKey { step: StepName::from(step), phase: Phase::Action, attempt, kind: 0 }
+    }
+
+    #[test]
+    fn the_timer_heap_pops_due_entries_in_order() {
+        let mut heap = TimerHeap::new();
+        heap.push(Timestamp(30), SagaId::from("b"), key("s", 1));
+        heap.push(Timestamp(10), SagaId::from("a"), key("s", 1));
+        assert_eq!(heap.next_at(), Some(Timestamp(10)));
+        assert_eq!(heap.pop_due(Timestamp(5)), None);
+        assert_eq!(
+            heap.pop_due(Timestamp(30)).map(|(at, id, _)| (at, id)),
+            Some((Timestamp(10), SagaId::from("a")))
+        );
+        assert_eq!(heap.pop_due(Timestamp(30)).map(|(at, _, _)| at), Some(Timestamp(30)));
+        assert_eq!(heap.pop_due(Timestamp(99)), None);
+    }
+
+    #[test]
+    fn compaction_keeps_only_armed_timers_and_runs_once_per_doubling() {
+        let mut heap = TimerHeap::new();
+        // Cancelled timeouts pile up: one saga in ten still has its timer armed.
+        let n = COMPACT_TIMERS_FROM as u64 * 3;
+        for i in 0..n {
+            heap.push(Timestamp(1_000 + i), SagaId::from(format!("s{i}").as_str()), key("x", 1));
+        }
+        let armed = |_: &Timestamp, id: &SagaId, _: &TimerKey| {
+            id.as_str()[1..].parse::<u64>().is_ok_and(|i| i % 10 == 0)
+        };
+        heap.compact(armed);
+        assert_eq!(heap.heap.len() as u64, n / 10 + 1, "only the armed ones stay");
+        assert_eq!(heap.next_at(), Some(Timestamp(1_000)));
+        // Below the next threshold nothing is scanned, whatever `armed` says.
+        let small = heap.heap.len();
+        heap.compact(|_, _, _| false);
+        assert_eq!(heap.heap.len(), small);
+        // Past it, a compaction runs again.
+        for i in 0..COMPACT_TIMERS_FROM as u64 {
+            heap.push(Timestamp(i), SagaId::from("late"), key("y", 2));
+        }
+        heap.compact(|_, id, _| id.as_str() != "late");
+        assert_eq!(heap.heap.len(), small);
+    }
 }
