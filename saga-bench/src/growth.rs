@@ -49,13 +49,9 @@ pub(crate) async fn run(
         let m = closed_loop("ours", coordinators, system.clone(), concurrency, env, label).await?;
         let mut log = js.get_stream(subjects::LOG_STREAM).await.context("reading the saga log")?;
         let state = log.info().await.context("reading the saga log")?.state.clone();
-        let pids = match system.processes() {
-            pids if pids.is_empty() => vec![std::process::id()],
-            pids => pids,
-        };
         let window = Window {
             history: state.messages / records_per_saga,
-            rss_mib: pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0,
+            rss_mib: coordinators_rss_mib(&*system),
             log_mib: state.bytes as f64 / (1024.0 * 1024.0),
             m,
         };
@@ -128,8 +124,18 @@ pub(crate) fn verdict(windows: &[Window]) -> String {
     )
 }
 
+/// Resident memory of the system's coordinators, MiB: its coordinator processes, or this
+/// process when the coordinators run in it.
+pub(crate) fn coordinators_rss_mib(system: &dyn System) -> f64 {
+    let pids = match system.processes() {
+        pids if pids.is_empty() => vec![std::process::id()],
+        pids => pids,
+    };
+    pids.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() as f64 / 1024.0
+}
+
 /// Resident memory of process `pid`, KiB.
-pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
+fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()

@@ -37,13 +37,7 @@ pub(crate) async fn run(
     sagas: usize,
     env: &Env,
 ) -> anyhow::Result<()> {
-    let rss = |ours: &Ours| -> f64 {
-        let pids = match ours.processes() {
-            pids if pids.is_empty() => vec![std::process::id()],
-            pids => pids,
-        };
-        pids.iter().filter_map(|p| crate::growth::rss_kib(*p)).sum::<u64>() as f64 / 1024.0
-    };
+    let rss = |ours: &Ours| crate::growth::coordinators_rss_mib(ours);
     println!();
     println!(
         "in flight: {sagas} sagas, each held at its first step until the participant speeds up"
