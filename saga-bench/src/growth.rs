@@ -97,31 +97,120 @@ fn row(w: &Window) -> String {
 
 /// The first quarter of the windows against the last quarter (at least one each): the
 /// medians of their throughput and of their CPU per saga (medians, because one window on a
-/// shared machine can be off by 10 % or more), and the verdict on the goal (throughput flat
-/// within 10 %).
+/// shared machine can be off by 10 % or more). A trend over a long run also holds whatever
+/// else the machine did meanwhile: [`paired_verdict`] gives the goal's verdict.
 pub(crate) fn verdict(windows: &[Window]) -> String {
     let n = (windows.len() / 4).max(1);
-    let median = |ws: &[Window], f: &dyn Fn(&Window) -> f64| {
-        let mut v: Vec<f64> = ws.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        let mid = v.len() / 2;
-        if v.len() % 2 == 0 {
-            (v[mid - 1] + v[mid]) / 2.0
-        } else {
-            v[mid]
-        }
+    let med = |ws: &[Window], f: &dyn Fn(&Window) -> f64| {
+        median(&mut ws.iter().map(f).collect::<Vec<f64>>())
     };
     let (first, last) = (&windows[..n], &windows[windows.len() - n..]);
     let rate = |w: &Window| w.m.throughput();
     let cpu = |w: &Window| w.m.cpu_ms_per_saga();
-    let (r0, r1) = (median(first, &rate), median(last, &rate));
-    let (c0, c1) = (median(first, &cpu), median(last, &cpu));
+    let (r0, r1) = (med(first, &rate), med(last, &rate));
+    let (c0, c1) = (med(first, &cpu), med(last, &cpu));
     let change = (r1 / r0 - 1.0) * 100.0;
-    let met = if change.abs() <= 10.0 { "met" } else { "NOT met" };
     format!(
-        "medians of the first and last {n} window(s): throughput {r0:.0} -> {r1:.0} sagas/s ({change:+.1}%), CPU {c0:.3} -> {c1:.3} ms/saga ({:+.1}%); goal (throughput flat within 10%): {met}",
+        "trend: medians of the first and last {n} window(s): throughput {r0:.0} -> {r1:.0} sagas/s ({change:+.1}%), CPU {c0:.3} -> {c1:.3} ms/saga ({:+.1}%)",
         (c1 / c0 - 1.0) * 100.0
     )
+}
+
+/// A system and where it is measured.
+pub(crate) struct Stack {
+    pub(crate) system: Arc<dyn System>,
+    pub(crate) env: Env,
+}
+
+/// Window pairs measured after a growth run: the grown stack, then a fresh one (the order
+/// alternates from pair to pair, so a drift of the machine's speed favours neither).
+pub(crate) const PAIRS: usize = 4;
+
+/// One window of the grown stack and one of a fresh stack, measured back to back.
+pub(crate) struct Pair {
+    pub(crate) grown: Measurement,
+    pub(crate) fresh: Measurement,
+}
+
+impl Pair {
+    /// The grown stack's throughput over the fresh one's.
+    pub(crate) fn ratio(&self) -> f64 {
+        self.grown.throughput() / self.fresh.throughput().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Warms the fresh stack up with one window (not kept), then measures [`PAIRS`] pairs of
+/// windows and prints each pair as it ends.
+pub(crate) async fn paired(
+    grown: &Stack,
+    fresh: &Stack,
+    coordinators: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Pair>> {
+    async fn window(
+        stack: &Stack,
+        (coordinators, concurrency): (usize, usize),
+        label: String,
+    ) -> anyhow::Result<Measurement> {
+        closed_loop("ours", coordinators, stack.system.clone(), concurrency, &stack.env, label)
+            .await
+    }
+    let load = (coordinators, concurrency);
+    window(fresh, load, format!("[ours, fresh] warm-up c={concurrency}")).await?;
+    println!();
+    println!("the grown stack against a fresh one, windows back to back (order alternating):");
+    println!(
+        "| pair | grown sagas/s | fresh sagas/s | ratio | grown CPU ms/saga (server) | fresh CPU ms/saga (server) |\n|--:|--:|--:|--:|--:|--:|"
+    );
+    let mut pairs = Vec::with_capacity(PAIRS);
+    for i in 0..PAIRS {
+        let label = |which: &str| format!("[ours, {which}] pair {} of {PAIRS}", i + 1);
+        let (grown_m, fresh_m) = if i % 2 == 0 {
+            let g = window(grown, load, label("grown")).await?;
+            (g, window(fresh, load, label("fresh")).await?)
+        } else {
+            let f = window(fresh, load, label("fresh")).await?;
+            (window(grown, load, label("grown")).await?, f)
+        };
+        let pair = Pair { grown: grown_m, fresh: fresh_m };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.3} ({:.3}) | {:.3} ({:.3}) |",
+            i + 1,
+            pair.grown.throughput(),
+            pair.fresh.throughput(),
+            pair.ratio(),
+            pair.grown.cpu_ms_per_saga(),
+            pair.grown.server_cpu_ms_per_saga(),
+            pair.fresh.cpu_ms_per_saga(),
+            pair.fresh.server_cpu_ms_per_saga()
+        );
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
+/// The median of the pairs' throughput ratios and the verdict on the goal (the grown
+/// stack within 10 % of a fresh one).
+pub(crate) fn paired_verdict(pairs: &[Pair]) -> String {
+    let mut ratios: Vec<f64> = pairs.iter().map(Pair::ratio).collect();
+    let ratio = median(&mut ratios);
+    let met = if ratio >= 0.9 { "met" } else { "NOT met" };
+    format!(
+        "grown against fresh, median of {} paired windows: throughput ratio {ratio:.2} ({:+.1}%); goal (throughput flat within 10%): {met}",
+        pairs.len(),
+        (ratio - 1.0) * 100.0
+    )
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `v` must not be empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// Resident memory of the system's coordinators, MiB: its coordinator processes, or this

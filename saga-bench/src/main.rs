@@ -113,8 +113,6 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Systems::Both)]
     systems: Systems,
 
-    /// Internal: run one coordinator replica of the bench saga (`--steps`) against
-    /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     /// Growth run (ours only): closed loop at one concurrency (the first of --concurrency,
     /// default 64), window after window (--duration, default 30s), until the saga log holds
     /// this many finished sagas; prints each window's throughput, latency, CPU per saga,
@@ -131,6 +129,8 @@ struct Args {
     #[arg(long, value_name = "SAGAS", conflicts_with_all = ["systems", "quick", "growth"])]
     in_flight: Option<usize>,
 
+    /// Internal: run one coordinator replica of the bench saga (`--steps`) against
+    /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     #[arg(long, hide = true, requires = "nats_url")]
     serve_coordinator: bool,
 
@@ -298,33 +298,13 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         floor.stop();
     }
     if plan.ours {
-        let users = match plan.auth {
-            true => Some(conn::ours_users(&ours::definition(plan.steps))?),
-            false => None,
-        };
-        let server = start_server(&plan, &progress, "ours", users).await?;
-        let conn = server.conn();
-        let env = env(&plan, &server, COORDINATOR_USER, progress).await?;
-        server_version = conn.connect(COORDINATOR_USER).await?.server_info().version;
-        progress.note(&format!(
-            "[ours] starting {} coordinator(s) {} and {} participants",
-            plan.coordinators,
-            replicas_where(&plan),
-            plan.steps
-        ));
         let gate = plan.in_flight.map(inflight::gate);
-        let ours = Ours::start(
-            &conn,
-            plan.steps,
-            plan.payload,
-            plan.failure_rate,
-            plan.coordinators,
-            plan.coordinator_processes,
-            gate.as_ref().map(|(gate, _)| gate.clone()),
-        )
-        .await?;
+        let stack =
+            OursStack::start(&plan, &progress, "ours", gate.as_ref().map(|(g, _)| g)).await?;
+        let (ours, env) = (stack.ours.clone(), &stack.env);
+        server_version = stack.server_version.clone();
         if let (Some(sagas), Some((gate, open))) = (plan.in_flight, gate) {
-            inflight::run(ours.clone(), gate, open, sagas, &env).await?;
+            inflight::run(ours.clone(), gate, open, sagas, env).await?;
             ours.stop().await;
             println!("reproduce: {}", reproduce_command());
             return Ok(());
@@ -333,26 +313,78 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             let c = plan.concurrencies.first().copied().filter(|_| plan.concurrencies.len() == 1);
             let c = c.unwrap_or(report::MAIN_CONCURRENCY);
             let windows =
-                growth::run(ours.clone(), plan.coordinators, plan.steps, c, target, &env).await?;
-            ours.stop().await;
+                growth::run(ours.clone(), plan.coordinators, plan.steps, c, target, env).await?;
             println!();
             println!("{}", growth::verdict(&windows));
+            // The grown stack against a fresh one on the same machine, window by window: a
+            // trend across a long run also holds whatever else the machine did meanwhile.
+            let fresh = OursStack::start(&plan, &progress, "ours, fresh", None).await?;
+            let grown = growth::Stack { system: ours.clone(), env: env.clone() };
+            let new = growth::Stack { system: fresh.ours.clone(), env: fresh.env.clone() };
+            let pairs = growth::paired(&grown, &new, plan.coordinators, c).await?;
+            fresh.ours.stop().await;
+            ours.stop().await;
+            println!();
+            println!("{}", growth::paired_verdict(&pairs));
             println!("reproduce: {}", reproduce_command());
             return Ok(());
         }
-        measure_system("ours", plan.coordinators, ours.clone(), &plan, &env, &mut results).await?;
+        measure_system("ours", plan.coordinators, ours.clone(), &plan, env, &mut results).await?;
         if plan.replica_check {
             ours.add_coordinator().await?;
             let replicas = ours.coordinators();
             let c = report::MAIN_CONCURRENCY;
             let label =
                 format!("[ours] closed c={c}, {replicas} coordinators {}", replicas_where(&plan));
-            results.push(closed_loop("ours", replicas, ours.clone(), c, &env, label).await?);
+            results.push(closed_loop("ours", replicas, ours.clone(), c, env, label).await?);
         }
         ours.stop().await;
     }
     print_report(&plan, &results, &server_version);
     Ok(())
+}
+
+/// Ours on a server of its own: the server, the measuring environment and the stack.
+struct OursStack {
+    _server: Server,
+    env: Env,
+    ours: Arc<Ours>,
+    server_version: String,
+}
+
+impl OursStack {
+    async fn start(
+        plan: &Plan,
+        progress: &Progress,
+        name: &str,
+        gate: Option<&ours::Gate>,
+    ) -> anyhow::Result<OursStack> {
+        let users = match plan.auth {
+            true => Some(conn::ours_users(&ours::definition(plan.steps))?),
+            false => None,
+        };
+        let server = start_server(plan, progress, name, users).await?;
+        let conn = server.conn();
+        let env = env(plan, &server, COORDINATOR_USER, *progress).await?;
+        let server_version = conn.connect(COORDINATOR_USER).await?.server_info().version;
+        progress.note(&format!(
+            "[{name}] starting {} coordinator(s) {} and {} participants",
+            plan.coordinators,
+            replicas_where(plan),
+            plan.steps
+        ));
+        let ours = Ours::start(
+            &conn,
+            plan.steps,
+            plan.payload,
+            plan.failure_rate,
+            plan.coordinators,
+            plan.coordinator_processes,
+            gate.cloned(),
+        )
+        .await?;
+        Ok(OursStack { _server: server, env, ours, server_version })
+    }
 }
 
 /// Closed loops at each concurrency, then the open loop at half the peak.
