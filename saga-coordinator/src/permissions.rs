@@ -22,6 +22,11 @@ pub(crate) struct PermissionsArgs {
     #[arg(long, value_name = "SERVICE=SAGAS")]
     follows: Vec<String>,
 
+    /// SERVICE=SAGA[,SAGA…]: SERVICE sends signals to (and reads) sagas of these
+    /// definitions, for their await steps that wait for a signal.
+    #[arg(long, value_name = "SERVICE=SAGAS")]
+    signals: Vec<String>,
+
     /// An operator's name: may cancel, retry, skip and resolve any saga, read every saga and
     /// register definitions; the history records this name. Repeat for each operator.
     #[arg(long, value_name = "NAME")]
@@ -116,6 +121,7 @@ pub(crate) fn run(args: PermissionsArgs) -> Result<(), String> {
         coordinator: Some(args.coordinator_user.clone()),
         starters: pairs("starts", &args.starts)?,
         followers: pairs("follows", &args.follows)?,
+        signallers: pairs("signals", &args.signals)?,
         operators: args.operator.iter().cloned().collect(),
         buckets: pairs("bucket", &args.bucket)?,
         readers: pairs("reads", &args.reads)?,

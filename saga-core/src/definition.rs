@@ -25,16 +25,111 @@ pub enum StepKind {
     Retriable,
 }
 
-/// One step of a saga: a command sent to one participant service.
+/// How long an event that arrives before its saga waits for it is kept, by default.
+pub const DEFAULT_AWAIT_WINDOW: Duration = Duration::from_secs(3600);
+
+/// What an await step waits for: a domain event that carries a value of the saga, or a
+/// signal sent to the saga. Exactly one of `event` and `signal`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwaitSpec {
+    /// The subject of the domain event that completes the step, after `domain.`
+    /// (`payments.confirmed`); `*` matches one token, a last `>` the rest. Its payload
+    /// becomes the step's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// The subject of a domain event that fails the step instead (the saga compensates),
+    /// matched the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_event: Option<String>,
+    /// Which events are this saga's: required with `event`.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matching: Option<Correlation>,
+    /// The name of the signal that completes the step; its payload becomes the step's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// How long an event that arrives before the saga reaches this step is kept for it
+    /// (`"1h"`, the default). A signal is kept until the saga ends.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// What the step's `timeout` means: `fail` (the default; the saga compensates) or
+    /// `continue` (the step succeeds with no output).
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+fn default_window() -> Duration {
+    DEFAULT_AWAIT_WINDOW
+}
+
+impl Default for AwaitSpec {
+    /// Waits for nothing yet: set `event` (with `matching`) or `signal`.
+    fn default() -> Self {
+        AwaitSpec {
+            event: None,
+            fail_event: None,
+            matching: None,
+            signal: None,
+            window: DEFAULT_AWAIT_WINDOW,
+            on_timeout: OnTimeout::Fail,
+        }
+    }
+}
+
+impl AwaitSpec {
+    /// What the step waits for, in words: `event payments.confirmed where order_id =
+    /// input.id` or `signal approve`.
+    pub fn describe(&self) -> String {
+        match (&self.signal, &self.event, &self.matching) {
+            (Some(signal), _, _) => format!("signal {signal}"),
+            (None, Some(event), Some(m)) => {
+                format!("event {event} where {} = {}", m.field, m.equals)
+            }
+            (None, Some(event), None) => format!("event {event}"),
+            (None, None, _) => "nothing".to_owned(),
+        }
+    }
+}
+
+/// How an event is matched to a saga: its field `field` equals the saga's value `equals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Correlation {
+    /// A field of the event's payload, dotted for nested maps (`order_id`, `order.id`).
+    pub field: String,
+    /// Where the saga's value comes from: `input.<field>` (the saga's input) or
+    /// `steps.<step>.<field>` (the output of a step this one runs after), dotted likewise;
+    /// `input` alone is the whole input.
+    pub equals: String,
+}
+
+/// What an await step's timeout means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The step fails and the saga compensates.
+    #[default]
+    Fail,
+    /// The step succeeds with no output and the saga goes on.
+    Continue,
+}
+
+/// One step of a saga: a command sent to one participant service, or (with `await`) a wait
+/// for a domain event or a signal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepDefinition {
     /// The step's name, unique in its saga; it becomes a NATS subject token.
     pub name: StepName,
-    /// The participant service that handles the step's commands.
+    /// The participant service that handles the step's commands (empty for an await step).
+    #[serde(default, skip_serializing_if = "ServiceName::is_empty")]
     pub service: ServiceName,
-    /// The command that performs the step.
+    /// The command that performs the step (empty for an await step).
+    #[serde(default, skip_serializing_if = "CommandName::is_empty")]
     pub action: CommandName,
+    /// What the step waits for instead of sending a command.
+    #[serde(default, rename = "await", skip_serializing_if = "Option::is_none")]
+    pub awaits: Option<AwaitSpec>,
     /// The command that undoes the step, if it can be undone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<CommandName>,
@@ -243,6 +338,7 @@ impl SagaBuilder {
             name: name.into(),
             service: service.into(),
             action: action.into(),
+            awaits: None,
             compensation: None,
             kind: StepKind::default(),
             after: None,
@@ -251,6 +347,48 @@ impl SagaBuilder {
             read_only: false,
         };
         self.def.steps.push(configure(StepBuilder { step }).step);
+        self
+    }
+
+    /// Adds an await step named `name`: it sends no command and completes when what
+    /// `configure` names arrives (see [`AwaitBuilder`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use saga_core::SagaDefinition;
+    /// use std::time::Duration;
+    ///
+    /// let def = SagaDefinition::builder("place-order")
+    ///     .step("reserve-items", "seller", "reserve", |s| s.compensation("release"))
+    ///     .await_step("payment", |a| {
+    ///         a.event("payments.confirmed")
+    ///             .fail_event("payments.declined")
+    ///             .matching("order_id", "input.id")
+    ///             .timeout(Duration::from_secs(60))
+    ///     })
+    ///     .step("schedule-shipment", "logistics", "schedule", |s| s.compensation("cancel"))
+    ///     .build();
+    /// assert!(def.validate().is_ok());
+    /// ```
+    pub fn await_step(
+        mut self,
+        name: &str,
+        configure: impl FnOnce(AwaitBuilder) -> AwaitBuilder,
+    ) -> Self {
+        let step = StepDefinition {
+            name: name.into(),
+            service: ServiceName::default(),
+            action: CommandName::default(),
+            awaits: Some(AwaitSpec::default()),
+            compensation: None,
+            kind: StepKind::default(),
+            after: None,
+            timeout: DEFAULT_STEP_TIMEOUT,
+            retry: RetryPolicy::default(),
+            read_only: false,
+        };
+        self.def.steps.push(configure(AwaitBuilder { step }).step);
         self
     }
 
@@ -301,6 +439,75 @@ impl StepBuilder {
     /// Marks the step as changing nothing, so it needs no compensation.
     pub fn read_only(mut self) -> Self {
         self.step.read_only = true;
+        self
+    }
+}
+
+/// Configures an await step in [`SagaBuilder::await_step`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct AwaitBuilder {
+    step: StepDefinition,
+}
+
+impl AwaitBuilder {
+    fn spec(&mut self) -> &mut AwaitSpec {
+        self.step.awaits.get_or_insert_with(AwaitSpec::default)
+    }
+
+    /// The domain event (subject after `domain.`) that completes the step.
+    pub fn event(mut self, subject: &str) -> Self {
+        self.spec().event = Some(subject.to_owned());
+        self
+    }
+
+    /// A domain event that fails the step.
+    pub fn fail_event(mut self, subject: &str) -> Self {
+        self.spec().fail_event = Some(subject.to_owned());
+        self
+    }
+
+    /// The event's `field` must equal the saga's value at `equals` (`input.<field>` or
+    /// `steps.<step>.<field>`).
+    pub fn matching(mut self, field: &str, equals: &str) -> Self {
+        self.spec().matching =
+            Some(Correlation { field: field.to_owned(), equals: equals.to_owned() });
+        self
+    }
+
+    /// The signal that completes the step.
+    pub fn signal(mut self, name: &str) -> Self {
+        self.spec().signal = Some(name.to_owned());
+        self
+    }
+
+    /// How long an early event is kept for the saga (default 1 h).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.spec().window = window;
+        self
+    }
+
+    /// What the timeout means (default [`OnTimeout::Fail`]).
+    pub fn on_timeout(mut self, on_timeout: OnTimeout) -> Self {
+        self.spec().on_timeout = on_timeout;
+        self
+    }
+
+    /// How long the step waits (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.step.timeout = timeout;
+        self
+    }
+
+    /// The step's kind (default [`StepKind::Compensatable`]; an await step may be the pivot).
+    pub fn kind(mut self, kind: StepKind) -> Self {
+        self.step.kind = kind;
+        self
+    }
+
+    /// The steps this one waits after (default: the step added before it).
+    pub fn after(mut self, steps: &[&str]) -> Self {
+        self.step.after = Some(steps.iter().map(|s| StepName::from(*s)).collect());
         self
     }
 }

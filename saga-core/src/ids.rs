@@ -52,7 +52,7 @@ macro_rules! token_type {
         ///
         /// Deserializing does not validate (so that a definition file can be loaded and then
         /// refused with an error that names where the bad value is); [`Self::new`] does.
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(String);
 
@@ -84,6 +84,11 @@ macro_rules! token_type {
             /// The identifier as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+
+            /// Whether the identifier is empty (left out of a definition).
+            pub fn is_empty(&self) -> bool {
+                self.0.is_empty()
             }
         }
 

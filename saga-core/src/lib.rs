@@ -155,17 +155,17 @@ pub mod view;
 pub mod wire;
 
 pub use definition::{
-    LoadError, SagaBuilder, SagaDefinition, StepBuilder, StepDefinition, StepKind,
-    DEFAULT_STEP_TIMEOUT,
+    AwaitBuilder, AwaitSpec, Correlation, LoadError, OnTimeout, SagaBuilder, SagaDefinition,
+    StepBuilder, StepDefinition, StepKind, DEFAULT_AWAIT_WINDOW, DEFAULT_STEP_TIMEOUT,
 };
 pub use ids::{
     check_token, CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp,
     TokenError, MAX_TOKEN_LEN,
 };
 pub use machine::{
-    Cause, Dispatch, Effect, Event, Handled, LifecycleKind, Payload, Rejection, Rule, SagaState,
-    SagaStatus, SnapshotError, StepStatus, Timer, TimerKind, COMPENSATION_TIMEOUT_ATTEMPTS,
-    UNCLAIMED_GRACE,
+    correlation_value, AwaitOn, Awaiting, Cause, Dispatch, Effect, Event, Handled, LifecycleKind,
+    Payload, Rejection, Rule, SagaState, SagaStatus, SnapshotError, StepStatus, Timer, TimerKind,
+    COMPENSATION_TIMEOUT_ATTEMPTS, UNCLAIMED_GRACE,
 };
 pub use retry::RetryPolicy;
 pub use validate::{Plan, ValidationError, MAX_STEPS, MAX_TIMEOUT};

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::StepKind;
+use crate::definition::{OnTimeout, StepKind};
 use crate::ids::{
     CommandId, CommandName, Phase, SagaId, SagaName, ServiceName, StepName, Timestamp, TokenError,
 };
@@ -447,11 +447,65 @@ impl LifecycleKind {
     }
 }
 
+/// What an await step waits for, resolved for one saga.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AwaitOn {
+    /// A domain event whose field `field` holds `value`.
+    Event {
+        /// The subject (after `domain.`) of the event that completes the step; may hold
+        /// wildcards.
+        event: String,
+        /// The subject of an event that fails the step.
+        fail_event: Option<String>,
+        /// The event's field (dotted).
+        field: String,
+        /// The saga's value, as canonical JSON (see [`correlation_value`]).
+        value: String,
+        /// How long an event that arrived before the saga waited is kept for it.
+        #[serde(with = "humantime_serde")]
+        window: Duration,
+    },
+    /// A signal of this name sent to the saga.
+    Signal {
+        /// The signal's name.
+        name: String,
+    },
+}
+
+impl fmt::Display for AwaitOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AwaitOn::Event { event, field, value, .. } => {
+                write!(f, "event {event} where {field} = {value}")
+            }
+            AwaitOn::Signal { name } => write!(f, "signal {name}"),
+        }
+    }
+}
+
+/// An await step is waiting. When what it waits for arrives, the driver completes it with
+/// [`Event::StepSucceeded`] (this attempt, the payload as output) or, for an await's
+/// `fail_event`, fails it with [`Event::StepFailed`] (not transient).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Awaiting {
+    /// The step.
+    pub step: StepName,
+    /// The attempt (always 1: an await step is not retried).
+    pub attempt: u32,
+    /// When it times out.
+    pub deadline: Timestamp,
+    /// What it waits for.
+    pub on: AwaitOn,
+}
+
 /// Something the driver must do. Effects are data: the state machine never performs them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Effect {
     /// Send a command to a participant.
     Dispatch(Dispatch),
+    /// Wait for a domain event or a signal (an await step).
+    Await(Awaiting),
     /// Arm a timer (replacing the step's pending one).
     ScheduleTimer {
         /// The timer.
@@ -1208,7 +1262,14 @@ impl SagaState {
             let kind =
                 if kind == TimerKind::Timeout && s.exclusive { TimerKind::Redeliver } else { kind };
             if kind == TimerKind::Timeout {
-                fx.push(Effect::Dispatch(self.command(plan, i, phase, attempt, at, false)));
+                match self.awaiting(plan, i, at) {
+                    Some(Ok(awaiting)) => fx.push(Effect::Await(awaiting)),
+                    // Unreachable in practice: the value was found when the wait began.
+                    Some(Err(_)) => {}
+                    None => {
+                        fx.push(Effect::Dispatch(self.command(plan, i, phase, attempt, at, false)))
+                    }
+                }
             }
             fx.push(Effect::ScheduleTimer {
                 timer: Timer { step: s.name.clone(), phase, attempt, kind },
@@ -1321,9 +1382,99 @@ impl SagaState {
             }
         };
         s.attempt_settled();
+        if phase == Phase::Action && plan.steps()[i].awaits.is_some() {
+            return self.wait(plan, now, i, attempt, out);
+        }
         // The first send of an action's first attempt: nothing else can be running it.
         let exclusive = phase == Phase::Action && attempt == 1;
         self.send(plan, now, i, phase, attempt, exclusive, out);
+    }
+
+    /// What await step `i` waits for, for this saga, with the deadline `deadline`: `None`
+    /// for a command step, an error when the saga's value to match is missing.
+    fn awaiting(
+        &self,
+        plan: &Plan,
+        i: usize,
+        deadline: Timestamp,
+    ) -> Option<Result<Awaiting, String>> {
+        let spec = plan.steps()[i].awaits.as_ref()?;
+        let on = match (&spec.signal, &spec.event, &spec.matching) {
+            (Some(name), _, _) => Ok(AwaitOn::Signal { name: name.clone() }),
+            (None, Some(event), Some(m)) => {
+                self.saga_value(plan, &m.equals).map(|value| AwaitOn::Event {
+                    event: event.clone(),
+                    fail_event: spec.fail_event.clone(),
+                    field: m.field.clone(),
+                    value,
+                    window: spec.window,
+                })
+            }
+            // Validation refuses these.
+            (None, _, _) => {
+                Err("the await step names neither an event with match nor a signal".to_owned())
+            }
+        };
+        let step = self.steps[i].name.clone();
+        Some(on.map(|on| Awaiting { step, attempt: self.steps[i].attempt, deadline, on }))
+    }
+
+    /// The saga's value at `equals` (`input`, `input.<path>`, `steps.<step>.<path>`) as
+    /// canonical JSON, or why it is missing.
+    fn saga_value(&self, plan: &Plan, equals: &str) -> Result<String, String> {
+        let (payload, path, whose) = match equals.split_once('.') {
+            None => (Some(&self.input), "", "the saga's input".to_owned()),
+            Some(("input", path)) => (Some(&self.input), path, "the saga's input".to_owned()),
+            Some((_, rest)) => {
+                let (step, path) = rest.split_once('.').unwrap_or((rest, ""));
+                let output = plan
+                    .step_index(&StepName::from(step))
+                    .and_then(|j| self.steps[j].output.as_ref());
+                (output, path, format!("step {step}'s output"))
+            }
+        };
+        payload.and_then(|p| correlation_value(p.as_bytes(), path)).ok_or_else(|| {
+            format!("await: {equals} is missing from {whose}, so no event can match")
+        })
+    }
+
+    /// Await step `i` begins waiting (its only attempt) and arms its timeout; it fails at once
+    /// when the saga has no value to match.
+    fn wait(&mut self, plan: &Plan, now: Timestamp, i: usize, attempt: u32, out: &mut Out) {
+        let deadline = now.after(plan.steps()[i].timeout);
+        let awaiting = match self.awaiting(plan, i, deadline) {
+            Some(Ok(awaiting)) => awaiting,
+            Some(Err(reason)) => {
+                let step = self.steps[i].name.clone();
+                self.steps[i].last_error = Some(reason.clone());
+                out.record(
+                    now,
+                    TimelineEvent::Failed {
+                        step,
+                        phase: Phase::Action,
+                        attempt,
+                        reason: reason.clone(),
+                        transient: false,
+                    },
+                );
+                return self.attempt_failed(plan, now, i, false, false, &reason, out);
+            }
+            None => unreachable!("wait is called for await steps only"),
+        };
+        let s = &mut self.steps[i];
+        s.timer_at = Some(deadline);
+        out.record(
+            now,
+            TimelineEvent::Awaiting {
+                step: s.name.clone(),
+                waits_for: awaiting.on.to_string(),
+                deadline,
+            },
+        );
+        let timer =
+            Timer { step: s.name.clone(), phase: Phase::Action, attempt, kind: TimerKind::Timeout };
+        out.fx.push(Effect::Await(awaiting));
+        out.fx.push(Effect::ScheduleTimer { timer, at: deadline });
     }
 
     /// Sends `attempt` of step `i`'s `phase` (a new attempt, or one sent again) with a fresh
@@ -1425,7 +1576,7 @@ impl SagaState {
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
         let s = &self.steps[i];
-        if !s.in_flight(phase, attempt) {
+        if !s.in_flight(phase, attempt) || plan.steps()[i].awaits.is_some() {
             return Err(self.stale(i, phase, attempt));
         }
         if s.awaiting_redelivery {
@@ -1597,6 +1748,9 @@ impl SagaState {
                 self.steps[i].attempt_settled();
                 out.record(now, TimelineEvent::TimedOut { step, phase, attempt: timer.attempt });
                 match phase {
+                    Phase::Action if plan.steps()[i].awaits.is_some() => {
+                        self.await_timed_out(plan, now, i, out)
+                    }
                     Phase::Action => {
                         let reason = format!("attempt {} timed out", timer.attempt);
                         self.attempt_failed(plan, now, i, false, true, &reason, out);
@@ -1614,6 +1768,33 @@ impl SagaState {
             (phase, TimerKind::Backoff) => self.dispatch(plan, now, i, phase, out),
         }
         Ok(())
+    }
+
+    /// Await step `i` waited its whole timeout: it fails (nothing ran, so nothing is
+    /// compensated for it) or, with `on_timeout: continue`, succeeds with no output.
+    fn await_timed_out(&mut self, plan: &Plan, now: Timestamp, i: usize, out: &mut Out) {
+        let def = &plan.steps()[i];
+        let on_timeout = def.awaits.as_ref().map(|a| a.on_timeout).unwrap_or_default();
+        let waited = humantime_serde::re::humantime::format_duration(def.timeout);
+        let what = def.awaits.as_ref().map(|a| a.describe()).unwrap_or_default();
+        match on_timeout {
+            OnTimeout::Fail => {
+                let reason = format!("no {what} within {waited}");
+                self.steps[i].last_error = Some(reason.clone());
+                self.attempt_failed(plan, now, i, false, false, &reason, out);
+            }
+            OnTimeout::Continue => {
+                let s = &mut self.steps[i];
+                s.status = StepStatus::Succeeded;
+                s.output = None;
+                out.fx.push(Effect::Publish {
+                    kind: LifecycleKind::StepSucceeded,
+                    step: Some(s.name.clone()),
+                    reason: Some(format!("no {what} within {waited}; on_timeout: continue")),
+                });
+                self.advance(plan, now, out);
+            }
+        }
     }
 
     fn cancel(
@@ -1659,8 +1840,17 @@ impl SagaState {
             step: None,
             reason: Some(reason),
         });
-        // Steps waiting to retry will not be retried now.
+        // Steps waiting to retry will not be retried now, and await steps stop waiting: what
+        // they wait for changes nothing that needs undoing.
         for i in 0..self.steps.len() {
+            if self.steps[i].status == StepStatus::Running && plan.steps()[i].awaits.is_some() {
+                let attempt = self.steps[i].attempt;
+                self.cancel_timer(i, Phase::Action, attempt, TimerKind::Timeout, out);
+                let s = &mut self.steps[i];
+                s.status = StepStatus::Failed;
+                s.last_error = Some("stopped waiting: the saga is compensating".to_owned());
+                out.record(now, TimelineEvent::StoppedWaiting { step: s.name.clone() });
+            }
             if self.steps[i].status == StepStatus::RetryWait {
                 let attempt = self.steps[i].attempt;
                 self.cancel_timer(i, Phase::Action, attempt, TimerKind::Backoff, out);
@@ -1957,4 +2147,36 @@ impl SagaState {
         }
         self.finish(now, SagaStatus::Resolved, out);
     }
+}
+
+/// The value at the dotted `path` of a MessagePack payload (the whole payload for an empty
+/// path), as canonical JSON: what an await step matches on. `None` when the payload is not
+/// a map-shaped MessagePack value, the path leads nowhere, or the value is nil.
+///
+/// # Examples
+///
+/// ```
+/// use saga_core::correlation_value;
+///
+/// #[derive(serde::Serialize)]
+/// struct Order { id: String, total: u32 }
+/// let input = rmp_serde::to_vec_named(&Order { id: "o-1".into(), total: 7 }).unwrap();
+/// assert_eq!(correlation_value(&input, "id").as_deref(), Some("\"o-1\""));
+/// assert_eq!(correlation_value(&input, "total").as_deref(), Some("7"));
+/// assert_eq!(correlation_value(&input, "missing"), None);
+/// ```
+pub fn correlation_value(payload: &[u8], path: &str) -> Option<String> {
+    let mut value: serde_json::Value = rmp_serde::from_slice(payload).ok()?;
+    if !path.is_empty() {
+        for key in path.split('.') {
+            value = match value {
+                serde_json::Value::Object(mut map) => map.remove(key)?,
+                _ => return None,
+            };
+        }
+    }
+    if value.is_null() {
+        return None;
+    }
+    serde_json::to_string(&value).ok()
 }

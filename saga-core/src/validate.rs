@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::definition::{SagaDefinition, StepDefinition, StepKind};
-use crate::ids::{SagaName, StepName, TokenError};
+use crate::ids::{check_token, SagaName, StepName, TokenError};
 
 /// The most steps a saga may have.
 pub const MAX_STEPS: usize = 256;
@@ -146,6 +146,36 @@ pub enum ValidationError {
         value: String,
         /// The rule it breaks.
         rule: &'static str,
+    },
+    /// A step both sends a command and awaits, or does neither.
+    #[error("definition {saga:?} step {step}: {problem}")]
+    StepShape {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// What is wrong and what to do.
+        problem: &'static str,
+    },
+    /// An await step's settings cannot work.
+    #[error("definition {saga:?} step {step}: await.{field} {value:?}: {rule}")]
+    InvalidAwait {
+        /// The saga.
+        saga: SagaName,
+        /// The step.
+        step: StepName,
+        /// The field.
+        field: &'static str,
+        /// The offending value.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// No step sends a command.
+    #[error("definition {saga:?}: every step is an await step; a saga needs at least one step with an action")]
+    OnlyAwaits {
+        /// The saga.
+        saga: SagaName,
     },
 }
 
@@ -324,10 +354,21 @@ impl SagaDefinition {
         for step in &def.steps {
             check_timing(&saga, step)?;
         }
+        for (i, step) in def.steps.iter().enumerate() {
+            if let Some(spec) = &step.awaits {
+                let upstream =
+                    |name: &str| index.get(&StepName::from(name)).is_some_and(|&j| ancestors[i][j]);
+                check_await(&saga, step, spec, &upstream)?;
+            }
+        }
+        if def.steps.iter().all(|s| s.awaits.is_some()) {
+            return Err(ValidationError::OnlyAwaits { saga });
+        }
 
         // A step without compensation is fine only if no step that can fail may finish after it.
         for (i, step) in def.steps.iter().enumerate() {
-            if step.compensation.is_some() || step.read_only {
+            // An await step changes nothing, like a read-only one.
+            if step.compensation.is_some() || step.read_only || step.awaits.is_some() {
                 continue;
             }
             let later = def.steps.iter().enumerate().find(|&(j, other)| {
@@ -347,6 +388,40 @@ impl SagaDefinition {
 }
 
 fn check_names(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationError> {
+    let shape = |problem| ValidationError::StepShape {
+        saga: saga.clone(),
+        step: step.name.clone(),
+        problem,
+    };
+    if step.awaits.is_some() {
+        if !step.service.is_empty() || !step.action.is_empty() {
+            return Err(shape("has both await and service/action; a step either sends a command (service and action) or awaits"));
+        }
+        if step.compensation.is_some() {
+            return Err(shape(
+                "an await step has no action, so it has no compensation; remove compensation",
+            ));
+        }
+        if step.read_only {
+            return Err(shape("an await step changes nothing already; remove read_only"));
+        }
+        if step.retry != crate::RetryPolicy::default() {
+            return Err(shape("an await step makes one attempt: its timeout; remove retry (await.on_timeout says what a timeout means)"));
+        }
+        if step.kind == StepKind::Retriable {
+            return Err(shape("an await step cannot be retriable: it is never retried; use await.on_timeout: continue for a wait that must not fail the saga"));
+        }
+        return match step.name.check() {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(ValidationError::InvalidName {
+                saga: saga.clone(),
+                step: Some(step.name.clone()),
+                field: "name",
+                value: step.name.to_string(),
+                reason,
+            }),
+        };
+    }
     let fields: [(&'static str, Result<(), TokenError>, &str); 4] = [
         ("name", step.name.check(), step.name.as_str()),
         ("service", step.service.check(), step.service.as_str()),
@@ -367,6 +442,120 @@ fn check_names(saga: &SagaName, step: &StepDefinition) -> Result<(), ValidationE
                 reason,
             });
         }
+    }
+    Ok(())
+}
+
+/// The checks of an await step's settings; `upstream(step)` says whether that step must
+/// succeed before this one starts.
+fn check_await(
+    saga: &SagaName,
+    step: &StepDefinition,
+    spec: &crate::AwaitSpec,
+    upstream: &dyn Fn(&str) -> bool,
+) -> Result<(), ValidationError> {
+    let bad = |field, value: &str, rule: String| ValidationError::InvalidAwait {
+        saga: saga.clone(),
+        step: step.name.clone(),
+        field,
+        value: value.to_owned(),
+        rule,
+    };
+    match (&spec.event, &spec.signal) {
+        (Some(_), Some(signal)) => {
+            return Err(bad(
+                "signal",
+                signal,
+                "an await step waits for an event or a signal, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(bad(
+                "event",
+                "",
+                "an await step needs an event (with match) or a signal".into(),
+            ))
+        }
+        (None, Some(signal)) => {
+            if let Err(e) = check_token(signal) {
+                return Err(bad("signal", signal, format!("a signal name {e}")));
+            }
+            for (field, set) in
+                [("fail_event", spec.fail_event.is_some()), ("match", spec.matching.is_some())]
+            {
+                if set {
+                    return Err(bad(field, "", "applies to an event, not a signal".into()));
+                }
+            }
+        }
+        (Some(event), None) => {
+            for (field, subject) in std::iter::once(("event", event))
+                .chain(spec.fail_event.iter().map(|f| ("fail_event", f)))
+            {
+                if let Err(rule) = check_subject(subject) {
+                    return Err(bad(field, subject, rule));
+                }
+            }
+            let Some(m) = &spec.matching else {
+                return Err(bad("match", "", "an event needs match: {field: <event field>, equals: input.<field> or steps.<step>.<field>}, so that the saga knows which events are its own".into()));
+            };
+            if let Err(rule) = check_path(&m.field) {
+                return Err(bad("match.field", &m.field, rule));
+            }
+            match m.equals.split_once('.') {
+                _ if m.equals == "input" => {}
+                Some(("input", path)) => {
+                    if let Err(rule) = check_path(path) {
+                        return Err(bad("match.equals", &m.equals, rule));
+                    }
+                }
+                Some(("steps", rest)) => {
+                    let (from, path) = rest.split_once('.').unwrap_or((rest, ""));
+                    if !upstream(from) {
+                        return Err(bad("match.equals", &m.equals, format!("step {from:?} is not a step this one runs after, so its output is not there yet; name an earlier step (after: [...]) or the input")));
+                    }
+                    if !path.is_empty() {
+                        if let Err(rule) = check_path(path) {
+                            return Err(bad("match.equals", &m.equals, rule));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        "match.equals",
+                        &m.equals,
+                        "must be input, input.<field> or steps.<step>.<field>".into(),
+                    ))
+                }
+            }
+        }
+    }
+    if spec.window.is_zero() || spec.window > MAX_TIMEOUT {
+        let value = humantime_serde::re::humantime::format_duration(spec.window).to_string();
+        return Err(bad("window", &value, "must be above zero and at most 7 days".into()));
+    }
+    Ok(())
+}
+
+/// Checks a domain event subject (after `domain.`): tokens of letters, digits, `_` and `-`,
+/// or `*`, and a last `>`.
+fn check_subject(subject: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        match *token {
+            "*" => {}
+            ">" if i == tokens.len() - 1 => {}
+            ">" => return Err("'>' may only be the last token".into()),
+            t => check_token(t).map_err(|e| format!("token {t:?} {e}"))?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks a dotted field path: non-empty names without spaces.
+fn check_path(path: &str) -> Result<(), String> {
+    if path.split('.').any(|p| p.is_empty() || p.chars().any(char::is_whitespace)) {
+        return Err("must be a dotted field path such as order_id or order.id".into());
     }
     Ok(())
 }

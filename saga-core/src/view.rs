@@ -117,6 +117,21 @@ pub enum TimelineEvent {
         /// When the attempt times out.
         deadline: Timestamp,
     },
+    /// An await step began waiting for a domain event or a signal.
+    Awaiting {
+        /// The step.
+        step: StepName,
+        /// What it waits for: `event payments.confirmed where order_id = "o-1"` or
+        /// `signal approve`.
+        waits_for: String,
+        /// When it times out.
+        deadline: Timestamp,
+    },
+    /// An await step stopped waiting because the saga began compensating.
+    StoppedWaiting {
+        /// The step.
+        step: StepName,
+    },
     /// An attempt succeeded.
     Succeeded {
         /// The step.
@@ -227,6 +242,8 @@ impl TimelineEvent {
     pub fn step(&self) -> Option<&StepName> {
         match self {
             TimelineEvent::Dispatched { step, .. }
+            | TimelineEvent::Awaiting { step, .. }
+            | TimelineEvent::StoppedWaiting { step }
             | TimelineEvent::Succeeded { step, .. }
             | TimelineEvent::Failed { step, .. }
             | TimelineEvent::TimedOut { step, .. }
@@ -248,6 +265,8 @@ impl TimelineEvent {
         match self {
             TimelineEvent::Started => "started",
             TimelineEvent::Dispatched { .. } => "dispatched",
+            TimelineEvent::Awaiting { .. } => "awaiting",
+            TimelineEvent::StoppedWaiting { .. } => "stopped_waiting",
             TimelineEvent::Succeeded { .. } => "succeeded",
             TimelineEvent::Failed { .. } => "failed",
             TimelineEvent::TimedOut { .. } => "timed_out",
@@ -280,6 +299,12 @@ mod tests {
                 command: "do".into(),
                 deadline: Timestamp(5),
             },
+            TimelineEvent::Awaiting {
+                step: "s".into(),
+                waits_for: "signal go".into(),
+                deadline: Timestamp(9),
+            },
+            TimelineEvent::StoppedWaiting { step: "s".into() },
             TimelineEvent::Succeeded { step: "s".into(), phase: Phase::Action, attempt: 1 },
             TimelineEvent::Failed {
                 step: "s".into(),

@@ -276,6 +276,38 @@ impl OperatorMessage {
     }
 }
 
+/// A domain event an await step waits for, kept by the coordinator under the correlation it
+/// carries (`saga.await.<spec>.<value>`, the newest one per subject): what a saga that
+/// reaches its await step finds, even when the event came first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArrivalMessage {
+    /// Protocol version.
+    pub v: u16,
+    /// The event's subject (`domain.…`).
+    pub subject: String,
+    /// Its sequence in `DOMAIN_EVENTS`.
+    pub seq: u64,
+    /// When `DOMAIN_EVENTS` stored it.
+    pub at: Timestamp,
+    /// Its payload (MessagePack): the await step's output.
+    pub payload: Payload,
+}
+
+/// A signal to one saga, on `saga.signal.<id>.<saga>.<name>` (the newest one per subject is
+/// kept until the saga's log expires): completes an await step waiting for `name`, now or
+/// when the saga gets there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalMessage {
+    /// Protocol version.
+    pub v: u16,
+    /// The saga.
+    pub saga_id: SagaId,
+    /// The signal's name.
+    pub name: String,
+    /// Its payload (MessagePack): the await step's output.
+    pub payload: Payload,
+}
+
 /// A lifecycle event of one transition: what services that follow sagas react to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LifecycleNote {
@@ -562,6 +594,24 @@ impl WireMessage for OperatorMessage {
     }
     fn check(&self) -> Result<(), CodecError> {
         token(Self::WHAT, "saga_id", self.saga_id.as_str())
+    }
+}
+
+impl WireMessage for ArrivalMessage {
+    const WHAT: &'static str = "arrival";
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+
+impl WireMessage for SignalMessage {
+    const WHAT: &'static str = "signal";
+    fn version(&self) -> u16 {
+        self.v
+    }
+    fn check(&self) -> Result<(), CodecError> {
+        token(Self::WHAT, "saga_id", self.saga_id.as_str())?;
+        token(Self::WHAT, "name", &self.name)
     }
 }
 

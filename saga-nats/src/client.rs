@@ -701,6 +701,70 @@ impl SagaClient {
         self.act(id, OperatorAction::Resolve, reason).await
     }
 
+    /// Sends signal `name` with `payload` to saga `id`: an await step waiting for `name`
+    /// completes with `payload` as its output, now or when the saga gets there (a signal is
+    /// kept until the saga's log expires; a second one of the same name replaces it). Refused
+    /// for an unknown saga ([`ErrorKind::NotFound`]) and a finished one
+    /// ([`ErrorKind::NotApplicable`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn run(client: saga_nats::SagaClient, id: saga_core::SagaId) -> Result<(), saga_nats::client::SagaClientError> {
+    /// #[derive(serde::Serialize)]
+    /// struct Approval { by: String }
+    /// client.signal(&id, "approve", &Approval { by: "ann".into() }).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn signal<T: Serialize + ?Sized>(
+        &self,
+        id: &SagaId,
+        name: &str,
+        payload: &T,
+    ) -> Result<(), SagaClientError> {
+        saga_core::check_token(name).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!("signal name {} {e}", quote(name)),
+            )
+        })?;
+        let view = self.get(id).await?.ok_or_else(|| {
+            SagaClientError::new(
+                ErrorKind::NotFound,
+                format!("no saga with id {}: signal {name} refused", quote(id.as_str())),
+            )
+        })?;
+        if view.status().is_terminal() {
+            return Err(SagaClientError::new(
+                ErrorKind::NotApplicable,
+                format!("saga {id} already finished as {}: signal {name} refused", view.status()),
+            ));
+        }
+        let payload = rmp_serde::to_vec_named(payload).map_err(|e| {
+            SagaClientError::new(
+                ErrorKind::InvalidInput,
+                format!("signal {name}: payload does not encode: {e}"),
+            )
+        })?;
+        let msg = saga_core::wire::SignalMessage {
+            v: PROTOCOL_VERSION,
+            saga_id: id.clone(),
+            name: name.to_owned(),
+            payload: Payload::new(payload),
+        };
+        let body = self.codec.encode(&msg).map_err(|e| {
+            SagaClientError::new(ErrorKind::InvalidInput, format!("signal {name}: {e}"))
+        })?;
+        self.js
+            .publish(subjects::signal(id, view.saga(), name), Bytes::from(body))
+            .await
+            .map_err(SagaClientError::nats)?
+            .await
+            .map_err(SagaClientError::nats)?;
+        Ok(())
+    }
+
     async fn operate(
         &self,
         id: &SagaId,

@@ -30,8 +30,8 @@ use saga_core::wire::{
     PROTOCOL_VERSION,
 };
 use saga_core::{
-    Codec, CodecError, Effect, Event, Phase, Plan, SagaDefinition, SagaId, SagaState, StepName,
-    TimelineEntry, Timer, Timestamp,
+    Awaiting, Codec, CodecError, Effect, Event, Phase, Plan, SagaDefinition, SagaId, SagaState,
+    StepName, TimelineEntry, Timer, Timestamp,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -126,6 +126,8 @@ impl CoordinatorError {
 pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
+    /// The matchers of the await steps' domain events.
+    matchers: Arc<tokio::sync::Mutex<Vec<crate::follow::Following>>>,
     registry: Registry,
     replica: String,
     admin: Option<Arc<AdminService>>,
@@ -172,7 +174,9 @@ impl Coordinator {
         for def in &config.definitions {
             let plan = registry.register(def).await?;
             info!(saga = %plan.name(), digest = plan.digest(), "registered saga definition");
-            services.extend(def.steps.iter().map(|s| s.service.clone()));
+            // Await steps send no command: they have no service.
+            services
+                .extend(def.steps.iter().filter(|s| s.awaits.is_none()).map(|s| s.service.clone()));
         }
         // The participants' effect buckets, so that participants need no provisioning rights.
         let effects =
@@ -193,6 +197,27 @@ impl Coordinator {
             .subscribe(subjects::replies_of(&replica))
             .await
             .map_err(|e| CoordinatorError::Nats(e.into()))?;
+        // What await steps wait for, as it is stored: subscribed before any wait begins, so
+        // that a wait that reads nothing stored hears of what is stored after.
+        let mut arrivals = Vec::new();
+        for filter in ["saga.await.>", "saga.signal.>"] {
+            let sub =
+                client.subscribe(filter).await.map_err(|e| CoordinatorError::Nats(e.into()))?;
+            arrivals.push(sub);
+        }
+        let arrivals = futures::stream::select_all(arrivals);
+        let mut matchers = Vec::new();
+        for spec in crate::awaits::specs(&config.definitions) {
+            let codec = Codec::with_max_size(config.max_message_size);
+            let matcher = crate::awaits::start_matcher(client.clone(), spec, codec)
+                .await
+                .map_err(|e| CoordinatorError::Nats(e.to_string().into()))?;
+            matchers.push(matcher);
+        }
+        let awaits = js
+            .get_stream(subjects::AWAIT_STREAM)
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.into()))?;
         let shared = Arc::new(Shared {
             client,
             js,
@@ -205,6 +230,8 @@ impl Coordinator {
             max_deliveries: config.max_deliveries.max(1),
             held: (0..config.workers.max(1)).map(|_| Default::default()).collect(),
             tally: Arc::default(),
+            awaits,
+            waiting: crate::awaits::Waiting::default(),
         });
         let admin = if config.admin {
             let service = AdminService::start(
@@ -220,11 +247,19 @@ impl Coordinator {
             None
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let task = tokio::spawn(run(shared, consumer, replies, config.workers.max(1), shutdown_rx));
+        let task = tokio::spawn(run(
+            shared,
+            consumer,
+            replies,
+            arrivals,
+            config.workers.max(1),
+            shutdown_rx,
+        ));
         info!(%replica, workers = config.workers, "coordinator started");
         Ok(Coordinator {
             shutdown,
             done: Arc::new(tokio::sync::Mutex::new(Some(task))),
+            matchers: Arc::new(tokio::sync::Mutex::new(matchers)),
             registry,
             replica,
             admin,
@@ -248,6 +283,9 @@ impl Coordinator {
             admin.stop();
         }
         let _ = self.shutdown.send(true);
+        for matcher in self.matchers.lock().await.drain(..) {
+            matcher.shutdown().await;
+        }
         if let Some(task) = self.done.lock().await.take() {
             let _ = task.await;
         }
@@ -268,6 +306,10 @@ struct Shared {
     held: Vec<(std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize)>,
     /// The saga counts the admin service reports.
     tally: Arc<observe::Tally>,
+    /// `SAGA_AWAIT`: what await steps wait for.
+    awaits: jetstream::stream::Stream,
+    /// Which sagas held here wait on which `SAGA_AWAIT` subjects.
+    waiting: crate::awaits::Waiting,
 }
 
 /// Work for one worker.
@@ -276,6 +318,8 @@ enum Work {
     Input(jetstream::Message),
     /// A participant's reply (or the server's "no responders") on this replica's subject.
     Reply(ReplyTo, async_nats::Message),
+    /// An event or a signal stored for an await step of this saga.
+    Arrival(SagaId, async_nats::Message),
 }
 
 impl Work {
@@ -283,6 +327,7 @@ impl Work {
         match self {
             Work::Input(msg) => msg.subject.split('.').nth(2).unwrap_or(""),
             Work::Reply(to, _) => to.saga_id.as_str(),
+            Work::Arrival(id, _) => id.as_str(),
         }
     }
 }
@@ -291,6 +336,7 @@ async fn run(
     shared: Arc<Shared>,
     consumer: PullConsumer,
     mut replies: async_nats::Subscriber,
+    mut arrivals: futures::stream::SelectAll<async_nats::Subscriber>,
     workers: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -341,6 +387,27 @@ async fn run(
                     },
                     None => break 'outer,
                 },
+                arrival = arrivals.next() => match arrival {
+                    Some(msg) => {
+                        // A signal names its saga; an event, the sagas waiting on its subject.
+                        let ids = match subjects::parse_signal(&msg.subject) {
+                            Some((id, _, _)) => vec![id],
+                            None => shared.waiting.on(&msg.subject),
+                        };
+                        if ids.is_empty() {
+                            observe::await_arrival("unmatched");
+                            debug!(subject = %quote(&msg.subject), "stored for await steps; no saga here waits for it");
+                        }
+                        for id in ids {
+                            let work = Work::Arrival(id, msg.clone());
+                            if senders[shard_of(&work)].send(work).await.is_err() {
+                                break 'outer;
+                            }
+                        }
+                        continue;
+                    }
+                    None => break 'outer,
+                },
             };
             // A busy worker makes the pull wait (backpressure), never drops.
             if senders[shard_of(&work)].send(work).await.is_err() {
@@ -383,6 +450,8 @@ struct Live {
     last_progress: Instant,
     /// When its in-flight attempts were sent (for the attempt-time histogram).
     sent: observe::Sent,
+    /// The `SAGA_AWAIT` subjects its waits registered on this replica.
+    waits: Vec<String>,
 }
 
 struct Worker {
@@ -530,6 +599,7 @@ impl Worker {
                 work = rx.recv() => match work {
                     Some(Work::Input(msg)) => self.input(msg).await,
                     Some(Work::Reply(to, msg)) => self.reply(to, msg).await,
+                    Some(Work::Arrival(id, msg)) => self.arrival(id, msg).await,
                     None => break,
                 },
                 _ = sleep => self.fire_timers().await,
@@ -791,6 +861,7 @@ impl Worker {
     fn install(&mut self, id: &SagaId, mut live: Live) {
         if let Some(old) = self.sagas.remove(id) {
             live.handles = old.handles;
+            live.waits = old.waits;
             live.last_progress = old.last_progress;
             if live.trace.is_none() {
                 live.trace = old.trace;
@@ -1001,6 +1072,13 @@ impl Worker {
                 }
             }
             match step.map(|def| &def.service) {
+                Some(owner) if owner.is_empty() => {
+                    let why = format!(
+                        "reply for step {} of saga {} from service {}, but that step is an await step: it sends no command and takes no reply",
+                        to.step, to.saga_id, to.service
+                    );
+                    return self.refuse_reply(&msg, &why).await;
+                }
                 Some(owner) if owner == &to.service => {}
                 owner => {
                     let why = format!(
@@ -1144,6 +1222,8 @@ impl Worker {
     async fn execute(&mut self, id: &SagaId, effects: &[Effect]) {
         let Some(live) = self.sagas.get_mut(id) else { return };
         let mut failed: Vec<Event> = Vec::new();
+        // What await steps found already stored when they began waiting.
+        let mut arrived: Vec<Event> = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Dispatch(d) => {
@@ -1209,6 +1289,39 @@ impl Worker {
                         live.armed.remove(&timer.step);
                     }
                 }
+                Effect::Await(a) => {
+                    // Registered before reading: what is stored after the read reaches this
+                    // replica live, and what was stored before, the read finds.
+                    let on = crate::awaits::subjects_of(a, id, live.state.saga());
+                    for (subject, _) in &on {
+                        self.shared.waiting.add(subject, id);
+                        if !live.waits.contains(subject) {
+                            live.waits.push(subject.clone());
+                        }
+                    }
+                    debug!(saga_id = %id, step = %a.step, waits_for = %a.on, "waiting");
+                    for (subject, fails) in on {
+                        match self.shared.awaits.get_last_raw_message_by_subject(&subject).await {
+                            Ok(stored) => match crate::awaits::event_for(
+                                a,
+                                fails,
+                                &stored.payload,
+                                &self.shared.codec,
+                                now(),
+                            ) {
+                                Ok(event) => arrived.push(event),
+                                Err(why) => {
+                                    observe::await_arrival("refused");
+                                    debug!(saga_id = %id, step = %a.step, reason = %quote(&why), "stored before the wait, and does not count")
+                                }
+                            },
+                            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+                            // Whatever is stored later still arrives; what was stored before
+                            // is read again at the next take-over.
+                            Err(e) => warn!(saga_id = %id, step = %a.step, error = %e, "cannot read what the await step may already have"),
+                        }
+                    }
+                }
                 Effect::Publish { .. } => {}
                 Effect::Finish { status } => {
                     info!(saga_id = %id, saga = %live.state.saga(), %status, "saga finished");
@@ -1217,6 +1330,9 @@ impl Worker {
         }
         if live.state.status().is_terminal() {
             let live = self.sagas.remove(id).expect("present");
+            for subject in &live.waits {
+                self.shared.waiting.remove(subject, id);
+            }
             for msg in live.handles {
                 if let Err(e) = msg.ack().await {
                     warn!(saga_id = %id, error = %e, "acknowledging a finished saga's start failed; it will be seen as finished when redelivered");
@@ -1228,6 +1344,61 @@ impl Worker {
             if let Err(e) = Box::pin(self.apply(id, event, None)).await {
                 warn!(saga_id = %id, error = %e, "recording an unsendable command failed");
             }
+        }
+        for event in arrived {
+            observe::await_arrival("completed");
+            if let Err(e) = Box::pin(self.apply(id, event, None)).await {
+                warn!(saga_id = %id, error = %e, "completing an await step failed; it is read again at the next take-over");
+            }
+        }
+    }
+
+    /// Something was stored on a subject saga `id` waits on (or a signal was sent to it):
+    /// complete the await step waiting for it, if one is.
+    async fn arrival(&mut self, id: SagaId, msg: async_nats::Message) {
+        let Some(live) = self.sagas.get(&id) else {
+            // Not held here: its holder hears of it too, or reads it when it takes it over.
+            self.shared.waiting.remove(&msg.subject, &id);
+            return observe::await_arrival("unmatched");
+        };
+        if let Some(header) = headers::relayed(msg.headers.as_ref()) {
+            warn!(saga_id = %id, subject = %quote(&msg.subject), %header, "arrival relayed by the server from a stored message, not stored now: ignored");
+            return observe::await_arrival("refused");
+        }
+        let waits: Vec<Awaiting> = live
+            .state
+            .outstanding(&live.plan)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Await(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        let found = waits.iter().find_map(|a| {
+            let on = crate::awaits::subjects_of(a, &id, live.state.saga());
+            on.into_iter().find(|(s, _)| s.as_str() == msg.subject.as_str()).map(|(_, f)| (a, f))
+        });
+        let Some((a, fails)) = found else {
+            self.shared.waiting.remove(&msg.subject, &id);
+            return observe::await_arrival("unmatched");
+        };
+        let event = match crate::awaits::event_for(
+            a,
+            fails,
+            &msg.payload,
+            &self.shared.codec,
+            now(),
+        ) {
+            Ok(event) => event,
+            Err(why) => {
+                warn!(saga_id = %id, step = %a.step, subject = %quote(&msg.subject), reason = %quote(&why), "stored for an await step, and does not count");
+                return observe::await_arrival("refused");
+            }
+        };
+        observe::await_arrival("completed");
+        info!(saga_id = %id, step = %a.step, waited_for = %a.on, failed = fails, "await step's wait is over");
+        if let Err(e) = self.apply(&id, event, None).await {
+            warn!(saga_id = %id, error = %e, "completing an await step failed; it is read again at the next take-over");
         }
     }
 
@@ -1308,6 +1479,7 @@ impl Live {
             last_write: Instant::now(),
             last_progress: Instant::now(),
             sent: observe::Sent::default(),
+            waits: Vec::new(),
         }
     }
 }

@@ -170,7 +170,9 @@ where
         subjects::LOG_STREAM,
         durable,
         filter,
-        move |bytes: &[u8]| codec.decode::<LogRecord>(bytes).map_err(|e| e.to_string()),
+        move |msg: &jetstream::Message| {
+            codec.decode::<LogRecord>(&msg.payload).map_err(|e| e.to_string())
+        },
         move |record: LogRecord| {
             let handler = handler.clone();
             let kinds = kinds.clone();
@@ -269,8 +271,8 @@ where
         DOMAIN_STREAM,
         durable,
         filter,
-        |bytes: &[u8]| {
-            rmp_serde::from_slice::<T>(bytes)
+        |msg: &jetstream::Message| {
+            rmp_serde::from_slice::<T>(&msg.payload)
                 .map_err(|e| format!("domain event does not decode: {e}"))
         },
         handler,
@@ -278,7 +280,10 @@ where
     .await
 }
 
-async fn consume<T, D, F, Fut, E>(
+/// Consumes `stream` with the durable consumer `durable` on `filter`: each message decoded
+/// by `decode` (an error dead-letters it) and handed to `handler` (an error redelivers it
+/// after a growing delay, and dead-letters it after [`MAX_DELIVERIES`]).
+pub(crate) async fn consume<T, D, F, Fut, E>(
     client: async_nats::Client,
     stream: &str,
     durable: &str,
@@ -288,7 +293,7 @@ async fn consume<T, D, F, Fut, E>(
 ) -> Result<Following, FollowError>
 where
     T: Send + 'static,
-    D: Fn(&[u8]) -> Result<T, String> + Send + Sync + 'static,
+    D: Fn(&jetstream::Message) -> Result<T, String> + Send + Sync + 'static,
     F: Fn(T) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
@@ -338,7 +343,7 @@ where
                         None => continue 'outer,
                     },
                 };
-                match decode(&msg.payload) {
+                match decode(&msg) {
                     Ok(event) => match handler(event).await {
                         Ok(()) => {
                             let _ = msg.ack().await;

@@ -26,6 +26,7 @@
 //! it is built this way.
 
 pub mod admin;
+mod awaits;
 pub mod client;
 pub mod connect;
 pub mod coordinator;

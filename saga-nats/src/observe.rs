@@ -60,6 +60,13 @@ pub const DEDUP_HITS: &str = "saga_participant_dedup_hits_total";
 pub const BARRIER_NOOPS: &str = "saga_participant_barrier_noops_total";
 /// Actions run without a claim (exclusive first attempts).
 pub const UNCLAIMED_RUNS: &str = "saga_participant_unclaimed_runs_total";
+/// Domain events read for await steps, by outcome: `kept` (stored under its value) or
+/// `no_field` (the event lacks the field; ignored).
+pub const AWAIT_EVENTS: &str = "saga_await_events_total";
+/// What reached a replica for its waiting sagas, by outcome: `completed` (it completed or
+/// failed an await step), `unmatched` (no saga here waits for it), `refused` (too old, or it
+/// does not decode).
+pub const AWAIT_ARRIVALS: &str = "saga_await_arrivals_total";
 
 /// What kind of metric a name is.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +98,8 @@ const ALL: &[(&str, Kind, &str)] = &[
     (DEDUP_HITS, Kind::Counter, "Commands answered from the effect record, handler not run"),
     (BARRIER_NOOPS, Kind::Counter, "Compensations recorded as no-ops by the barrier"),
     (UNCLAIMED_RUNS, Kind::Counter, "Actions run without a claim (exclusive first attempts)"),
+    (AWAIT_EVENTS, Kind::Counter, "Domain events read for await steps, by outcome"),
+    (AWAIT_ARRIVALS, Kind::Counter, "Events and signals reaching waiting sagas, by outcome"),
 ];
 
 /// Describes every metric to the installed recorder (units and help texts). Call once after
@@ -393,6 +402,17 @@ pub(crate) fn handler_ran(
         ("outcome", outcome.to_owned()),
     ];
     histogram!(HANDLER_SECONDS, &labels).record(took.as_secs_f64());
+}
+
+/// A matcher read a domain event: `kept` or `no_field`.
+pub(crate) fn await_event(outcome: &'static str) {
+    counter!(AWAIT_EVENTS, "outcome" => outcome).increment(1);
+}
+
+/// Something stored for waiting sagas reached this replica: `completed`, `unmatched` or
+/// `refused`.
+pub(crate) fn await_arrival(outcome: &'static str) {
+    counter!(AWAIT_ARRIVALS, "outcome" => outcome).increment(1);
 }
 
 /// A log append lost the compare-and-swap to another writer.

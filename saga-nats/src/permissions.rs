@@ -36,6 +36,8 @@ pub struct Access {
     pub readers: BTreeMap<String, BTreeSet<String>>,
     /// Services that publish their own domain events, on `domain.<service>.>` only.
     pub publishers: BTreeSet<String>,
+    /// Service → the definitions whose sagas it may send signals to (and read).
+    pub signallers: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// One NATS user's permissions.
@@ -209,19 +211,31 @@ pub fn permissions(
         "$JS.ACK.SAGA_IN.>".into(),
         "saga.cmd.>".into(),
         "saga.log.>".into(),
+        // What await steps wait for, kept under its correlation, and the matchers' acks and
+        // dead letters.
+        "saga.await.>".into(),
+        format!("$JS.ACK.{}.saga-await-*.>", subjects::DOMAIN_STREAM),
+        "saga.dlq.saga-await-*".into(),
         subjects::dlq("coordinator"),
         format!("$KV.{}.>", subjects::DEFINITIONS_BUCKET),
         // Verdicts on operator actions, to the inbox the operator named.
         "_INBOX.>".into(),
     ]);
     // Its admin service answers on the requesters' inboxes.
-    c.subscribe(["saga.reply.>".into(), "saga.admin.>".into(), "$SRV.>".into()]);
+    c.subscribe([
+        "saga.reply.>".into(),
+        "saga.admin.>".into(),
+        "$SRV.>".into(),
+        "saga.await.>".into(),
+        "saga.signal.>".into(),
+    ]);
     c.allow_responses = true;
 
     // Participants: every service a definition names.
     let mut services: BTreeSet<ServiceName> = BTreeSet::new();
     for def in definitions {
-        for step in &def.steps {
+        // Await steps send no command: they have no service.
+        for step in def.steps.iter().filter(|s| s.awaits.is_none()) {
             services.insert(step.service.clone());
         }
     }
@@ -258,6 +272,22 @@ pub fn permissions(
                 format!("saga.admin.get.{saga}"),
             ]);
             g.subscribe([format!("saga.log.*.{saga}.*")]);
+        }
+        g.get_bucket(subjects::DEFINITIONS_BUCKET);
+    }
+
+    for (service, sagas) in &access.signallers {
+        token("signaller service", service)?;
+        let g = users.entry(service.clone()).or_default();
+        for saga in sagas {
+            token("saga name", saga)?;
+            check_saga(service, "signal", saga)?;
+            g.roles.push(format!("signaller of {saga}"));
+            g.publish([
+                format!("saga.signal.*.{saga}.*"),
+                format!("{API}.DIRECT.GET.SAGA_LOG.saga.log.*.{saga}.*"),
+                format!("{API}.DIRECT.GET.SAGA_IN.saga.in.*.{saga}.start"),
+            ]);
         }
         g.get_bucket(subjects::DEFINITIONS_BUCKET);
     }

@@ -136,6 +136,25 @@ pub async fn provision(
     .map_err(|e| create(subjects::LOG_STREAM, e.into()))?;
 
     js.create_or_update_stream(stream::Config {
+        name: subjects::AWAIT_STREAM.into(),
+        description: Some(
+            "What await steps wait for: the newest event per correlation, the newest signal per saga and name"
+                .into(),
+        ),
+        subjects: vec!["saga.await.>".into(), "saga.signal.>".into()],
+        max_messages_per_subject: 1,
+        // A signal waits for its saga as long as the saga's log is kept; an event, as long
+        // as its await step's window says (at most 7 days), checked when it is read.
+        max_age: config.finished_retention.max(saga_core::MAX_TIMEOUT),
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| create(subjects::AWAIT_STREAM, e.into()))?;
+
+    js.create_or_update_stream(stream::Config {
         name: subjects::DLQ_STREAM.into(),
         description: Some(
             "Dead letters: messages that could not be handled, with the reason".into(),

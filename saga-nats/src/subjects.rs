@@ -19,6 +19,10 @@ pub const LOG_STREAM: &str = "SAGA_LOG";
 pub const DLQ_STREAM: &str = "SAGA_DLQ";
 /// The stream of domain events services publish (`domain.>`).
 pub const DOMAIN_STREAM: &str = "DOMAIN_EVENTS";
+/// The stream of what await steps wait for: the newest domain event per await
+/// specification and correlation value (`saga.await.<spec>.<value>`), and the newest signal
+/// per saga and name (`saga.signal.<id>.<saga>.<name>`).
+pub const AWAIT_STREAM: &str = "SAGA_AWAIT";
 /// The durable consumer all coordinator replicas share on [`INPUT_STREAM`].
 pub const COORDINATOR_CONSUMER: &str = "saga-coordinator";
 /// The key-value bucket of saga definitions.
@@ -92,6 +96,53 @@ pub fn parse_input(subject: &str) -> Option<Input> {
         _ => return None,
     };
     Some(Input { id: SagaId::new(*id).ok()?, saga: SagaName::new(*saga).ok()?, kind, operator })
+}
+
+/// The digest naming one await specification: the event subject it waits for (after
+/// `domain.`), the field it matches on and its window. 16 hexadecimal digits.
+pub fn await_spec(event: &str, field: &str, window: std::time::Duration) -> String {
+    digest(&[event.as_bytes(), field.as_bytes(), window.as_millis().to_string().as_bytes()])
+}
+
+/// Where the newest event of await specification `spec` that carries `value` (canonical
+/// JSON, see [`saga_core::correlation_value`]) is kept: `saga.await.<spec>.<value digest>`.
+pub fn arrival(spec: &str, value: &str) -> String {
+    format!("saga.await.{spec}.{}", digest(&[value.as_bytes()]))
+}
+
+/// The durable consumer of `DOMAIN_EVENTS` that keeps the events of await specification
+/// `spec` under their correlation values.
+pub fn await_consumer(spec: &str) -> String {
+    format!("saga-await-{spec}")
+}
+
+/// The subject of signal `name` to saga `id` of definition `saga`:
+/// `saga.signal.<id>.<saga>.<name>`. NATS permissions let a client send only the signals
+/// it may send, to the definitions it may signal.
+pub fn signal(id: &SagaId, saga: &SagaName, name: &str) -> String {
+    format!("saga.signal.{id}.{saga}.{name}")
+}
+
+/// Parses a signal subject into saga id, definition and signal name.
+pub fn parse_signal(subject: &str) -> Option<(SagaId, SagaName, &str)> {
+    match subject.split('.').collect::<Vec<_>>().as_slice() {
+        ["saga", "signal", id, saga, name] => {
+            check_token(name).ok()?;
+            Some((SagaId::new(*id).ok()?, SagaName::new(*saga).ok()?, name))
+        }
+        _ => None,
+    }
+}
+
+/// The first 8 bytes of SHA-256 over `parts`, each followed by a zero byte, in hex.
+fn digest(parts: &[&[u8]]) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0]);
+    }
+    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The subject of a log record of saga `id`, named after its most significant event.

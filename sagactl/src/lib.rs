@@ -352,10 +352,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 fn print_steps(def: &SagaDefinition) {
     let mut t = Table::new(["STEP", "SERVICE", "ACTION", "COMPENSATION", "AFTER", "KIND"]);
     for s in &def.steps {
+        let (service, action) = match &s.awaits {
+            Some(a) => ("(await)".to_owned(), a.describe()),
+            None => (s.service.to_string(), s.action.to_string()),
+        };
         t.row([
             s.name.to_string(),
-            s.service.to_string(),
-            s.action.to_string(),
+            service,
+            action,
             s.compensation.as_ref().map_or("-".into(), ToString::to_string),
             s.after.as_ref().map_or("(previous)".into(), |a| {
                 a.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")

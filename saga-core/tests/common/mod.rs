@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use saga_core::{
-    Dispatch, Effect, Event, Handled, Payload, Phase, Plan, Rejection, RetryPolicy, SagaDefinition,
-    SagaId, SagaSnapshot, SagaState, SagaStatus, StepKind, StepName, StepStatus, TimelineEntry,
-    Timer, TimerKind, Timestamp,
+    Awaiting, Dispatch, Effect, Event, Handled, Payload, Phase, Plan, Rejection, RetryPolicy,
+    SagaDefinition, SagaId, SagaSnapshot, SagaState, SagaStatus, StepKind, StepName, StepStatus,
+    TimelineEntry, Timer, TimerKind, Timestamp,
 };
 
 /// The id of every simulated saga, so command ids read `id.<step>.<a|c>.<attempt>`.
@@ -114,6 +114,7 @@ pub(crate) fn summary(effects: &[Effect]) -> Vec<String> {
                 None => format!("publish {}", kind.as_str()),
             },
             Effect::Finish { status } => format!("finish {status}"),
+            Effect::Await(a) => format!("await {} {} @{}", a.step, a.on, a.deadline.0),
         })
         .collect()
 }
@@ -381,6 +382,8 @@ pub(crate) struct Sim {
     pub(crate) inflight: Vec<Dispatch>,
     /// Every command ever sent, in order.
     pub(crate) sent: Vec<Dispatch>,
+    /// Every wait an await step began, in order.
+    pub(crate) waits: Vec<Awaiting>,
     /// Armed timers, keyed by step.
     pub(crate) timers: BTreeMap<StepName, (Timer, Timestamp)>,
     /// Every timer ever armed, in order.
@@ -413,6 +416,7 @@ impl Sim {
             now: Timestamp(0),
             inflight: Vec::new(),
             sent: Vec::new(),
+            waits: Vec::new(),
             timers: BTreeMap::new(),
             armed_ever: Vec::new(),
             log: Vec::new(),
@@ -520,6 +524,7 @@ impl Sim {
                     }
                     _ => self.unarmed_cancels.push(timer.clone()),
                 },
+                Effect::Await(a) => self.waits.push(a.clone()),
                 Effect::Publish { .. } | Effect::Finish { .. } => {}
             }
         }
@@ -631,6 +636,11 @@ impl Sim {
                 Effect::Dispatch(d) => {
                     if !self.sent.contains(&d) {
                         return Some(format!("outstanding() re-emits {d:?}, never sent as such"));
+                    }
+                }
+                Effect::Await(a) => {
+                    if !self.waits.contains(&a) {
+                        return Some(format!("outstanding() re-emits {a:?}, never begun as such"));
                     }
                 }
                 Effect::ScheduleTimer { timer, at } => {

@@ -1,0 +1,212 @@
+//! Await steps over NATS: where what a saga waits for is kept, how the coordinator finds it,
+//! and the matchers that keep domain events under the values they carry.
+//!
+//! - A **matcher** per await specification (event subject, field, window) is a durable
+//!   consumer of `DOMAIN_EVENTS` shared by the coordinator replicas. It reads the field of each
+//!   event and keeps the event on `saga.await.<spec>.<value>` in `SAGA_AWAIT` (the newest one
+//!   per subject), then acknowledges it.
+//! - A **signal** is kept on `saga.signal.<id>.<saga>.<name>` in `SAGA_AWAIT` by the client
+//!   that sends it.
+//! - A saga that begins waiting registers the subjects it waits on with its replica, then
+//!   reads them (an event or a signal that came first is there); whatever is stored on them
+//!   later reaches the replica live, through its subscription. Either way the first one
+//!   completes the step; the state machine refuses the rest. A replica that dies before the
+//!   step's completion is logged leaves the saga to another, which begins the wait again
+//!   from the log and reads the same subjects.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use saga_core::wire::{ArrivalMessage, SignalMessage, PROTOCOL_VERSION};
+use saga_core::{
+    correlation_value, AwaitOn, Awaiting, Codec, Event, Payload, SagaDefinition, SagaId, SagaName,
+    Timestamp,
+};
+use tracing::{debug, info};
+
+use crate::follow::{consume, FollowError, Following};
+use crate::subjects::{self, DOMAIN_STREAM};
+
+/// The subjects saga `id` of definition `saga` waits on for `a`, each with whether what
+/// arrives there fails the step (an await's `fail_event`) rather than completing it.
+pub(crate) fn subjects_of(a: &Awaiting, id: &SagaId, saga: &SagaName) -> Vec<(String, bool)> {
+    match &a.on {
+        AwaitOn::Event { event, fail_event, field, value, window } => {
+            let mut out = vec![(
+                subjects::arrival(&subjects::await_spec(event, field, *window), value),
+                false,
+            )];
+            if let Some(fail) = fail_event {
+                let spec = subjects::await_spec(fail, field, *window);
+                out.push((subjects::arrival(&spec, value), true));
+            }
+            out
+        }
+        AwaitOn::Signal { name } => vec![(subjects::signal(id, saga, name), false)],
+    }
+}
+
+/// The state-machine event for what arrived on one of `a`'s subjects (`fails`: a fail
+/// event's), stored at `stored`; `Err` says why it does not count (it does not decode, or an
+/// event is older than the await's window).
+pub(crate) fn event_for(
+    a: &Awaiting,
+    fails: bool,
+    payload: &[u8],
+    codec: &Codec,
+    now: Timestamp,
+) -> Result<Event, String> {
+    let (output, reason) = match &a.on {
+        AwaitOn::Event { window, .. } => {
+            let arrival: ArrivalMessage =
+                codec.decode(payload).map_err(|e| format!("kept event does not decode: {e}"))?;
+            let age = Duration::from_millis(now.0.saturating_sub(arrival.at.0));
+            if age > *window {
+                return Err(format!(
+                    "event {} (sequence {}) is older than the await's window of {}",
+                    arrival.subject,
+                    arrival.seq,
+                    humantime_serde::re::humantime::format_duration(*window)
+                ));
+            }
+            let reason = format!("event {} (sequence {})", arrival.subject, arrival.seq);
+            (arrival.payload, reason)
+        }
+        AwaitOn::Signal { name } => {
+            let signal: SignalMessage =
+                codec.decode(payload).map_err(|e| format!("signal does not decode: {e}"))?;
+            if signal.name != *name {
+                return Err(format!("signal named {:?} on the subject of {name}", signal.name));
+            }
+            (signal.payload, format!("signal {name}"))
+        }
+    };
+    Ok(if fails {
+        Event::StepFailed { step: a.step.clone(), attempt: a.attempt, reason, transient: false }
+    } else {
+        Event::StepSucceeded { step: a.step.clone(), attempt: a.attempt, output }
+    })
+}
+
+/// Which sagas wait on which subjects, for one replica: filled when a wait begins, read when
+/// something is stored on a subject.
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(Mutex<HashMap<String, HashSet<SagaId>>>);
+
+impl Waiting {
+    /// Saga `id` waits on `subject`.
+    pub(crate) fn add(&self, subject: &str, id: &SagaId) {
+        let mut map = self.0.lock().expect("not poisoned");
+        map.entry(subject.to_owned()).or_default().insert(id.clone());
+    }
+
+    /// Saga `id` no longer waits on `subject`.
+    pub(crate) fn remove(&self, subject: &str, id: &SagaId) {
+        let mut map = self.0.lock().expect("not poisoned");
+        if let Some(ids) = map.get_mut(subject) {
+            ids.remove(id);
+            if ids.is_empty() {
+                map.remove(subject);
+            }
+        }
+    }
+
+    /// The sagas waiting on `subject`.
+    pub(crate) fn on(&self, subject: &str) -> Vec<SagaId> {
+        let map = self.0.lock().expect("not poisoned");
+        map.get(subject).map(|ids| ids.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// One await specification: the event subject (after `domain.`), the field and the window.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Spec {
+    event: String,
+    field: String,
+    window: Duration,
+}
+
+impl Spec {
+    fn digest(&self) -> String {
+        subjects::await_spec(&self.event, &self.field, self.window)
+    }
+}
+
+/// The await specifications of `definitions`: each await step's event and fail event.
+pub(crate) fn specs(definitions: &[SagaDefinition]) -> BTreeSet<Spec> {
+    let mut out = BTreeSet::new();
+    for step in definitions.iter().flat_map(|d| &d.steps) {
+        let Some(spec) = &step.awaits else { continue };
+        let Some(m) = &spec.matching else { continue };
+        for event in spec.event.iter().chain(&spec.fail_event) {
+            out.insert(Spec { event: event.clone(), field: m.field.clone(), window: spec.window });
+        }
+    }
+    out
+}
+
+/// One domain event, as a matcher reads it.
+struct Seen {
+    subject: String,
+    seq: u64,
+    at: Timestamp,
+    payload: Vec<u8>,
+}
+
+/// Starts the matcher of `spec`: keeps every event on its subject under the value of its
+/// field. Events without the field are acknowledged and counted; a failed write is retried
+/// with the consumer's redeliveries.
+pub(crate) async fn start_matcher(
+    client: async_nats::Client,
+    spec: Spec,
+    codec: Codec,
+) -> Result<Following, FollowError> {
+    let digest = spec.digest();
+    let durable = subjects::await_consumer(&digest);
+    info!(%durable, event = %spec.event, field = %spec.field, "matching domain events for await steps");
+    let js = jetstream::new(client.clone());
+    let field = spec.field.clone();
+    consume(
+        client,
+        DOMAIN_STREAM,
+        &durable,
+        format!("domain.{}", spec.event),
+        |msg: &jetstream::Message| {
+            let info = msg.info().map_err(|e| format!("not a JetStream message: {e}"))?;
+            Ok(Seen {
+                subject: msg.subject.to_string(),
+                seq: info.stream_sequence,
+                at: crate::deliver::millis(info.published),
+                payload: msg.payload.to_vec(),
+            })
+        },
+        move |seen: Seen| {
+            let (js, field, digest) = (js.clone(), field.clone(), digest.clone());
+            async move {
+                let Some(value) = correlation_value(&seen.payload, &field) else {
+                    crate::observe::await_event("no_field");
+                    debug!(subject = %seen.subject, seq = seen.seq, %field, "domain event without the await's field: ignored");
+                    return Ok::<(), String>(());
+                };
+                let arrival = ArrivalMessage {
+                    v: PROTOCOL_VERSION,
+                    subject: seen.subject,
+                    seq: seen.seq,
+                    at: seen.at,
+                    payload: Payload::new(seen.payload),
+                };
+                let body = codec.encode(&arrival).map_err(|e| e.to_string())?;
+                js.publish(subjects::arrival(&digest, &value), body.into())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                crate::observe::await_event("kept");
+                Ok(())
+            }
+        },
+    )
+    .await
+}

@@ -1,0 +1,351 @@
+//! Await steps against a real nats-server: a step completed by a correlated domain event or
+//! a signal, with the event early, late, twice, for several sagas, or never; and kill -9 of
+//! the coordinator between the event and the step's completion.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::{OnTimeout, SagaDefinition, SagaId, SagaStatus, StepStatus, TimelineEvent as T};
+use saga_nats::follow::publish_domain_event;
+use saga_nats::{Command, ErrorKind, Participant, SagaClient};
+use saga_tests::support::*;
+use saga_tests::NatsServer;
+use serde::{Deserialize, Serialize};
+
+const WAIT: Duration = Duration::from_secs(60);
+const COORDINATOR: &str = env!("CARGO_BIN_EXE_saga-coordinator");
+
+/// What the payments service publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Payment {
+    order: u64,
+    amount: u32,
+}
+
+/// reserve (command) -> payment (await `payments.confirmed`, or `payments.declined`, where
+/// `order` = the input's `n`) -> ship (command).
+fn pay(timeout: Duration, on_timeout: OnTimeout) -> SagaDefinition {
+    SagaDefinition::builder("pay")
+        .step("reserve", "svc", "reserve", |s| s.compensation("undo-reserve").retry(quick_retry(3)))
+        .await_step("payment", |a| {
+            a.event("payments.confirmed")
+                .fail_event("payments.declined")
+                .matching("order", "input.n")
+                .timeout(timeout)
+                .on_timeout(on_timeout)
+        })
+        .step("ship", "shipping", "ship", |s| s.compensation("undo-ship").retry(quick_retry(3)))
+        .build()
+}
+
+/// The payments each `ship` command carried (the await step's output), by saga.
+#[derive(Clone, Default)]
+struct Shipped(Arc<Mutex<Vec<(SagaId, Payment)>>>);
+
+/// The echo participant for `reserve`, and a `ship` handler that records the payment it got.
+async fn participants(
+    nats: async_nats::Client,
+    fx: Effects,
+    shipped: Shipped,
+) -> (Participant, Participant) {
+    let echo = echo_participant(nats.clone(), "svc", &["reserve"], fx.clone()).await;
+    let ship = Participant::builder(nats, "shipping")
+        .action("ship", move |cmd: Command<TestInput>| {
+            let shipped = shipped.clone();
+            async move {
+                let payment: Payment = cmd.dep("payment")?;
+                shipped.0.lock().unwrap().push((cmd.saga_id.clone(), payment));
+                Ok(EchoOutput { step: "ship".into(), n: cmd.input.n })
+            }
+        })
+        .compensation("undo-ship", |_cmd: Command<TestInput>| async move { Ok(()) })
+        .start()
+        .await
+        .expect("ship participant starts");
+    (echo, ship)
+}
+
+async fn publish(nats: &async_nats::Client, subject: &str, id: &str, payment: &Payment) {
+    publish_domain_event(nats, subject, id, payment).await.expect("event published");
+}
+
+/// Waits until saga `id`'s step `step` has status `status`.
+async fn until_step(client: &SagaClient, id: &SagaId, step: &str, status: StepStatus) {
+    for _ in 0..600 {
+        if let Some(view) = client.get(id).await.unwrap() {
+            if view.snapshot.steps.iter().any(|s| s.name.as_str() == step && s.status == status) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("saga {id}: step {step} never reached {status:?}");
+}
+
+fn input(n: u64) -> TestInput {
+    TestInput { n, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_completes_the_step_and_its_payload_reaches_the_next_step() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let id = client.start("pay", &input(41)).await.unwrap();
+    until_step(&client, &id, "payment", StepStatus::Running).await;
+    // Another order's payment completes nothing here.
+    publish(&nats, "payments.confirmed", "p-40", &Payment { order: 40, amount: 1 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.get(&id).await.unwrap().unwrap().status(), SagaStatus::Running);
+    let paid = Payment { order: 41, amount: 12 };
+    publish(&nats, "payments.confirmed", "p-41", &paid).await;
+
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.output::<Payment>("payment").unwrap().unwrap(), paid);
+    assert_eq!(*shipped.0.lock().unwrap(), vec![(id.clone(), paid)]);
+    let timeline = client.timeline(&id).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(&e.event, T::Awaiting { step, waits_for, .. }
+            if step.as_str() == "payment" && waits_for == "event payments.confirmed where order = 41")),
+        "{timeline:?}"
+    );
+    assert!(
+        !timeline
+            .iter()
+            .any(|e| matches!(&e.event, T::Dispatched { step, .. } if step.as_str() == "payment")),
+        "an await step sends no command"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_comes_before_the_saga_waits_completes_the_step_when_it_gets_there() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+    let client = client(nats.clone()).await;
+
+    // Paid before the order's saga even starts; reserve takes a while, too.
+    let paid = Payment { order: 7, amount: 3 };
+    publish(&nats, "payments.confirmed", "p-7", &paid).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = client
+        .start("pay", &TestInput { n: 7, delay_ms: 300, ..Default::default() })
+        .await
+        .unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.output::<Payment>("payment").unwrap().unwrap(), paid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_event_or_a_timeout_compensates_and_continue_goes_on() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let strict = pay(Duration::from_secs(2), OnTimeout::Fail);
+    let mut lenient = pay(Duration::from_secs(2), OnTimeout::Continue);
+    lenient.name = "pay-later".into();
+    let _coord = coordinator(nats.clone(), vec![strict, lenient]).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+    let client = client(nats.clone()).await;
+
+    let declined = client.start("pay", &input(1)).await.unwrap();
+    let timed_out = client.start("pay", &input(2)).await.unwrap();
+    until_step(&client, &declined, "payment", StepStatus::Running).await;
+    publish(&nats, "payments.declined", "d-1", &Payment { order: 1, amount: 0 }).await;
+
+    let view = client.wait(&declined, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert_eq!(fx.count(&declined, "reserve", "c"), 1, "reserve compensated once");
+    let payment = view.snapshot.steps.iter().find(|s| s.name.as_str() == "payment").unwrap();
+    assert_eq!(payment.status, StepStatus::Failed);
+    assert!(
+        payment
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("event domain.payments.declined")),
+        "{:?}",
+        payment.last_error
+    );
+
+    let view = client.wait(&timed_out, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert_eq!(fx.count(&timed_out, "reserve", "c"), 1);
+    let payment = view.snapshot.steps.iter().find(|s| s.name.as_str() == "payment").unwrap();
+    assert_eq!(
+        payment.last_error.as_deref(),
+        Some("no event payments.confirmed where order = input.n within 2s")
+    );
+
+    // With on_timeout: continue the saga goes on without a payment: ship is sent, finds
+    // none, and refuses the order.
+    let id = client.start("pay-later", &input(3)).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert!(view.output::<Payment>("payment").is_none());
+    let payment = view.snapshot.steps.iter().find(|s| s.name.as_str() == "payment").unwrap();
+    assert_eq!(payment.status, StepStatus::Succeeded);
+    let ship = view.snapshot.steps.iter().find(|s| s.name.as_str() == "ship").unwrap();
+    assert_eq!(ship.status, StepStatus::Failed);
+    assert!(
+        ship.last_error.as_deref().is_some_and(|e| e.contains("no output of step \"payment\"")),
+        "{:?}",
+        ship.last_error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_event_completes_once_and_one_event_completes_every_saga_it_matches() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+    let client = client(nats.clone()).await;
+
+    // Two sagas for order 5 (two keys), one for order 6.
+    let a = client.start_with_key("pay", "a", &input(5)).await.unwrap();
+    let b = client.start_with_key("pay", "b", &input(5)).await.unwrap();
+    let c = client.start_with_key("pay", "c", &input(6)).await.unwrap();
+    for id in [&a, &b, &c] {
+        until_step(&client, id, "payment", StepStatus::Running).await;
+    }
+    let paid = Payment { order: 5, amount: 9 };
+    // The same event twice (two ids, so the stream keeps both), and a third time with the
+    // same id (the stream drops it).
+    publish(&nats, "payments.confirmed", "p-5", &paid).await;
+    publish(&nats, "payments.confirmed", "p-5-again", &paid).await;
+    publish(&nats, "payments.confirmed", "p-5", &paid).await;
+    for id in [&a, &b] {
+        assert_eq!(client.wait(id, WAIT).await.unwrap().status(), SagaStatus::Completed);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shipped = shipped.0.lock().unwrap().clone();
+    assert_eq!(shipped.iter().filter(|(id, _)| *id == a).count(), 1, "{shipped:?}");
+    assert_eq!(shipped.iter().filter(|(id, _)| *id == b).count(), 1, "{shipped:?}");
+    for id in [&a, &b] {
+        let completions = client
+            .timeline(id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(&e.event, T::Succeeded { step, .. } if step.as_str() == "payment"))
+            .count();
+        assert_eq!(completions, 1, "saga {id}: payment completed once");
+    }
+    assert_eq!(client.get(&c).await.unwrap().unwrap().status(), SagaStatus::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_a_waiting_saga_wait_for_a_later_one_and_are_refused_after_the_end() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = SagaDefinition::builder("review")
+        .step("reserve", "svc", "reserve", |s| s.compensation("undo-reserve").retry(quick_retry(3)))
+        .await_step("approval", |a| a.signal("approve").timeout(WAIT))
+        .build();
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let fx = Effects::default();
+    let _p = echo_participant(nats.clone(), "svc", &["reserve"], fx.clone()).await;
+    let client = client(nats.clone()).await;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Approval {
+        by: String,
+    }
+    // Waiting already.
+    let waiting = client.start("review", &input(1)).await.unwrap();
+    until_step(&client, &waiting, "approval", StepStatus::Running).await;
+    client.signal(&waiting, "approve", &Approval { by: "ann".into() }).await.unwrap();
+    let view = client.wait(&waiting, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(
+        view.output::<Approval>("approval").unwrap().unwrap(),
+        Approval { by: "ann".into() }
+    );
+
+    // Not waiting yet: reserve is slow; the signal is kept until it is.
+    let early = client
+        .start("review", &TestInput { n: 2, delay_ms: 1000, ..Default::default() })
+        .await
+        .unwrap();
+    client.signal(&early, "approve", &Approval { by: "bob".into() }).await.unwrap();
+    assert_eq!(client.get(&early).await.unwrap().unwrap().status(), SagaStatus::Running);
+    let view = client.wait(&early, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(
+        view.output::<Approval>("approval").unwrap().unwrap(),
+        Approval { by: "bob".into() }
+    );
+
+    // Finished, unknown, or a bad name: refused, and nothing is stored.
+    let err = client.signal(&waiting, "approve", &Approval { by: "eve".into() }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotApplicable);
+    assert!(err.to_string().contains("already finished as completed"), "{err}");
+    let unknown = SagaId::new("0123456789abcdef0123456789abcdef").unwrap();
+    let err = client.signal(&unknown, "approve", &Approval { by: "eve".into() }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let err =
+        client.signal(&early, "approve now", &Approval { by: "eve".into() }).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_coordinator_between_the_event_and_the_completion_loses_nothing() {
+    init_logging();
+    const SAGAS: u64 = 40;
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = pay(WAIT, OnTimeout::Fail);
+    let dir = definitions_dir(&[def]);
+    let mut coord = CoordinatorProcess::start(COORDINATOR, &server.url(), &dir);
+    let client = client_when_ready(nats.clone(), "pay").await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+
+    let mut ids = Vec::new();
+    for n in 0..SAGAS {
+        ids.push(client.start("pay", &input(1000 + n)).await.unwrap());
+    }
+    for id in &ids {
+        until_step(&client, id, "payment", StepStatus::Running).await;
+    }
+    // The events go out while the coordinator dies: some are completed by it, some are
+    // stored after it died and found by the next one when it takes the sagas over.
+    let publisher = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            for n in 0..SAGAS {
+                let p = Payment { order: 1000 + n, amount: 1 };
+                publish(&nats, "payments.confirmed", &format!("k-{n}"), &p).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    coord.kill9();
+    publisher.await.unwrap();
+    let _coord2 = CoordinatorProcess::start(COORDINATOR, &server.url(), &dir);
+
+    let statuses = wait_all(&client, &ids, WAIT).await;
+    assert!(statuses.iter().all(|s| *s == SagaStatus::Completed), "{statuses:?}");
+    let shipped = shipped.0.lock().unwrap().clone();
+    for (i, id) in ids.iter().enumerate() {
+        let got: Vec<_> = shipped.iter().filter(|(s, _)| s == id).collect();
+        assert!(!got.is_empty(), "saga {id} shipped");
+        assert!(got.iter().all(|(_, p)| p.order == 1000 + i as u64), "{got:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
