@@ -52,6 +52,7 @@ pub(crate) fn subjects_of(a: &Awaiting, id: &SagaId, saga: &SagaName) -> Vec<(St
 /// event's), stored at `stored`; `Err` says why it does not count (it does not decode, or an
 /// event is older than the await's window).
 pub(crate) fn event_for(
+    id: &SagaId,
     a: &Awaiting,
     fails: bool,
     payload: &[u8],
@@ -77,8 +78,12 @@ pub(crate) fn event_for(
         AwaitOn::Signal { name } => {
             let signal: SignalMessage =
                 codec.decode(payload).map_err(|e| format!("signal does not decode: {e}"))?;
-            if signal.name != *name {
-                return Err(format!("signal named {:?} on the subject of {name}", signal.name));
+            if signal.name != *name || signal.saga_id != *id {
+                return Err(format!(
+                    "signal {} to saga {} on the subject of signal {name} to saga {id}",
+                    saga_core::wire::quote(&signal.name),
+                    signal.saga_id
+                ));
             }
             (signal.payload, format!("signal {name}"))
         }

@@ -1303,6 +1303,7 @@ impl Worker {
                     for (subject, fails) in on {
                         match self.shared.awaits.get_last_raw_message_by_subject(&subject).await {
                             Ok(stored) => match crate::awaits::event_for(
+                                id,
                                 a,
                                 fails,
                                 &stored.payload,
@@ -1383,6 +1384,7 @@ impl Worker {
             return observe::await_arrival("unmatched");
         };
         let event = match crate::awaits::event_for(
+            &id,
             a,
             fails,
             &msg.payload,
