@@ -109,6 +109,17 @@ enum Cmd {
         #[arg(long, default_value = "60s", value_parser = parse_age)]
         timeout: Duration,
     },
+    /// Send a signal to a saga: an await step waiting for it completes with the payload as
+    /// its output (now, or when the saga gets there).
+    Signal {
+        /// The saga id.
+        id: String,
+        /// The signal's name (as the definition's `await: { signal: NAME }` says).
+        name: String,
+        /// The payload: JSON, or @FILE to read it from a file.
+        #[arg(long, default_value = "null")]
+        payload: String,
+    },
     /// Cancel a running saga (what is done is compensated).
     Cancel(Action),
     /// Retry the stuck compensations of a parked saga.
@@ -274,6 +285,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 Err(Failure { code: 1, message: format!("saga {id} ended {}", view.status()) })
             }
+        }
+        Cmd::Signal { id, name, payload } => {
+            let id =
+                SagaId::new(&id).map_err(|e| usage(format!("{id:?} is not a saga id: it {e}")))?;
+            let payload = read_input(&payload)?;
+            client.signal(&id, &name, &payload).await?;
+            print_json_or(
+                json,
+                &serde_json::json!({ "id": id, "signal": name, "sent": true }),
+                || println!("signal {name}: sent to saga {id}"),
+            );
+            Ok(())
         }
         Cmd::Cancel(a) => act(&client, &a, "cancel", json).await,
         Cmd::Retry(a) => act(&client, &a, "retry", json).await,

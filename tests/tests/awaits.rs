@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(60);
 const COORDINATOR: &str = env!("CARGO_BIN_EXE_saga-coordinator");
+const SAGACTL: &str = env!("CARGO_BIN_EXE_sagactl");
 
 /// What the payments service publishes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +290,32 @@ async fn signals_reach_a_waiting_saga_wait_for_a_later_one_and_are_refused_after
         view.output::<Approval>("approval").unwrap().unwrap(),
         Approval { by: "bob".into() }
     );
+
+    // From a terminal: `sagactl signal`, then refused once the saga ended (exit code 1).
+    let by_cli = client.start("review", &input(3)).await.unwrap();
+    until_step(&client, &by_cli, "approval", StepStatus::Running).await;
+    let url = server.url();
+    let sagactl = |args: &[&str]| {
+        let out = std::process::Command::new(SAGACTL)
+            .args(args)
+            .env("NATS_URL", &url)
+            .output()
+            .expect("sagactl runs");
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+    };
+    let (code, out, err) =
+        sagactl(&["signal", by_cli.as_str(), "approve", "--payload", r#"{"by": "cli"}"#]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), format!("signal approve: sent to saga {by_cli}"));
+    let view = client.wait(&by_cli, WAIT).await.unwrap();
+    assert_eq!(
+        view.output::<Approval>("approval").unwrap().unwrap(),
+        Approval { by: "cli".into() }
+    );
+    let (code, _, err) = sagactl(&["signal", by_cli.as_str(), "approve"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already finished as completed: signal approve refused"), "{err}");
 
     // Finished, unknown, or a bad name: refused, and nothing is stored.
     let err = client.signal(&waiting, "approve", &Approval { by: "eve".into() }).await.unwrap_err();
