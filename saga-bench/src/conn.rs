@@ -62,6 +62,8 @@ pub(crate) fn ours_users(def: &SagaDefinition) -> anyhow::Result<Vec<UserPermiss
     let access = Access {
         coordinator: Some(COORDINATOR_USER.into()),
         starters: [(CLIENT_USER.to_owned(), BTreeSet::from([def.name.to_string()]))].into(),
+        // The first step's service publishes the event an `--await-step` saga waits for.
+        publishers: ["p0".to_owned()].into(),
         ..Access::default()
     };
     permissions(std::slice::from_ref(def), &access).context("generating ours' permissions")

@@ -131,6 +131,13 @@ struct Args {
 
     /// Internal: run one coordinator replica of the bench saga (`--steps`) against
     /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
+    /// Also measure ours with an await step: the same saga with its second step waiting for
+    /// a domain event (published by the first step's handler, carrying the saga's number)
+    /// instead of sending a command; its rows read `ours+await`. Coordinators run in the
+    /// bench process.
+    #[arg(long, conflicts_with_all = ["coordinator_processes", "growth", "in_flight"])]
+    await_step: bool,
+
     #[arg(long, hide = true, requires = "nats_url")]
     serve_coordinator: bool,
 
@@ -209,6 +216,7 @@ struct Plan {
     auth: bool,
     growth: Option<u64>,
     in_flight: Option<usize>,
+    await_step: bool,
 }
 
 impl Plan {
@@ -243,6 +251,7 @@ impl Plan {
             auth: args.auth,
             growth: args.growth,
             in_flight: args.in_flight,
+            await_step: args.await_step,
         }
     }
 }
@@ -300,7 +309,8 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
     if plan.ours {
         let gate = plan.in_flight.map(inflight::gate);
         let stack =
-            OursStack::start(&plan, &progress, "ours", gate.as_ref().map(|(g, _)| g)).await?;
+            OursStack::start(&plan, &progress, "ours", gate.as_ref().map(|(g, _)| g), false)
+                .await?;
         let (ours, env) = (stack.ours.clone(), &stack.env);
         server_version = stack.server_version.clone();
         if let (Some(sagas), Some((gate, open))) = (plan.in_flight, gate) {
@@ -318,7 +328,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             println!("{}", growth::verdict(&windows));
             // The grown stack against a fresh one on the same machine, window by window: a
             // trend across a long run also holds whatever else the machine did meanwhile.
-            let fresh = OursStack::start(&plan, &progress, "ours, fresh", None).await?;
+            let fresh = OursStack::start(&plan, &progress, "ours, fresh", None, false).await?;
             let grown = growth::Stack { system: ours.clone(), env: env.clone() };
             let new = growth::Stack { system: fresh.ours.clone(), env: fresh.env.clone() };
             let pairs = growth::paired(&grown, &new, plan.coordinators, c).await?;
@@ -339,6 +349,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             results.push(closed_loop("ours", replicas, ours.clone(), c, env, label).await?);
         }
         ours.stop().await;
+        if plan.await_step {
+            let stack = OursStack::start(&plan, &progress, "ours+await", None, true).await?;
+            let system = stack.ours.clone();
+            let coordinators = plan.coordinators;
+            measure_system("ours+await", coordinators, system, &plan, &stack.env, &mut results)
+                .await?;
+            stack.ours.stop().await;
+        }
     }
     print_report(&plan, &results, &server_version);
     Ok(())
@@ -358,9 +376,11 @@ impl OursStack {
         progress: &Progress,
         name: &str,
         gate: Option<&ours::Gate>,
+        await_step: bool,
     ) -> anyhow::Result<OursStack> {
+        let def = ours::shaped_definition(plan.steps, await_step);
         let users = match plan.auth {
-            true => Some(conn::ours_users(&ours::definition(plan.steps))?),
+            true => Some(conn::ours_users(&def)?),
             false => None,
         };
         let server = start_server(plan, progress, name, users).await?;
@@ -381,6 +401,7 @@ impl OursStack {
             plan.coordinators,
             plan.coordinator_processes,
             gate.cloned(),
+            await_step,
         )
         .await?;
         Ok(OursStack { _server: server, env, ours, server_version })

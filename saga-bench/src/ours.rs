@@ -139,13 +139,38 @@ fn parse_event_subject(subject: &str) -> Option<(&str, &str)> {
 
 /// The benchmark saga: `steps` compensatable steps `s0..`, step `i` on service `p<i>`.
 pub(crate) fn definition(steps: usize) -> SagaDefinition {
+    shaped_definition(steps, false)
+}
+
+/// The benchmark saga; with `await_step`, its second step (`s1`) is an await step that
+/// waits for the domain event `p0.paid` whose `n` is the saga's, which the first step's
+/// handler publishes.
+pub(crate) fn shaped_definition(steps: usize, await_step: bool) -> SagaDefinition {
     let mut b = SagaDefinition::builder(SAGA);
     for i in 0..steps {
+        if await_step && i == AWAITED {
+            b = b.await_step(&format!("s{i}"), |a| {
+                a.event(PAID_EVENT).matching("n", "input.n").timeout(STEP_TIMEOUT)
+            });
+            continue;
+        }
         b = b.step(&format!("s{i}"), &format!("p{i}"), "do", |s| {
             s.compensation("undo").timeout(STEP_TIMEOUT)
         });
     }
     b.build()
+}
+
+/// Which step is the await step with `--await-step`.
+const AWAITED: usize = 1;
+/// The domain event (after `domain.`) the await step waits for: the first step's service
+/// publishes it.
+const PAID_EVENT: &str = "p0.paid";
+
+/// The event the first step's handler publishes with `--await-step`.
+#[derive(Serialize)]
+struct Paid {
+    n: u64,
 }
 
 /// One coordinator replica.
@@ -185,8 +210,13 @@ impl Ours {
         coordinators: usize,
         replica_processes: bool,
         gate: Option<Gate>,
+        await_step: bool,
     ) -> anyhow::Result<Arc<Ours>> {
-        let def = definition(steps);
+        anyhow::ensure!(
+            !await_step || (steps > AWAITED && !replica_processes),
+            "--await-step needs at least 2 steps and coordinators in this process"
+        );
+        let def = shaped_definition(steps, await_step);
         let mut counter = MessageCounter::default();
         let mut replicas = Vec::new();
         for _ in 0..coordinators {
@@ -194,16 +224,28 @@ impl Ours {
         }
         let mut participants = Vec::new();
         for i in 0..steps {
+            if await_step && i == AWAITED {
+                continue;
+            }
             let service = format!("p{i}");
             let nats = conn.connect(&service).await.context("connecting a participant")?;
             counter.watch(&nats);
             let last = i + 1 == steps;
+            let publisher = (await_step && i + 1 == AWAITED).then(|| nats.clone());
             let gate = gate.clone().filter(|_| i == 0);
             let concurrency = gate.as_ref().map_or(PARTICIPANT_CONCURRENCY, |g| g.concurrency);
             let participant = Participant::builder(nats, &service)
                 .action("do", move |cmd: Command<StepInput>| {
                     let gate = gate.clone();
+                    let publisher = publisher.clone();
                     async move {
+                        if let Some(nats) = publisher {
+                            let id = format!("paid-{}", cmd.saga_id);
+                            let paid = Paid { n: cmd.input.n };
+                            saga_nats::follow::publish_domain_event(&nats, PAID_EVENT, &id, &paid)
+                                .await
+                                .map_err(|e| StepError::transient(e.to_string()))?;
+                        }
                         if let Some(mut gate) = gate {
                             gate.waiting.fetch_add(1, Ordering::Relaxed);
                             let _ = gate.open.wait_for(|open| *open).await;
