@@ -202,6 +202,7 @@ pub(crate) struct Ours {
 impl Ours {
     /// Starts `coordinators` replicas (each in a child process if `replica_processes`), the
     /// participants and the client.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start(
         conn: &Conn,
         steps: usize,
