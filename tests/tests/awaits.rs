@@ -83,6 +83,28 @@ async fn until_step(client: &SagaClient, id: &SagaId, step: &str, status: StepSt
     panic!("saga {id}: step {step} never reached {status:?}");
 }
 
+/// A fresh server running `defs` with an in-process coordinator, the participants and a
+/// client. Keep it alive for the test.
+struct Stack {
+    _server: NatsServer,
+    nats: async_nats::Client,
+    client: SagaClient,
+    fx: Effects,
+    shipped: Shipped,
+    _coordinator: saga_nats::Coordinator,
+    _participants: (Participant, Participant),
+}
+
+async fn stack(defs: Vec<SagaDefinition>) -> Stack {
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let _coordinator = coordinator(nats.clone(), defs).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _participants = participants(nats.clone(), fx.clone(), shipped.clone()).await;
+    let client = client(nats.clone()).await;
+    Stack { _server: server, nats, client, fx, shipped, _coordinator, _participants }
+}
+
 fn input(n: u64) -> TestInput {
     TestInput { n, ..Default::default() }
 }
@@ -90,12 +112,8 @@ fn input(n: u64) -> TestInput {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_completes_the_step_and_its_payload_reaches_the_next_step() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
-    let (fx, shipped) = (Effects::default(), Shipped::default());
-    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
-    let client = client(nats.clone()).await;
+    let s = stack(vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (nats, client, shipped) = (s.nats.clone(), s.client.clone(), s.shipped.clone());
 
     let id = client.start("pay", &input(41)).await.unwrap();
     until_step(&client, &id, "payment", StepStatus::Running).await;
@@ -127,12 +145,8 @@ async fn the_event_completes_the_step_and_its_payload_reaches_the_next_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_comes_before_the_saga_waits_completes_the_step_when_it_gets_there() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
-    let (fx, shipped) = (Effects::default(), Shipped::default());
-    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
-    let client = client(nats.clone()).await;
+    let s = stack(vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (nats, client) = (s.nats.clone(), s.client.clone());
 
     // Paid before the order's saga even starts; reserve takes a while, too.
     let paid = Payment { order: 7, amount: 3 };
@@ -150,15 +164,11 @@ async fn an_event_that_comes_before_the_saga_waits_completes_the_step_when_it_ge
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_event_or_a_timeout_compensates_and_continue_goes_on() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
     let strict = pay(Duration::from_secs(2), OnTimeout::Fail);
     let mut lenient = pay(Duration::from_secs(2), OnTimeout::Continue);
     lenient.name = "pay-later".into();
-    let _coord = coordinator(nats.clone(), vec![strict, lenient]).await;
-    let (fx, shipped) = (Effects::default(), Shipped::default());
-    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
-    let client = client(nats.clone()).await;
+    let s = stack(vec![strict, lenient]).await;
+    let (nats, client, fx) = (s.nats.clone(), s.client.clone(), s.fx.clone());
 
     let declined = client.start("pay", &input(1)).await.unwrap();
     let timed_out = client.start("pay", &input(2)).await.unwrap();
@@ -208,12 +218,8 @@ async fn a_fail_event_or_a_timeout_compensates_and_continue_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_event_completes_once_and_one_event_completes_every_saga_it_matches() {
     init_logging();
-    let server = NatsServer::start();
-    let nats = server.connect().await;
-    let _coord = coordinator(nats.clone(), vec![pay(WAIT, OnTimeout::Fail)]).await;
-    let (fx, shipped) = (Effects::default(), Shipped::default());
-    let _p = participants(nats.clone(), fx.clone(), shipped.clone()).await;
-    let client = client(nats.clone()).await;
+    let s = stack(vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (nats, client, shipped) = (s.nats.clone(), s.client.clone(), s.shipped.clone());
 
     // Two sagas for order 5 (two keys), one for order 6.
     let a = client.start_with_key("pay", "a", &input(5)).await.unwrap();
