@@ -572,12 +572,8 @@ impl Worker {
     /// Drops the timer heap's entries of timers no longer armed (see [`TimerHeap`]).
     fn compact_timers(&mut self) {
         let sagas = &self.sagas;
-        self.timers.compact(|at, id, key| {
-            sagas
-                .get(id)
-                .and_then(|live| live.armed.get(&key.step))
-                .is_some_and(|(timer, armed_at)| armed_at == at && TimerKey::of(timer) == *key)
-        });
+        self.timers
+            .compact(|at, id, key| sagas.get(id).is_some_and(|live| live.armed_as(*at, key)));
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Work>) {
@@ -1110,11 +1106,10 @@ impl Worker {
         let now_ms = now();
         while let Some((at, id, key)) = self.timers.pop_due(now_ms) {
             let Some(live) = self.sagas.get_mut(&id) else { continue };
-            let Some((timer, armed_at)) = live.armed.get(&key.step) else { continue };
-            if *armed_at != at || TimerKey::of(timer) != key {
+            if !live.armed_as(at, &key) {
                 continue;
             }
-            let timer = timer.clone();
+            let timer = live.armed[&key.step].0.clone();
             live.armed.remove(&key.step);
             if let Err(e) = self.apply(&id, Event::TimerFired(timer.clone()), None).await {
                 warn!(saga_id = %id, error = %e, "timer not applied; trying again in a second");
@@ -1460,6 +1455,13 @@ impl Live {
         observe::transition(&saga, entries, events, &mut self.sent, tally);
         self.seq = seq;
         self.last_write = Instant::now();
+    }
+
+    /// Whether the timer in the heap at `at` under `key` is still the step's armed one.
+    fn armed_as(&self, at: Timestamp, key: &TimerKey) -> bool {
+        self.armed
+            .get(&key.step)
+            .is_some_and(|(timer, armed_at)| *armed_at == at && TimerKey::of(timer) == *key)
     }
 
     fn new(
