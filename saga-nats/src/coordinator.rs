@@ -197,15 +197,26 @@ impl Coordinator {
             .subscribe(subjects::replies_of(&replica))
             .await
             .map_err(|e| CoordinatorError::Nats(e.into()))?;
-        // What await steps wait for, as it is stored: subscribed before any wait begins, so
+        // What await steps wait for, delivered once it is stored (a subscription to the
+        // subjects could hear of a message before the stream stores it, and a wait that began
+        // in between would read nothing and hear nothing). Created before any wait begins, so
         // that a wait that reads nothing stored hears of what is stored after.
-        let mut arrivals = Vec::new();
-        for filter in ["saga.await.>", "saga.signal.>"] {
-            let sub =
-                client.subscribe(filter).await.map_err(|e| CoordinatorError::Nats(e.into()))?;
-            arrivals.push(sub);
-        }
-        let arrivals = futures::stream::select_all(arrivals);
+        let awaits = js
+            .get_stream(subjects::AWAIT_STREAM)
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.into()))?;
+        let arrivals = awaits
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                description: Some(format!("await arrivals for replica {replica}")),
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.into()))?
+            .messages()
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.into()))?;
         let mut matchers = Vec::new();
         for spec in crate::awaits::specs(&config.definitions) {
             let codec = Codec::with_max_size(config.max_message_size);
@@ -214,10 +225,6 @@ impl Coordinator {
                 .map_err(|e| CoordinatorError::Nats(e.to_string().into()))?;
             matchers.push(matcher);
         }
-        let awaits = js
-            .get_stream(subjects::AWAIT_STREAM)
-            .await
-            .map_err(|e| CoordinatorError::Nats(e.into()))?;
         let shared = Arc::new(Shared {
             client,
             js,
@@ -336,7 +343,7 @@ async fn run(
     shared: Arc<Shared>,
     consumer: PullConsumer,
     mut replies: async_nats::Subscriber,
-    mut arrivals: futures::stream::SelectAll<async_nats::Subscriber>,
+    mut arrivals: jetstream::consumer::push::Ordered,
     workers: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -388,7 +395,12 @@ async fn run(
                     None => break 'outer,
                 },
                 arrival = arrivals.next() => match arrival {
-                    Some(msg) => {
+                    Some(Err(e)) => {
+                        warn!(error = %e, "error while reading await arrivals; the ordered consumer resumes after the last one read");
+                        continue;
+                    }
+                    Some(Ok(msg)) => {
+                        let msg = msg.message;
                         // A signal names its saga; an event, the sagas waiting on its subject.
                         let ids = match subjects::parse_signal(&msg.subject) {
                             Some((id, _, _)) => vec![id],

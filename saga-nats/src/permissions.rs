@@ -215,6 +215,8 @@ pub fn permissions(
         // dead letters.
         "saga.await.>".into(),
         format!("$JS.ACK.{}.saga-await-*.>", subjects::DOMAIN_STREAM),
+        // Flow control of the ordered consumer that delivers what await steps wait for.
+        format!("$JS.FC.{}.>", subjects::AWAIT_STREAM),
         "saga.dlq.saga-await-*".into(),
         subjects::dlq("coordinator"),
         format!("$KV.{}.>", subjects::DEFINITIONS_BUCKET),
@@ -226,8 +228,6 @@ pub fn permissions(
         "saga.reply.>".into(),
         "saga.admin.>".into(),
         "$SRV.>".into(),
-        "saga.await.>".into(),
-        "saga.signal.>".into(),
     ]);
     c.allow_responses = true;
 
