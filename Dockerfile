@@ -1,4 +1,4 @@
-# One image with every demo binary: the saga coordinator, sagactl, the web console and the four
+# One image with every demo binary: the saga coordinator, sagactl, the web console and the five
 # demo services.
 # Built by docker-compose.yml; each service runs one binary from it.
 FROM rust:1-slim-bookworm AS build
@@ -14,6 +14,7 @@ COPY --from=build \
     /src/target/release/seller \
     /src/target/release/logistics \
     /src/target/release/notification \
+    /src/target/release/payments \
     /src/target/release/sagactl \
     /src/target/release/saga-console \
     /usr/local/bin/

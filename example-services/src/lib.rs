@@ -1,6 +1,6 @@
 //! # The demo services
 //!
-//! Four small services around the `place-order` saga (`sagas/place-order.yaml`), written
+//! Five small services around the `place-order` saga (`sagas/place-order.yaml`), written
 //! against the public `saga-nats` SDK and client only:
 //!
 //! | service | role | what it does |
@@ -8,6 +8,7 @@
 //! | [`orders`] | starts sagas | an HTTP API (`POST /orders`, `GET /orders/{id}`) and a batch command; each order starts `place-order` with the order id as idempotency key |
 //! | [`seller`] | step `reserve-items` | reserves items from a durable stock (`reserve`), releases them (`release`); refuses when stock runs out, so the saga compensates |
 //! | [`logistics`] | step `schedule-shipment` | schedules a shipment (`schedule`), cancels it (`cancel`); configurable latency, failure and hang rates, so retries and timeouts show |
+//! | [`payments`] | follows events; step `payment` waits for its events | charges an order a while after its items are reserved and publishes `payments.confirmed` or `payments.declined` (the saga's await step `payment` waits for one); refunds compensated orders |
 //! | [`notification`] | follows events | takes no step: it follows the saga's lifecycle events and notifies the customer when an order ends |
 //!
 //! [`scenario`] is the demo itself: it places a batch of orders, waits for every saga to end
@@ -19,6 +20,7 @@ pub mod logistics;
 pub mod model;
 pub mod notification;
 pub mod orders;
+pub mod payments;
 pub mod scenario;
 pub mod seller;
 

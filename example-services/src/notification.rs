@@ -52,7 +52,7 @@ impl Notice {
                 )
             }
             _ => format!(
-                "Dear {}, sorry: we could not complete your order {} ({}). Nothing was charged.",
+                "Dear {}, sorry: we could not complete your order {} ({}). Any payment taken is refunded.",
                 order.customer,
                 order.id,
                 event.reason.as_deref().unwrap_or("no reason given")

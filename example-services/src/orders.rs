@@ -244,6 +244,11 @@ pub fn timeline(snap: &SagaSnapshot, entries: &[saga_core::TimelineEntry]) -> Ve
                 TimelineEvent::OperatorResolve { reason, by } => {
                     with_by("operator resolve", reason, by)
                 }
+                TimelineEvent::Awaiting { step, waits_for, deadline } => format!(
+                    "awaiting {step}: {waits_for} (until +{} ms)",
+                    since(deadline.0)
+                ),
+                TimelineEvent::StoppedWaiting { step } => format!("stopped waiting: {step}"),
                 TimelineEvent::Finished { status } => format!("finished: {status}"),
                 other => other.name().replace('_', " "),
             };

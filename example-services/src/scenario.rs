@@ -14,6 +14,7 @@ use crate::draw;
 use crate::model::Order;
 use crate::notification::{self, Notice};
 use crate::orders::{OrderView, Orders};
+use crate::payments::{Payment, PaymentStatus, PaymentStore};
 use crate::seller::{Stock, StockStore};
 
 /// What to run.
@@ -106,6 +107,8 @@ pub struct ScenarioReport {
     pub stock_after: BTreeMap<String, Stock>,
     /// The notifications sent for this run's orders.
     pub notifications: Vec<Notice>,
+    /// This run's orders' payments, by order id.
+    pub payments: BTreeMap<String, Payment>,
     /// Wall time of the run.
     pub elapsed: Duration,
 }
@@ -162,13 +165,52 @@ pub async fn run(
     progress.finish();
 
     let notifications = await_notifications(nats.clone(), &outcomes).await?;
+    let payments = await_payments(&nats, &outcomes).await?;
     Ok(ScenarioReport {
         outcomes,
         stock_before,
         stock_after: stock.all().await?,
         notifications,
+        payments,
         elapsed: started.elapsed(),
     })
+}
+
+/// Payments refunds compensated orders asynchronously, too: give it a few seconds to settle
+/// this run's orders (until no order's payment contradicts how its saga ended).
+async fn await_payments(
+    nats: &async_nats::Client,
+    outcomes: &[Outcome],
+) -> anyhow::Result<BTreeMap<String, Payment>> {
+    let store = PaymentStore::open(nats).await?;
+    let give_up = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut all = store.all().await?;
+        let mine: BTreeMap<String, Payment> = outcomes
+            .iter()
+            .filter_map(|o| all.remove(&o.order.id).map(|p| (o.order.id.clone(), p)))
+            .collect();
+        if payment_problems(outcomes, &mine).is_empty() || Instant::now() > give_up {
+            return Ok(mine);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What is wrong with the payments, if anything: every completed order is charged (once: one
+/// record per order), and no order whose saga did not complete keeps a charge.
+fn payment_problems(outcomes: &[Outcome], payments: &BTreeMap<String, Payment>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for o in outcomes {
+        let Some(status) = o.status().filter(|s| s.is_terminal()) else { continue };
+        let paid = payments.get(&o.order.id).map(|p| p.status);
+        let completed = status == SagaStatus::Completed;
+        if completed != (paid == Some(PaymentStatus::Charged)) {
+            let paid = paid.map_or("no payment", PaymentStatus::as_str);
+            problems.push(format!("order {}: saga {status}, payment {paid}", o.order.id));
+        }
+    }
+    problems
 }
 
 /// Notification follows events asynchronously: give it a few seconds to catch up with the
@@ -214,6 +256,25 @@ impl ScenarioReport {
             .collect();
         l.sort_unstable();
         l
+    }
+
+    /// How long the sagas that got a payment event waited for it, in milliseconds, sorted
+    /// (from their timelines: `awaiting payment` to the step's success or failure).
+    pub fn payment_waits_ms(&self) -> Option<Vec<u64>> {
+        let mut waits: Vec<u64> = self
+            .outcomes
+            .iter()
+            .filter_map(|o| o.view.as_ref())
+            .filter_map(|v| {
+                let began = v.timeline.iter().find(|e| e.what.starts_with("awaiting payment"))?;
+                let ended = v.timeline.iter().find(|e| {
+                    e.what.starts_with("succeeded payment") || e.what.starts_with("failed payment")
+                })?;
+                Some(ended.offset_ms.saturating_sub(began.offset_ms))
+            })
+            .collect();
+        waits.sort_unstable();
+        (!waits.is_empty()).then_some(waits)
     }
 
     /// Items the completed orders hold, by SKU.
@@ -262,10 +323,26 @@ impl ScenarioReport {
         problems
     }
 
+    /// What is wrong with the payments, if anything: every completed order is charged, and
+    /// every other ended order is not (declined, refunded, or never charged).
+    pub fn payment_problems(&self) -> Vec<String> {
+        payment_problems(&self.outcomes, &self.payments)
+    }
+
+    /// This run's payments, counted by status.
+    pub fn payment_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts = BTreeMap::new();
+        for p in self.payments.values() {
+            *counts.entry(p.status.as_str()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Whether every saga ended and the books balance.
     pub fn is_ok(&self) -> bool {
         self.unfinished().is_empty()
             && self.stock_problems().is_empty()
+            && self.payment_problems().is_empty()
             && self.notification_problems().is_empty()
     }
 
@@ -317,6 +394,29 @@ impl ScenarioReport {
                 }
             }
         }
+        writeln!(out, "\n== payments (the saga's await step `payment` waits for their events)")?;
+        let counts = self.payment_counts();
+        let line: Vec<String> = counts.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        writeln!(out, "  {}", if line.is_empty() { "none".to_owned() } else { line.join(", ") })?;
+        if let Some(waits) = self.payment_waits_ms() {
+            writeln!(
+                out,
+                "  waited for the payment event: p50 {} ms, p99 {} ms",
+                percentile(&waits, 50.0),
+                percentile(&waits, 99.0)
+            )?;
+        }
+        match self.payment_problems().as_slice() {
+            [] => writeln!(
+                out,
+                "  check: every completed order is charged, every other ended order is not"
+            )?,
+            problems => {
+                for p in problems.iter().take(10) {
+                    writeln!(out, "  MISMATCH {p}")?;
+                }
+            }
+        }
         for (title, status) in [
             ("a completed order", SagaStatus::Completed),
             ("a compensated order", SagaStatus::Compensated),
@@ -355,7 +455,11 @@ impl ScenarioReport {
             if v.status == SagaStatus::Compensated {
                 // "step reserve-items failed: out of stock: 3 apple wanted, 1 available"
                 // → "step reserve-items failed: out of stock"
-                let reason = v.reason.clone().unwrap_or_default();
+                let mut reason = v.reason.clone().unwrap_or_default();
+                // "… event domain.payments.declined (sequence 812)": one line for them all.
+                if let Some(at) = reason.find(" (sequence ") {
+                    reason.truncate(at);
+                }
                 let short = match reason.match_indices(": ").nth(1) {
                     Some((at, _)) => reason[..at].to_owned(),
                     None => reason,

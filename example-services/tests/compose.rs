@@ -29,6 +29,7 @@ fn binary(name: &str) -> Option<PathBuf> {
         "seller" => env!("CARGO_BIN_EXE_seller"),
         "logistics" => env!("CARGO_BIN_EXE_logistics"),
         "notification" => env!("CARGO_BIN_EXE_notification"),
+        "payments" => env!("CARGO_BIN_EXE_payments"),
         _ => return None,
     };
     Some(PathBuf::from(path))
@@ -62,9 +63,18 @@ fn every_service_image_command_and_variable_named_exists() {
     let compose = compose();
     let services = compose["services"].as_mapping().expect("services");
     let names: BTreeSet<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
-    let want: BTreeSet<&str> =
-        ["auth", "nats", "coordinator", "seller", "logistics", "notification", "orders", "demo"]
-            .into();
+    let want: BTreeSet<&str> = [
+        "auth",
+        "nats",
+        "coordinator",
+        "seller",
+        "logistics",
+        "payments",
+        "notification",
+        "orders",
+        "demo",
+    ]
+    .into();
     assert_eq!(names, want);
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
     let coordinator_env = declared_env(&["saga-coordinator/src", "saga-nats/src/connect.rs"]);
@@ -192,10 +202,11 @@ fn compose_and_the_demo_script_grant_the_same_permissions() {
         .chunks(2)
         .map(|pair| (&pair[0], &pair[1]))
         .filter(|(flag, _)| {
-            ["--starts", "--follows", "--bucket", "--reads", "--operator"].contains(&flag.as_str())
+            ["--starts", "--follows", "--bucket", "--reads", "--events", "--operator"]
+                .contains(&flag.as_str())
         })
         .collect();
-    assert_eq!(policy.len(), 7, "{policy:?}");
+    assert_eq!(policy.len(), 11, "{policy:?}");
     for (flag, value) in policy {
         assert!(demo.contains(&format!("{flag} {value}")), "scripts/demo lacks {flag} {value}");
     }

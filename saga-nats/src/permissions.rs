@@ -224,11 +224,7 @@ pub fn permissions(
         "_INBOX.>".into(),
     ]);
     // Its admin service answers on the requesters' inboxes.
-    c.subscribe([
-        "saga.reply.>".into(),
-        "saga.admin.>".into(),
-        "$SRV.>".into(),
-    ]);
+    c.subscribe(["saga.reply.>".into(), "saga.admin.>".into(), "$SRV.>".into()]);
     c.allow_responses = true;
 
     // Participants: every service a definition names.

@@ -13,6 +13,8 @@
 //! - the stock balances: what each SKU lost is what this run's completed orders hold, and
 //!   exactly those orders hold items;
 //! - exactly one notification per ended order;
+//! - the payments balance: every completed order is charged, and no other ended order keeps a
+//!   charge (declined, refunded, or never charged);
 //! - nothing left in a work queue, and no dead letters;
 //! - on a cluster, every node's replica of the log (read through a connection to that node
 //!   alone) gives every saga the status the audit saw.
@@ -34,6 +36,7 @@ use example_services::model::Order;
 use example_services::notification::NOTIFICATION_BUCKET;
 use example_services::orders::Orders;
 use example_services::orders::ORDER_BUCKET;
+use example_services::payments::{PaymentStatus, PaymentStore};
 use example_services::scenario::{percentile, ScenarioConfig};
 use example_services::seller::{StockStore, STOCK_BUCKET};
 use example_services::{notification, PLACE_ORDER};
@@ -78,7 +81,7 @@ pub struct ChaosConfig {
     pub kills: usize,
     /// Coordinator replicas.
     pub coordinators: usize,
-    /// Instances of each service (seller, logistics, notification).
+    /// Instances of each service (seller, logistics, notification, payments).
     pub instances: usize,
     /// Whether the nats-server (a node, on a cluster) is among the victims.
     pub kill_server: bool,
@@ -128,6 +131,8 @@ pub enum Kind {
     Logistics,
     /// Notification.
     Notification,
+    /// Payments.
+    Payments,
     /// The nats-server (a node of the cluster).
     Server,
 }
@@ -156,6 +161,7 @@ impl Kind {
             Kind::Seller => "seller",
             Kind::Logistics => "logistics",
             Kind::Notification => "notification",
+            Kind::Payments => "payments",
             Kind::Server => "nats-server",
         }
     }
@@ -279,7 +285,7 @@ impl ChaosReport {
         if self.problems.is_empty() {
             let _ = writeln!(
                 out,
-                "  OK: every saga ended, no effect ran twice, no compensation lacked a recorded output, the stock balances, one notification per order, work queues empty, no dead letters"
+                "  OK: every saga ended, no effect ran twice, no compensation lacked a recorded output, the stock balances, one notification per order, the payments balance, work queues empty, no dead letters"
             );
         } else {
             let _ = writeln!(out, "  {} PROBLEMS", self.problems.len());
@@ -513,7 +519,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             child: None,
         });
     }
-    for kind in [Kind::Seller, Kind::Logistics, Kind::Notification] {
+    for kind in [Kind::Seller, Kind::Logistics, Kind::Notification, Kind::Payments] {
         for i in 1..=config.instances {
             procs.push(Proc {
                 name: format!("{}-{i}", kind.as_str()),
@@ -560,7 +566,8 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let gap = Duration::from_secs_f64(load_secs / (config.kills.max(1) as f64 + 1.0));
     let mut rng = Rng::new(config.seed);
     let mut report = ChaosReport { sagas: config.sagas, ..Default::default() };
-    let mut kinds = vec![Kind::Coordinator, Kind::Seller, Kind::Logistics, Kind::Notification];
+    let mut kinds =
+        vec![Kind::Coordinator, Kind::Seller, Kind::Logistics, Kind::Notification, Kind::Payments];
     if config.kill_server {
         kinds.push(Kind::Server);
     }
@@ -742,6 +749,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         .collect();
     audit_stock(&stock_before, &stock.all().await?, &order_ends, &mut report);
     audit_notifications(&nats, &status_of, &mut report).await?;
+    audit_payments(&nats, &order_ends, &mut report).await?;
     audit_queues(&nats, orders.client(), &mut report).await?;
     // Nothing here stops a process but the harness: one that exited crashed.
     for e in &report.exits {
@@ -1152,6 +1160,37 @@ async fn audit_notifications(
                     .problems
                     .push(format!("{strays} notifications for sagas this run did not start"));
             }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Every completed order is charged; no other ended order keeps a charge. Payments refunds
+/// asynchronously: give it time to catch up.
+async fn audit_payments(
+    nats: &async_nats::Client,
+    ends: &[(&Order, Option<SagaStatus>)],
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let store = PaymentStore::open(nats).await?;
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let payments = store.all().await?;
+        let wrong: Vec<String> = ends
+            .iter()
+            .filter_map(|(order, status)| {
+                let status = status.filter(|s| s.is_terminal())?;
+                let paid = payments.get(&order.id).map(|p| p.status);
+                let completed = status == SagaStatus::Completed;
+                (completed != (paid == Some(PaymentStatus::Charged))).then(|| {
+                    let paid = paid.map_or("no payment", PaymentStatus::as_str);
+                    format!("order {}: saga {status}, payment {paid}", order.id)
+                })
+            })
+            .collect();
+        if wrong.is_empty() || Instant::now() > give_up {
+            report.problems.extend(wrong);
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

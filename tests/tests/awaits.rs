@@ -431,5 +431,9 @@ async fn events_stored_while_the_wait_begins_are_never_missed() {
             other => missed.push((id.clone(), other.map(|v| v.status()))),
         }
     }
-    assert!(missed.is_empty(), "{} of {SAGAS} sagas missed their payment: {missed:?}", missed.len());
+    assert!(
+        missed.is_empty(),
+        "{} of {SAGAS} sagas missed their payment: {missed:?}",
+        missed.len()
+    );
 }

@@ -35,8 +35,8 @@ fn chaos(name: &str, args: &[&str]) -> String {
         out.status,
         dir.display()
     );
-    // Ten kills in rounds of five kinds: every kind was killed at least twice.
-    for kind in ["coordinator", "seller", "logistics", "notification", "nats-server"] {
+    // Twelve kills in rounds of six kinds: every kind was killed at least twice.
+    for kind in ["coordinator", "seller", "logistics", "notification", "payments", "nats-server"] {
         let line = stdout
             .lines()
             .find(|l| l.trim_start().starts_with(&format!("killed {kind} ")))
@@ -52,14 +52,14 @@ fn chaos(name: &str, args: &[&str]) -> String {
 
 #[test]
 fn a_short_chaos_run_loses_nothing_and_runs_no_effect_twice() {
-    chaos("chaos", &["--sagas", "300", "--rate", "25", "--kills", "10", "--max-down-ms", "1500"]);
+    chaos("chaos", &["--sagas", "300", "--rate", "25", "--kills", "12", "--max-down-ms", "1500"]);
 }
 
 #[test]
 fn a_cluster_losing_its_log_leader_then_a_follower_loses_nothing() {
     let report = chaos(
         "chaos-cluster",
-        &["--cluster", "3", "--sagas", "300", "--rate", "20", "--kills", "10"],
+        &["--cluster", "3", "--sagas", "300", "--rate", "20", "--kills", "12"],
     );
     // Two node kills: the first took the saga log's stream leader, the second a follower;
     // the report gives the pause each caused.

@@ -9,8 +9,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use example_services::logistics::LogisticsConfig;
 use example_services::orders::{router, OrderView, Orders};
+use example_services::payments::{PaymentStatus, PaymentsConfig};
 use example_services::scenario::{self, ScenarioConfig};
-use example_services::{logistics, notification, seller};
+use example_services::{logistics, notification, payments, seller};
 use saga_core::{Phase, SagaDefinition, SagaStatus};
 use saga_nats::permissions::Access;
 use saga_nats::subjects::{self, ReplyTo};
@@ -27,11 +28,17 @@ struct Stack {
     _coordinator: Coordinator,
     _seller: Participant,
     _logistics: Participant,
+    _payments: saga_nats::follow::Following,
     notification: Option<saga_nats::follow::Following>,
     orders: Orders,
 }
 
-async fn stack(nats: &async_nats::Client, stock: &str, behaviour: LogisticsConfig) -> Stack {
+async fn stack(
+    nats: &async_nats::Client,
+    stock: &str,
+    behaviour: LogisticsConfig,
+    paying: PaymentsConfig,
+) -> Stack {
     let def = SagaDefinition::load(DEFINITION).expect("the demo's saga definition loads");
     let coordinator =
         Coordinator::start(nats.clone(), coordinator_config(vec![def], Duration::from_secs(5)))
@@ -44,6 +51,7 @@ async fn stack(nats: &async_nats::Client, stock: &str, behaviour: LogisticsConfi
         _logistics: logistics::run(nats.clone(), behaviour, 32, None)
             .await
             .expect("logistics starts"),
+        _payments: payments::run(nats.clone(), paying).await.expect("payments starts"),
         notification: Some(notification::run(nats.clone()).await.expect("notification starts")),
         orders: Orders::new(nats.clone()).await.expect("orders connects"),
     }
@@ -61,7 +69,10 @@ async fn the_demo_scenario_ends_every_saga_and_the_books_balance() {
         timeout_rate: 0.1,
         ..Default::default()
     };
-    let mut stack = stack(&nats, "apple=25,pear=25,plum=25", behaviour.clone()).await;
+    // Payments declines some orders, and answers a while after the items are reserved.
+    let paying = PaymentsConfig { latency_ms: 30, decline_rate: 0.15 };
+    let mut stack =
+        stack(&nats, "apple=25,pear=25,plum=25", behaviour.clone(), paying.clone()).await;
     let config = ScenarioConfig {
         orders: 60,
         concurrency: 16,
@@ -84,11 +95,58 @@ async fn the_demo_scenario_ends_every_saga_and_the_books_balance() {
     assert_eq!(completed + compensated, 60, "{printed}");
     assert!(completed > 0 && compensated > 0, "both outcomes occur: {printed}");
     let orders = config.make_orders();
-    let expected_courier_failures = orders.iter().filter(|o| behaviour.fails(o)).count();
-    assert!(
-        compensated >= expected_courier_failures,
-        "{compensated} < {expected_courier_failures}"
-    );
+    // Every order Payments declines or no courier takes compensates (so do some that ran out).
+    let doomed = orders.iter().filter(|o| paying.declines(o) || behaviour.fails(o)).count();
+    assert!(compensated >= doomed, "{compensated} < {doomed}");
+
+    // Each order's payment follows how its saga ended: a declined payment compensates the
+    // saga at its await step, a completed order is charged, and one compensated after it was
+    // charged (no courier) is refunded.
+    assert!(report.payment_problems().is_empty(), "{printed}");
+    let mut seen = BTreeSet::new();
+    for o in &report.outcomes {
+        let view = o.view.as_ref().expect("ended");
+        let lines: Vec<&str> = view.timeline.iter().map(|e| e.what.as_str()).collect();
+        let awaiting = format!(
+            "awaiting payment: event payments.confirmed where order_id = \"{}\"",
+            o.order.id
+        );
+        let waited = lines.iter().position(|l| l.starts_with(&awaiting));
+        let paid = report.payments.get(&o.order.id).map(|p| p.status);
+        match paid {
+            Some(PaymentStatus::Declined) => {
+                assert_eq!(view.status, SagaStatus::Compensated, "{lines:?}");
+                let reason = view.reason.as_deref().unwrap_or_default();
+                assert!(
+                    reason.starts_with("step payment failed: event domain.payments.declined"),
+                    "{reason}"
+                );
+                assert!(paying.declines(&o.order), "declined only when the draw says so");
+            }
+            Some(PaymentStatus::Charged) => {
+                assert_eq!(view.status, SagaStatus::Completed, "{lines:?}");
+                let shipped = lines
+                    .iter()
+                    .position(|l| l.starts_with("dispatched schedule-shipment"))
+                    .expect("shipped");
+                assert!(waited.expect("waited for the payment") < shipped, "{lines:?}");
+            }
+            Some(PaymentStatus::Refunded) => {
+                assert_eq!(view.status, SagaStatus::Compensated);
+                assert!(behaviour.fails(&o.order), "refunded: logistics failed it");
+            }
+            // Out of stock: the saga never got to the payment.
+            Some(PaymentStatus::Void) | None => {
+                assert_eq!(view.status, SagaStatus::Compensated);
+                assert!(waited.is_none(), "{lines:?}");
+            }
+        }
+        seen.insert(paid.map(|p| p.as_str()));
+    }
+    for wanted in ["charged", "declined"] {
+        assert!(seen.contains(&Some(wanted)), "no payment {wanted}: {seen:?}\n{printed}");
+    }
+    assert!(printed.contains("waited for the payment event: p50"), "{printed}");
 
     // Stock after = stock before − what completed orders hold, SKU by SKU, computed here from
     // the orders themselves; and what the seller holds is exactly the completed orders.
@@ -127,6 +185,7 @@ async fn the_demo_scenario_ends_every_saga_and_the_books_balance() {
     };
     assert_eq!(statuses(&again), statuses(&report));
     assert_eq!(again.stock_after, report.stock_after, "stock untouched by the repeat");
+    assert_eq!(again.payments, report.payments, "nobody charged twice");
     let notices = notification::sent(nats.clone()).await.unwrap();
     assert_eq!(notices.len(), 60, "no second notification");
     stack.notification.take().unwrap().shutdown().await;
@@ -155,7 +214,8 @@ async fn the_orders_api_places_and_shows_orders_and_names_what_is_wrong() {
         timeout_rate: 0.0,
         ..Default::default()
     };
-    let stack = stack(&nats, "apple=5", no_trouble).await;
+    let instant = PaymentsConfig { latency_ms: 1, decline_rate: 0.0 };
+    let stack = stack(&nats, "apple=5", no_trouble, instant).await;
     let app = router(Arc::new(stack.orders.clone()));
 
     let (status, placed) =
@@ -193,6 +253,7 @@ async fn the_orders_api_places_and_shows_orders_and_names_what_is_wrong() {
         lines.contains(&"dispatched reserve-items (action, attempt 1) → seller.reserve"),
         "{lines:?}"
     );
+    assert!(lines.iter().any(|l| l.starts_with("awaiting payment: event payments.confirmed")));
     assert_eq!(lines.last(), Some(&"finished: completed"));
 
     // More than the stock: the saga compensates, and the view says why.
@@ -251,16 +312,22 @@ fn demo_access() -> Access {
     let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
     Access {
         starters: [("orders".into(), set(&["place-order"]))].into(),
-        followers: [("notification".into(), set(&["place-order"]))].into(),
+        followers: [
+            ("notification".into(), set(&["place-order"])),
+            ("payments".into(), set(&["place-order"])),
+        ]
+        .into(),
         operators: set(&["demo"]),
         buckets: [
             ("seller".into(), set(&["demo_stock"])),
             ("orders".into(), set(&["demo_orders"])),
             ("notification".into(), set(&["demo_notifications"])),
+            ("payments".into(), set(&["demo_payments"])),
         ]
         .into(),
-        readers: [("orders".into(), set(&["demo_stock", "demo_notifications"]))].into(),
-        publishers: set(&["seller"]),
+        readers: [("orders".into(), set(&["demo_stock", "demo_notifications", "demo_payments"]))]
+            .into(),
+        publishers: set(&["seller", "payments"]),
         ..Access::default()
     }
 }
@@ -276,7 +343,9 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
     let bus = Bus::start(std::slice::from_ref(&def), &demo_access());
     let (nats, coordinator_denials) = bus.connect("coordinator").await;
     let config = saga_nats::CoordinatorConfig {
-        kv_buckets: ["demo_stock", "demo_orders", "demo_notifications"].map(String::from).into(),
+        kv_buckets: ["demo_stock", "demo_orders", "demo_notifications", "demo_payments"]
+            .map(String::from)
+            .into(),
         ..coordinator_config(vec![def], Duration::from_secs(5))
     };
     let coordinator = Coordinator::start(nats, config).await.expect("coordinator starts");
@@ -288,6 +357,9 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
     let _logistics = logistics::run(nats, behaviour, 32, None).await.expect("logistics starts");
     let (nats, notification_denials) = bus.connect("notification").await;
     let following = notification::run(nats).await.expect("notification starts");
+    let (nats, payments_denials) = bus.connect("payments").await;
+    let paying = PaymentsConfig { latency_ms: 5, decline_rate: 0.2 };
+    let _payments = payments::run(nats, paying).await.expect("payments starts");
     let (orders_nats, orders_denials) = bus.connect("orders").await;
     let orders = Orders::new(orders_nats.clone()).await.expect("orders connects");
 
@@ -307,6 +379,7 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
         ("seller", &seller_denials),
         ("logistics", &logistics_denials),
         ("notification", &notification_denials),
+        ("payments", &payments_denials),
         ("orders", &orders_denials),
     ] {
         no_denials(who, denials);
@@ -369,6 +442,15 @@ async fn the_demo_with_least_privilege_runs_and_every_attack_is_refused() {
     expect_denied("seller", &denials, &read).await;
     seller_bus.publish("$KV.demo_orders.x", "x".into()).await.unwrap();
     expect_denied("seller", &denials, "$KV.demo_orders.x").await;
+    // The seller confirms a payment itself, to ship an order nobody paid for.
+    let forged_payment = "domain.payments.confirmed";
+    seller_bus.publish(forged_payment, "paid, honest".into()).await.unwrap();
+    expect_denied("seller", &denials, forged_payment).await;
+    // Payments completes the await step directly, in the coordinator's store of arrivals.
+    let (payments_bus, denials) = bus.connect("payments").await;
+    let arrival = format!("saga.await.{}.x", "0".repeat(16));
+    payments_bus.publish(arrival.clone(), "x".into()).await.unwrap();
+    expect_denied("payments", &denials, &arrival).await;
     // Nobody gets in without credentials.
     assert!(NatsOptions::with_url(bus.server.url()).connect("anonymous").await.is_err());
 

@@ -8,15 +8,17 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use example_services::ledger::Ledger;
 use example_services::logistics::LogisticsConfig;
-use example_services::{logistics, notification, seller};
+use example_services::payments::PaymentsConfig;
+use example_services::{logistics, notification, payments, seller};
 use saga_tests::chaos::{self, ChaosConfig};
 
 /// Runs the demo stack (coordinator replicas, two instances of each service, a nats-server)
 /// under a steady load of orders while killing a random process with SIGKILL at random
 /// instants and starting it again; then audits from NATS state alone: every saga ended, no
 /// effect ran twice, no compensation lacked its action's recorded output, the stock balances,
-/// one notification per order, work queues empty, no dead letters. Prints the figures and
-/// exits 1 when anything is wrong (2 when the run itself could not be made).
+/// one notification per order, the payments balance, work queues empty, no dead letters.
+/// Prints the figures and exits 1 when anything is wrong (2 when the run itself could not be
+/// made).
 ///
 /// Example: `saga-chaos --sagas 10000 --rate 40 --kills 200` (RELIABILITY.md).
 #[derive(Debug, Parser)]
@@ -88,6 +90,7 @@ enum Role {
     Seller,
     Logistics,
     Notification,
+    Payments,
 }
 
 #[tokio::main]
@@ -210,5 +213,9 @@ async fn start(
             Box::new(logistics::run(nats, behaviour, 64, ledger).await?)
         }
         Role::Notification => Box::new(notification::run(nats).await?),
+        Role::Payments => {
+            let behaviour = PaymentsConfig { latency_ms: 100, decline_rate: 0.1 };
+            Box::new(payments::run(nats, behaviour).await?)
+        }
     })
 }
