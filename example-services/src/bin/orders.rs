@@ -99,13 +99,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let report = scenario::run(nats, &orders, &config).await?;
             report.print(&mut std::io::stdout().lock())?;
             if report.is_ok() {
-                println!("\nevery saga ended; stock and notifications balance");
+                println!("\nevery saga ended; stock, payments and notifications balance");
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!(
-                    "\nFAILED: {} sagas did not end, {} stock mismatches, {} notification problems",
+                    "\nFAILED: {} sagas did not end, {} stock mismatches, {} payment mismatches, {} notification problems",
                     report.unfinished().len(),
                     report.stock_problems().len(),
+                    report.payment_problems().len(),
                     report.notification_problems().len()
                 );
                 Ok(ExitCode::FAILURE)
