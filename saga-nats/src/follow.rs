@@ -55,6 +55,16 @@ impl LifecycleEvent {
 /// dead-lettered with the handler's last error.
 pub const MAX_DELIVERIES: i64 = 10;
 
+/// How long the server waits for a follower's acknowledgement before it delivers the message
+/// again (to another instance sharing the durable name): the longest a message stays stuck
+/// with an instance that died. A handler that takes longer keeps its message with progress
+/// acknowledgements every third of it.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// How many messages a follower fetches ahead of its handler: each is stuck for
+/// [`ACK_WAIT`] if the instance dies, so few.
+const FETCH_AHEAD: usize = 16;
+
 /// A following could not start, or an event could not be published.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -280,6 +290,22 @@ where
     .await
 }
 
+/// Runs `handled`, telling the server every third of [`ACK_WAIT`] that `msg` is still in
+/// hand, so that a slow handler's message is not delivered again meanwhile.
+async fn keep_while<T>(msg: &jetstream::Message, handled: impl Future<Output = T>) -> T {
+    tokio::pin!(handled);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + ACK_WAIT / 3, ACK_WAIT / 3);
+    loop {
+        tokio::select! {
+            out = &mut handled => return out,
+            _ = tick.tick() => {
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
 /// Consumes `stream` with the durable consumer `durable` on `filter`: each message decoded
 /// by `decode` (an error dead-letters it) and handed to `handler` (an error redelivers it
 /// after a growing delay, and dead-letters it after [`MAX_DELIVERIES`]).
@@ -308,7 +334,7 @@ where
         durable_name: Some(durable.to_owned()),
         filter_subject: filter,
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        ack_wait: ACK_WAIT,
         ..Default::default()
     };
     ensure_consumer(&js, stream, config).await.map_err(|e| {
@@ -324,16 +350,17 @@ where
     let handler = Arc::new(handler);
     let task = tokio::spawn(async move {
         'outer: loop {
-            let mut messages = match consumer.messages().await {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(%durable, error = %e, "cannot pull events; retrying in 1s");
-                    tokio::select! {
-                        _ = rx.changed() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            let mut messages =
+                match consumer.stream().max_messages_per_batch(FETCH_AHEAD).messages().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(%durable, error = %e, "cannot pull events; retrying in 1s");
+                        tokio::select! {
+                            _ = rx.changed() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
                     }
-                }
-            };
+                };
             loop {
                 let msg = tokio::select! {
                     _ = rx.changed() => break 'outer,
@@ -344,7 +371,7 @@ where
                     },
                 };
                 match decode(&msg) {
-                    Ok(event) => match handler(event).await {
+                    Ok(event) => match keep_while(&msg, handler(event)).await {
                         Ok(()) => {
                             let _ = msg.ack().await;
                         }

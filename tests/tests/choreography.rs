@@ -162,3 +162,42 @@ async fn domain_events_are_delivered_durably_and_once() {
     assert!(reason.contains("does not decode"), "{reason}");
     following.shutdown().await;
 }
+
+/// A handler slower than the acknowledgement wait keeps its message (progress
+/// acknowledgements): the other instance sharing the durable never gets it meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_keeps_its_event_from_the_other_instance() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    saga_nats::provision(&nats, &Default::default()).await.unwrap();
+    let slow = saga_nats::follow::ACK_WAIT + Duration::from_secs(2);
+
+    let runs: Arc<Mutex<Vec<(&'static str, u32)>>> = Arc::default();
+    let mut instances = Vec::new();
+    for name in ["first", "second"] {
+        let runs = runs.clone();
+        let following =
+            follow_domain_events(nats.clone(), "slow", "logistics.>", move |ev: Shipped| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock().unwrap().push((name, ev.order));
+                    tokio::time::sleep(slow).await;
+                    Ok::<(), String>(())
+                }
+            })
+            .await
+            .unwrap();
+        instances.push(following);
+    }
+    publish_domain_event(&nats, "logistics.shipped", "slow-1", &Shipped { order: 1 })
+        .await
+        .unwrap();
+    until(|| !runs.lock().unwrap().is_empty()).await;
+    tokio::time::sleep(slow + Duration::from_secs(1)).await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 1, "handled once, by one instance: {runs:?}");
+    for following in instances {
+        following.shutdown().await;
+    }
+}
