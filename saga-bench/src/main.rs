@@ -129,8 +129,6 @@ struct Args {
     #[arg(long, value_name = "SAGAS", conflicts_with_all = ["systems", "quick", "growth"])]
     in_flight: Option<usize>,
 
-    /// Internal: run one coordinator replica of the bench saga (`--steps`) against
-    /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     /// Also measure ours with an await step: the same saga with its second step waiting for
     /// a domain event (published by the first step's handler, carrying the saga's number)
     /// instead of sending a command; its rows read `ours+await`. Coordinators run in the
@@ -138,6 +136,8 @@ struct Args {
     #[arg(long, conflicts_with_all = ["coordinator_processes", "growth", "in_flight"])]
     await_step: bool,
 
+    /// Internal: run one coordinator replica of the bench saga (`--steps`) against
+    /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     #[arg(long, hide = true, requires = "nats_url")]
     serve_coordinator: bool,
 
