@@ -9,7 +9,8 @@
 //!   that sends it.
 //! - A saga that begins waiting registers the subjects it waits on with its replica, then
 //!   reads them (an event or a signal that came first is there); whatever is stored on them
-//!   later reaches the replica live, through its subscription. Either way the first one
+//!   later reaches the replica live, through its ordered consumer of `SAGA_AWAIT` (which
+//!   delivers only what is stored). Either way the first one
 //!   completes the step; the state machine refuses the rest. A replica that dies before the
 //!   step's completion is logged leaves the saga to another, which begins the wait again
 //!   from the log and reads the same subjects.
@@ -21,8 +22,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use saga_core::wire::{ArrivalMessage, SignalMessage, PROTOCOL_VERSION};
 use saga_core::{
-    correlation_value, AwaitOn, Awaiting, Codec, Event, Payload, SagaDefinition, SagaId, SagaName,
-    Timestamp,
+    correlation_value, AwaitOn, Awaiting, Codec, Event, Payload, Plan, SagaDefinition, SagaId,
+    SagaName, Timestamp,
 };
 use tracing::{debug, info};
 
@@ -150,6 +151,61 @@ pub(crate) fn specs(definitions: &[SagaDefinition]) -> BTreeSet<Spec> {
         }
     }
     out
+}
+
+/// The matchers one replica runs: one per await specification of the definitions it
+/// started with, and of every definition with await steps it has run a saga of since (one
+/// registered while it runs, say). Matchers of one specification share a durable consumer
+/// across replicas, from the stream's start, so one started late still stores every event.
+#[derive(Debug)]
+pub(crate) struct Matchers {
+    client: async_nats::Client,
+    codec: Codec,
+    running: tokio::sync::Mutex<(BTreeSet<Spec>, Vec<Following>)>,
+    /// Digests of the definitions whose specifications run (checked before the lock).
+    seen: Mutex<HashSet<String>>,
+}
+
+impl Matchers {
+    /// Matchers for nothing yet.
+    pub(crate) fn new(client: async_nats::Client, codec: Codec) -> Matchers {
+        Matchers { client, codec, running: Default::default(), seen: Default::default() }
+    }
+
+    /// Runs a matcher for every await specification of `definitions` that has none.
+    pub(crate) async fn ensure(&self, definitions: &[SagaDefinition]) -> Result<(), FollowError> {
+        let mut running = self.running.lock().await;
+        for spec in specs(definitions) {
+            if running.0.contains(&spec) {
+                continue;
+            }
+            let matcher = start_matcher(self.client.clone(), spec.clone(), self.codec).await?;
+            running.0.insert(spec);
+            running.1.push(matcher);
+        }
+        Ok(())
+    }
+
+    /// Runs the matchers of `plan`'s await steps, if it has any and they do not run yet.
+    pub(crate) async fn ensure_for(&self, plan: &Plan) -> Result<(), FollowError> {
+        if !plan.steps().iter().any(|s| s.awaits.is_some()) {
+            return Ok(());
+        }
+        if self.seen.lock().expect("not poisoned").contains(plan.digest()) {
+            return Ok(());
+        }
+        self.ensure(std::slice::from_ref(plan.definition())).await?;
+        self.seen.lock().expect("not poisoned").insert(plan.digest().to_owned());
+        Ok(())
+    }
+
+    /// Stops every matcher.
+    pub(crate) async fn shutdown(&self) {
+        let matchers = std::mem::take(&mut self.running.lock().await.1);
+        for matcher in matchers {
+            matcher.shutdown().await;
+        }
+    }
 }
 
 /// One domain event, as a matcher reads it.

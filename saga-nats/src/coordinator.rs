@@ -127,7 +127,7 @@ pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     done: Arc<tokio::sync::Mutex<Option<JoinHandle<()>>>>,
     /// The matchers of the await steps' domain events.
-    matchers: Arc<tokio::sync::Mutex<Vec<crate::follow::Following>>>,
+    matchers: Arc<crate::awaits::Matchers>,
     registry: Registry,
     replica: String,
     admin: Option<Arc<AdminService>>,
@@ -217,14 +217,14 @@ impl Coordinator {
             .messages()
             .await
             .map_err(|e| CoordinatorError::Nats(e.into()))?;
-        let mut matchers = Vec::new();
-        for spec in crate::awaits::specs(&config.definitions) {
-            let codec = Codec::with_max_size(config.max_message_size);
-            let matcher = crate::awaits::start_matcher(client.clone(), spec, codec)
-                .await
-                .map_err(|e| CoordinatorError::Nats(e.to_string().into()))?;
-            matchers.push(matcher);
-        }
+        let matchers = Arc::new(crate::awaits::Matchers::new(
+            client.clone(),
+            Codec::with_max_size(config.max_message_size),
+        ));
+        matchers
+            .ensure(&config.definitions)
+            .await
+            .map_err(|e| CoordinatorError::Nats(e.to_string().into()))?;
         let shared = Arc::new(Shared {
             client,
             js,
@@ -239,6 +239,7 @@ impl Coordinator {
             tally: Arc::default(),
             awaits,
             waiting: crate::awaits::Waiting::default(),
+            matchers: matchers.clone(),
         });
         let admin = if config.admin {
             let service = AdminService::start(
@@ -266,7 +267,7 @@ impl Coordinator {
         Ok(Coordinator {
             shutdown,
             done: Arc::new(tokio::sync::Mutex::new(Some(task))),
-            matchers: Arc::new(tokio::sync::Mutex::new(matchers)),
+            matchers,
             registry,
             replica,
             admin,
@@ -290,9 +291,7 @@ impl Coordinator {
             admin.stop();
         }
         let _ = self.shutdown.send(true);
-        for matcher in self.matchers.lock().await.drain(..) {
-            matcher.shutdown().await;
-        }
+        self.matchers.shutdown().await;
         if let Some(task) = self.done.lock().await.take() {
             let _ = task.await;
         }
@@ -317,6 +316,8 @@ struct Shared {
     awaits: jetstream::stream::Stream,
     /// Which sagas held here wait on which `SAGA_AWAIT` subjects.
     waiting: crate::awaits::Waiting,
+    /// The matchers this replica runs.
+    matchers: Arc<crate::awaits::Matchers>,
 }
 
 /// Work for one worker.
@@ -812,6 +813,15 @@ impl Worker {
         Ok(())
     }
 
+    /// Makes sure the events `plan`'s await steps wait for are matched here (a definition
+    /// registered after this replica started has no matcher yet). If one cannot start, the
+    /// saga goes on: another replica's matcher, or the next saga's attempt here, stores them.
+    async fn match_events_of(&self, plan: &Plan) {
+        if let Err(e) = self.shared.matchers.ensure_for(plan).await {
+            warn!(saga = %plan.name(), error = %e, "cannot start the matcher of an await step's events; trying again with the next saga");
+        }
+    }
+
     /// A saga rebuilt from its newest log record.
     async fn resume(
         &self,
@@ -821,6 +831,7 @@ impl Worker {
     ) -> Result<Live, HandleError> {
         let snap = &v.record.snapshot;
         let plan = self.shared.registry.version(&snap.saga, &snap.digest).await?;
+        self.match_events_of(&plan).await;
         let state = SagaState::from_snapshot(&plan, snap).map_err(|e| {
             HandleError::Refused(format!("saga {id}'s log record cannot be resumed: {e}"))
         })?;
@@ -839,6 +850,7 @@ impl Worker {
         handles: Vec<jetstream::Message>,
     ) -> Result<(Live, Vec<Effect>), HandleError> {
         let plan = self.shared.registry.version(&start.saga, &start.digest).await?;
+        self.match_events_of(&plan).await;
         let mut state = SagaState::new(id.clone(), &plan);
         let handled = state.handle(&plan, now(), &Event::Start { input: start.input });
         let effects = handled.result.map_err(|r| HandleError::Refused(r.to_string()))?;

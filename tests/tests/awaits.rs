@@ -437,3 +437,32 @@ async fn events_stored_while_the_wait_begins_are_never_missed() {
         missed.len()
     );
 }
+
+/// A definition with an await step registered while the coordinator runs (it started with
+/// another): its events are matched too, the first of them published before any of its sagas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_registered_at_run_time_gets_its_events_matched() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let other = SagaDefinition::builder("other").step("a", "svc", "reserve", |s| s).build();
+    let _coordinator = coordinator(nats.clone(), vec![other]).await;
+    let (fx, shipped) = (Effects::default(), Shipped::default());
+    let _participants = participants(nats.clone(), fx, shipped.clone()).await;
+    let client = client(nats.clone()).await;
+    client.register(&pay(WAIT, OnTimeout::Fail)).await.unwrap();
+
+    let early = Payment { order: 70, amount: 5 };
+    publish(&nats, "payments.confirmed", "late-70", &early).await;
+    let first = client.start("pay", &input(70)).await.unwrap();
+    let second = client.start("pay", &input(71)).await.unwrap();
+    until_step(&client, &second, "payment", StepStatus::Running).await;
+    let paid = Payment { order: 71, amount: 6 };
+    publish(&nats, "payments.confirmed", "late-71", &paid).await;
+
+    for (id, payment) in [(first, early), (second, paid)] {
+        let view = client.wait(&id, WAIT).await.unwrap();
+        assert_eq!(view.status(), SagaStatus::Completed, "{id}");
+        assert_eq!(view.output::<Payment>("payment").unwrap().unwrap(), payment);
+    }
+}
