@@ -179,13 +179,7 @@ impl OrderView {
         snap: &SagaSnapshot,
         entries: &[saga_core::TimelineEntry],
     ) -> OrderView {
-        let reason = match &snap.cause {
-            Some(saga_core::Cause::StepFailed { step, reason }) => {
-                Some(format!("step {step} failed: {reason}"))
-            }
-            Some(saga_core::Cause::Cancelled { reason }) => Some(format!("cancelled: {reason}")),
-            None => None,
-        };
+        let reason = snap.cause.as_ref().map(ToString::to_string);
         OrderView {
             order_id: order_id.to_owned(),
             saga_id: snap.id.to_string(),
@@ -229,14 +223,9 @@ pub fn timeline(snap: &SagaSnapshot, entries: &[saga_core::TimelineEntry]) -> Ve
                     "retry scheduled {step} ({phase}, attempt {next_attempt}) at +{} ms",
                     since(at.0)
                 ),
-                TimelineEvent::CompensationStarted { cause } => match cause {
-                    saga_core::Cause::StepFailed { step, reason } => {
-                        format!("compensation started: step {step} failed: {reason}")
-                    }
-                    saga_core::Cause::Cancelled { reason } => {
-                        format!("compensation started: cancelled: {reason}")
-                    }
-                },
+                TimelineEvent::CompensationStarted { cause } => {
+                    format!("compensation started: {cause}")
+                }
                 TimelineEvent::CancelRequested { reason, by } => with_by("cancel requested", reason, by),
                 TimelineEvent::Parked { step, reason } => format!("parked at {step}: {reason}"),
                 TimelineEvent::OperatorRetry { reason, by } => with_by("operator retry", reason, by),

@@ -162,6 +162,16 @@ pub enum Cause {
     },
 }
 
+impl std::fmt::Display for Cause {
+    /// `step reserve-items failed: out of stock` or `cancelled: customer asked`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::StepFailed { step, reason } => write!(f, "step {step} failed: {reason}"),
+            Cause::Cancelled { reason } => write!(f, "cancelled: {reason}"),
+        }
+    }
+}
+
 /// One step's state inside a [`SagaState`]; clients read it as a [`StepSnapshot`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StepState {

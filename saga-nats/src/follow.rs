@@ -36,7 +36,8 @@ pub struct LifecycleEvent {
     pub status: SagaStatus,
     /// The step concerned, if any.
     pub step: Option<StepName>,
-    /// A reason, if any.
+    /// A reason, if any: a failed step's; for `compensated` and `cancelled`, why the saga
+    /// was undone (`step reserve-items failed: out of stock`, `cancelled: …`).
     pub reason: Option<String>,
     /// When (ms since the epoch).
     pub at: Timestamp,
@@ -199,7 +200,14 @@ where
                         kind: note.kind,
                         status: snap.status,
                         step: note.step.clone(),
-                        reason: note.reason.clone(),
+                        // A saga's end says why it was undone: the cause it recorded.
+                        reason: note.reason.clone().or_else(|| {
+                            let undone = matches!(
+                                note.kind,
+                                LifecycleKind::Compensated | LifecycleKind::Cancelled
+                            );
+                            snap.cause.as_ref().filter(|_| undone).map(ToString::to_string)
+                        }),
                         at,
                         input: snap.input.clone(),
                     })

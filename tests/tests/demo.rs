@@ -176,6 +176,13 @@ async fn the_demo_scenario_ends_every_saga_and_the_books_balance() {
     for o in &report.outcomes {
         assert_eq!(by_saga.get(o.saga_id.as_str()).copied(), o.status().map(|s| s.as_str()));
     }
+    // A compensated order's notice says why (the cause the saga recorded).
+    for o in report.outcomes.iter().filter(|o| o.status() == Some(SagaStatus::Compensated)) {
+        let reason = o.view.as_ref().and_then(|v| v.reason.clone()).expect("a reason");
+        let notice = report.notifications.iter().find(|n| n.saga_id == o.saga_id.as_str());
+        let message = &notice.expect("notified").message;
+        assert!(message.contains(&reason), "{message:?} should say {reason:?}");
+    }
     assert!(report.is_ok());
 
     // Placing the same batch again starts nothing new: the order id is the idempotency key.
