@@ -149,6 +149,15 @@ function chart(timeline, snap) {
       open.set(key, { at: e.at, service: ev.service, step: ev.step, phase: ev.phase, attempt: ev.attempt, command: ev.command });
       const row = `${ev.service}|${ev.step}|${ev.phase}`;
       if (!rows.includes(row)) rows.push(row);
+    } else if (ev.type === "awaiting") {
+      // An await step sends no command: its bar runs from the wait to what ended it.
+      open.set(`${ev.step}/action/1`, { at: e.at, service: "(awaits)", step: ev.step, phase: "action", attempt: 1, command: ev.waits_for });
+      const row = `(awaits)|${ev.step}|action`;
+      if (!rows.includes(row)) rows.push(row);
+    } else if (ev.type === "stopped_waiting" && open.has(`${ev.step}/action/1`)) {
+      const b = open.get(`${ev.step}/action/1`);
+      open.delete(`${ev.step}/action/1`);
+      bars.push({ ...b, end: e.at, outcome: "failed", reason: "stopped waiting: the saga compensates" });
     } else if (["succeeded", "failed", "timed_out"].includes(ev.type) && open.has(key)) {
       const b = open.get(key);
       open.delete(key);
@@ -170,7 +179,8 @@ function chart(timeline, snap) {
     const y = top + rows.indexOf(`${b.service}|${b.step}|${b.phase}`) * rowH + 4;
     const w = Math.max(x(b.end) - x(b.at), 3);
     const fill = b.phase === "compensation" && b.outcome === "succeeded" ? "var(--comp)" : color[b.outcome];
-    const title = `${b.service}.${b.command} (${b.phase}, attempt ${b.attempt}): ${b.outcome}, ${b.end - b.at} ms${b.reason ? ` — ${b.reason}` : ""}`;
+    const what = b.service === "(awaits)" ? `waits for ${b.command}` : `${b.service}.${b.command} (${b.phase}, attempt ${b.attempt})`;
+    const title = `${what}: ${b.outcome}, ${b.end - b.at} ms${b.reason ? ` — ${b.reason}` : ""}`;
     return `<g data-testid="bar" data-step="${esc(b.step)}" data-phase="${esc(b.phase)}" data-outcome="${esc(b.outcome)}" data-start="${b.at}"><title>${esc(title)}</title>
       <rect x="${x(b.at)}" y="${y}" width="${w}" height="${rowH - 8}" rx="3" fill="${fill}"></rect>
       <text x="${x(b.at) + w + 4}" y="${y + 13}">#${b.attempt} ${esc(b.outcome.replace("_", " "))} · ${b.end - b.at} ms</text></g>`;

@@ -676,6 +676,14 @@ fn print_timeline(entries: &[TimelineEntry]) {
                 row[2] = step.to_string();
                 row[7] = reason.clone();
             }
+            TimelineEvent::Awaiting { step, waits_for, deadline } => {
+                row[2] = step.to_string();
+                row[7] = format!("waits for {waits_for}, until {}", at(*deadline));
+            }
+            TimelineEvent::StoppedWaiting { step } => {
+                row[2] = step.to_string();
+                row[7] = "the saga compensates".into();
+            }
             TimelineEvent::Finished { status } => row[7] = status.to_string(),
             _ => {}
         }

@@ -4,7 +4,8 @@
 //   node tests/browser/console.mjs <console url> <screenshot dir> <expectations json>
 //
 // Expectations: {"saga": name, "finished": n, "completed": n, "compensated": id,
-// "compensated_reason": text, "compensations": [step, ...], "parked": id, "operator": name}.
+// "compensated_reason": text, "compensations": [step, ...], "parked": id, "waiting": id (at
+// an await step, waiting for "waits_for"), "operator": name}.
 // Exits non-zero, naming what was wrong, at the first check that fails.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
@@ -65,6 +66,16 @@ try {
   const domain = await page.locator('[data-testid="domain-events"] tbody tr').count();
   check(domain === 1, `the domain event tagged with the saga is shown, and only it (${domain})`);
   await shot("saga-timeline");
+
+  // 2b. A saga waiting at an await step: the wait is drawn as a bar still in flight.
+  await page.goto(`${url}/#/saga/${want.waiting}`);
+  await page.waitForSelector('[data-testid="bar"][data-step="approval"]');
+  const wait = page.locator('[data-testid="bar"][data-step="approval"]');
+  const outcome = await wait.getAttribute("data-outcome");
+  check(outcome === "in_flight", `the await step's bar is in flight (${outcome})`);
+  const title = await wait.locator("title").textContent();
+  check(title.includes(`waits for ${want.waits_for}`), `the await step's bar says what it waits for (${title})`);
+  await shot("saga-waiting");
 
   // 3. An operator action from the page: retry the parked saga, with a reason.
   await page.goto(`${url}/#/queue`);

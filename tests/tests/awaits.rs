@@ -312,6 +312,9 @@ async fn signals_reach_a_waiting_saga_wait_for_a_later_one_and_are_refused_after
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
         (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
     };
+    let (code, out, err) = sagactl(&["show", by_cli.as_str()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("waits for signal approve, until "), "{out}");
     let (code, out, err) =
         sagactl(&["signal", by_cli.as_str(), "approve", "--payload", r#"{"by": "cli"}"#]);
     assert_eq!(code, 0, "{out}{err}");

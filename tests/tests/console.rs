@@ -1,14 +1,14 @@
 //! The web console end to end in headless Chromium (Debian's `chromium`, driven by
 //! playwright-core from tests/browser): against a real stack, the list shows the sagas the
 //! test ran with the right counts; a compensated saga's page shows its steps, the failure's
-//! reason and the compensations in order; an operator action from the page changes the saga
-//! and its history names the operator. Screenshots go to target/browser/console/.
+//! reason and the compensations in order; a saga waiting at an await step shows the wait; an
+//! operator action from the page changes the saga and its history names the operator. Screenshots go to target/browser/console/.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use saga_core::SagaStatus;
+use saga_core::{SagaDefinition, SagaStatus, StepStatus};
 use saga_tests::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -48,6 +48,25 @@ async fn the_console_lists_shows_and_acts_in_a_real_browser() {
     assert_eq!(client.wait(&compensated, WAIT).await.unwrap().status(), SagaStatus::Compensated);
     assert_eq!(client.wait(&parked, WAIT).await.unwrap().status(), SagaStatus::NeedsIntervention);
 
+    // A saga of another definition (registered now), waiting for a signal at its await step.
+    let review = SagaDefinition::builder("review")
+        .step("a", "svc", "a", |s| s.read_only())
+        .await_step("approval", |a| a.signal("approve").timeout(Duration::from_secs(600)))
+        .build();
+    client.register(&review).await.unwrap();
+    let waiting = client.start("review", &TestInput { n: 9, ..Default::default() }).await.unwrap();
+    let mut tries = 0;
+    while !client.get(&waiting).await.unwrap().is_some_and(|v| {
+        v.snapshot
+            .steps
+            .iter()
+            .any(|s| s.name.as_str() == "approval" && s.status == StepStatus::Running)
+    }) {
+        tries += 1;
+        assert!(tries < 600, "saga {waiting} never began waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // A service's own event about the compensated order, tagged with its saga.
     let refund = serde_json::json!({ "order": 7, "refund": "full" });
     saga_nats::follow::publish_saga_event(
@@ -85,6 +104,8 @@ async fn the_console_lists_shows_and_acts_in_a_real_browser() {
         "compensated_reason": "c refused order 7",
         "compensations": ["b", "a"],
         "parked": parked,
+        "waiting": waiting,
+        "waits_for": "signal approve",
         "operator": "browser-op",
     });
     let script = root.join("browser/console.mjs");
