@@ -108,6 +108,21 @@ impl PaymentStatus {
     }
 }
 
+/// What is wrong with order `order`'s payment, `paid`, for a saga that ended `status`, if
+/// anything: a completed order is charged; any other is not (declined, refunded, void, or
+/// never charged).
+pub fn mismatch(
+    order: &str,
+    status: saga_core::SagaStatus,
+    paid: Option<PaymentStatus>,
+) -> Option<String> {
+    let completed = status == saga_core::SagaStatus::Completed;
+    (completed != (paid == Some(PaymentStatus::Charged))).then(|| {
+        let paid = paid.map_or("no payment", PaymentStatus::as_str);
+        format!("order {order}: saga {status}, payment {paid}")
+    })
+}
+
 /// One order's payment: the record in [`PAYMENTS_BUCKET`] and the body of its events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {

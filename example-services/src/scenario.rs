@@ -14,7 +14,7 @@ use crate::draw;
 use crate::model::Order;
 use crate::notification::{self, Notice};
 use crate::orders::{OrderView, Orders};
-use crate::payments::{Payment, PaymentStatus, PaymentStore};
+use crate::payments::{self, Payment, PaymentStore};
 use crate::seller::{Stock, StockStore};
 
 /// What to run.
@@ -200,17 +200,13 @@ async fn await_payments(
 /// What is wrong with the payments, if anything: every completed order is charged (once: one
 /// record per order), and no order whose saga did not complete keeps a charge.
 fn payment_problems(outcomes: &[Outcome], payments: &BTreeMap<String, Payment>) -> Vec<String> {
-    let mut problems = Vec::new();
-    for o in outcomes {
-        let Some(status) = o.status().filter(|s| s.is_terminal()) else { continue };
-        let paid = payments.get(&o.order.id).map(|p| p.status);
-        let completed = status == SagaStatus::Completed;
-        if completed != (paid == Some(PaymentStatus::Charged)) {
-            let paid = paid.map_or("no payment", PaymentStatus::as_str);
-            problems.push(format!("order {}: saga {status}, payment {paid}", o.order.id));
-        }
-    }
-    problems
+    outcomes
+        .iter()
+        .filter_map(|o| {
+            let status = o.status().filter(|s| s.is_terminal())?;
+            payments::mismatch(&o.order.id, status, payments.get(&o.order.id).map(|p| p.status))
+        })
+        .collect()
 }
 
 /// Notification follows events asynchronously: give it a few seconds to catch up with the

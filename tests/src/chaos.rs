@@ -36,7 +36,7 @@ use example_services::model::Order;
 use example_services::notification::NOTIFICATION_BUCKET;
 use example_services::orders::Orders;
 use example_services::orders::ORDER_BUCKET;
-use example_services::payments::{PaymentStatus, PaymentStore};
+use example_services::payments::{self, PaymentStore};
 use example_services::scenario::{percentile, ScenarioConfig};
 use example_services::seller::{StockStore, STOCK_BUCKET};
 use example_services::{notification, PLACE_ORDER};
@@ -1181,12 +1181,7 @@ async fn audit_payments(
             .iter()
             .filter_map(|(order, status)| {
                 let status = status.filter(|s| s.is_terminal())?;
-                let paid = payments.get(&order.id).map(|p| p.status);
-                let completed = status == SagaStatus::Completed;
-                (completed != (paid == Some(PaymentStatus::Charged))).then(|| {
-                    let paid = paid.map_or("no payment", PaymentStatus::as_str);
-                    format!("order {}: saga {status}, payment {paid}", order.id)
-                })
+                payments::mismatch(&order.id, status, payments.get(&order.id).map(|p| p.status))
             })
             .collect();
         if wrong.is_empty() || Instant::now() > give_up {
