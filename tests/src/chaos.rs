@@ -358,7 +358,10 @@ impl Stack {
         let mut cmd = match kind {
             Kind::Coordinator => {
                 let mut c = Command::new(&self.config.coordinator_exe);
-                c.args(["--nats-url", &self.url, "--nats-wait-secs", "60"])
+                // Keeps trying while JetStream is unavailable, as a supervisor restarting it
+                // would: on a busy 2-core machine a fresh 3-node cluster once took more than
+                // 60 s to create the streams (each request timing out after 10 s).
+                c.args(["--nats-url", &self.url, "--nats-wait-secs", "180"])
                     .args(["--ack-wait-secs", "2", "--workers", "16"])
                     .args(["--replicas", &self.replicas.to_string()])
                     .arg("--definitions")
