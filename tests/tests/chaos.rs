@@ -59,7 +59,8 @@ fn a_short_chaos_run_loses_nothing_and_runs_no_effect_twice() {
 fn a_cluster_losing_its_log_leader_then_a_follower_loses_nothing() {
     let report = chaos(
         "chaos-cluster",
-        &["--cluster", "3", "--sagas", "300", "--rate", "20", "--kills", "12"],
+        // One instance of each service: three nats-servers and the stack share two cores.
+        &["--cluster", "3", "--instances", "1", "--sagas", "300", "--rate", "20", "--kills", "12"],
     );
     // Two node kills: the first took the saga log's stream leader, the second a follower;
     // the report gives the pause each caused.
