@@ -335,8 +335,12 @@ impl SagaClient {
             SagaClientError::new(ErrorKind::InvalidInput, format!("saga {saga:?}: {e}"))
         })?;
         let traceparent = crate::telemetry::new_traceparent();
-        let publish = PublishMessage::build()
-            .message_id(format!("start.{id}").as_str())
+        let mut publish = PublishMessage::build();
+        // A fresh id cannot be a duplicate: only a keyed start pays for deduplication.
+        if keyed {
+            publish = publish.message_id(format!("start.{id}").as_str());
+        }
+        let publish = publish
             .expected_last_subject_sequence(0)
             .header(headers::SAGA_ID, id.as_str())
             .header(headers::TRACEPARENT, traceparent.as_str())
