@@ -593,17 +593,20 @@ impl Worker {
         let mut tick =
             tokio::time::interval((self.shared.ack_wait / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One sleep for the earliest timer, moved only when that changes: a new sleep per
+        // input would register and drop a timer-wheel entry for every message.
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        let mut armed_for: Option<Timestamp> = None;
         loop {
             let next_timer = self.timers.next_at();
-            let sleep = async {
-                match next_timer {
-                    Some(at) => {
-                        let wait = at.0.saturating_sub(now().0);
-                        tokio::time::sleep(Duration::from_millis(wait)).await
-                    }
-                    None => std::future::pending().await,
+            if next_timer != armed_for {
+                if let Some(at) = next_timer {
+                    let wait = Duration::from_millis(at.0.saturating_sub(now().0));
+                    sleep.as_mut().reset(tokio::time::Instant::now() + wait);
                 }
-            };
+                armed_for = next_timer;
+            }
             tokio::select! {
                 work = rx.recv() => match work {
                     Some(Work::Input(msg)) => self.input(msg).await,
@@ -611,7 +614,11 @@ impl Worker {
                     Some(Work::Arrival(id, msg)) => self.arrival(id, msg).await,
                     None => break,
                 },
-                _ = sleep => self.fire_timers().await,
+                _ = &mut sleep, if armed_for.is_some() => {
+                    // Re-armed at the next turn for whatever is earliest then.
+                    armed_for = None;
+                    self.fire_timers().await
+                }
                 _ = tick.tick() => self.keep_alive().await,
             }
             self.compact_timers();
