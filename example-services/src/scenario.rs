@@ -452,9 +452,11 @@ impl ScenarioReport {
                 // "step reserve-items failed: out of stock: 3 apple wanted, 1 available"
                 // → "step reserve-items failed: out of stock"
                 let mut reason = v.reason.clone().unwrap_or_default();
-                // "… event domain.payments.declined (sequence 812)": one line for them all.
+                // "… event domain.payments.declined (sequence 812): card declined": one line
+                // for them all.
                 if let Some(at) = reason.find(" (sequence ") {
-                    reason.truncate(at);
+                    let end = reason[at..].find(')').map_or(reason.len(), |n| at + n + 1);
+                    reason.replace_range(at..end, "");
                 }
                 let short = match reason.match_indices(": ").nth(1) {
                     Some((at, _)) => reason[..at].to_owned(),

@@ -73,7 +73,10 @@ pub(crate) fn event_for(
                     humantime_serde::re::humantime::format_duration(*window)
                 ));
             }
-            let reason = format!("event {} (sequence {})", arrival.subject, arrival.seq);
+            let mut reason = format!("event {} (sequence {})", arrival.subject, arrival.seq);
+            if let Some(why) = fail_reason(&arrival.payload) {
+                reason = format!("{reason}: {why}");
+            }
             (arrival.payload, reason)
         }
         AwaitOn::Signal { name } => {
@@ -94,6 +97,19 @@ pub(crate) fn event_for(
     } else {
         Event::StepSucceeded { step: a.step.clone(), attempt: a.attempt, output }
     })
+}
+
+/// The `reason` field of an event's payload, when the payload is a map that has one as a
+/// non-empty string (as a service's "declined" event usually does), quoted and cut short:
+/// the event comes from another service.
+fn fail_reason(payload: &Payload) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct WithReason {
+        reason: Option<String>,
+    }
+    let why = rmp_serde::from_slice::<WithReason>(payload.as_bytes()).ok()?.reason?;
+    let why = why.trim();
+    (!why.is_empty()).then(|| saga_core::wire::quote(why))
 }
 
 /// Which sagas wait on which subjects, for one replica: filled when a wait begins, read when
@@ -270,4 +286,76 @@ pub(crate) async fn start_matcher(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declined(payload: &impl serde::Serialize) -> Result<Event, String> {
+        let a = Awaiting {
+            step: "payment".into(),
+            attempt: 1,
+            deadline: Timestamp(10_000),
+            on: AwaitOn::Event {
+                event: "payments.confirmed".into(),
+                fail_event: Some("payments.declined".into()),
+                field: "order_id".into(),
+                value: "\"o-1\"".into(),
+                window: Duration::from_secs(60),
+            },
+        };
+        let arrival = ArrivalMessage {
+            v: PROTOCOL_VERSION,
+            subject: "domain.payments.declined".into(),
+            seq: 7,
+            at: Timestamp(1_000),
+            payload: Payload::new(rmp_serde::to_vec_named(payload).expect("encodes")),
+        };
+        let codec = Codec::default();
+        let bytes = codec.encode(&arrival).expect("encodes");
+        event_for(&SagaId::from("s1"), &a, true, &bytes, &codec, Timestamp(2_000))
+    }
+
+    fn reason_of(event: Result<Event, String>) -> String {
+        match event {
+            Ok(Event::StepFailed { reason, transient: false, .. }) => reason,
+            other => panic!("not a step failure: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fail_event_gives_the_step_its_own_reason() {
+        let reason = reason_of(declined(&serde_json::json!({
+            "order_id": "o-1", "reason": "card declined\nby the issuer"
+        })));
+        assert_eq!(
+            reason,
+            "event domain.payments.declined (sequence 7): card declined by the issuer"
+        );
+    }
+
+    #[test]
+    fn a_fail_event_without_a_reason_is_named_by_subject_and_sequence() {
+        for payload in [
+            serde_json::json!({"order_id": "o-1"}),
+            serde_json::json!({"order_id": "o-1", "reason": "  "}),
+            serde_json::json!({"order_id": "o-1", "reason": 42}),
+            serde_json::json!(["not", "a", "map"]),
+        ] {
+            assert_eq!(
+                reason_of(declined(&payload)),
+                "event domain.payments.declined (sequence 7)",
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_reason_from_another_service_is_cut_short() {
+        let long = "x".repeat(10_000);
+        let reason = reason_of(declined(&serde_json::json!({"reason": long})));
+        assert!(reason.len() < 300, "{} bytes", reason.len());
+        assert!(reason.ends_with('…'));
+    }
 }
