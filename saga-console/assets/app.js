@@ -137,7 +137,10 @@ async function saga(id) {
 function chart(timeline, snap) {
   if (!timeline.length) return `<p class="muted">Nothing logged yet: the first steps are under way.</p>`;
   const t0 = timeline[0].at;
-  const t1 = Math.max(...timeline.map((e) => e.at), t0 + 1);
+  const last = Math.max(...timeline.map((e) => e.at), t0 + 1);
+  // A running saga's attempts in flight run to now (this browser's clock, never before the
+  // last entry), so the chart shows how long they have been going.
+  const t1 = snap.status === "running" ? Math.max(last, Date.now()) : last;
   const open = new Map();
   const bars = [];
   const marks = [];
@@ -167,6 +170,7 @@ function chart(timeline, snap) {
     }
   }
   for (const b of open.values()) bars.push({ ...b, end: snap.status === "running" ? Math.max(t1, b.at) : b.at, outcome: "in_flight" });
+  const took = (b) => `${b.end - b.at} ms${b.outcome === "in_flight" ? " so far" : ""}`;
   // Rows of one service together, in the order the service first appears.
   const services = [...new Set(rows.map((r) => r.split("|")[0]))];
   rows.sort((a, b) => services.indexOf(a.split("|")[0]) - services.indexOf(b.split("|")[0]));
@@ -180,10 +184,10 @@ function chart(timeline, snap) {
     const w = Math.max(x(b.end) - x(b.at), 3);
     const fill = b.phase === "compensation" && b.outcome === "succeeded" ? "var(--comp)" : color[b.outcome];
     const what = b.service === "(awaits)" ? `waits for ${b.command}` : `${b.service}.${b.command} (${b.phase}, attempt ${b.attempt})`;
-    const title = `${what}: ${b.outcome}, ${b.end - b.at} ms${b.reason ? ` — ${b.reason}` : ""}`;
+    const title = `${what}: ${b.outcome}, ${took(b)}${b.reason ? ` — ${b.reason}` : ""}`;
     return `<g data-testid="bar" data-step="${esc(b.step)}" data-phase="${esc(b.phase)}" data-outcome="${esc(b.outcome)}" data-start="${b.at}"><title>${esc(title)}</title>
       <rect x="${x(b.at)}" y="${y}" width="${w}" height="${rowH - 8}" rx="3" fill="${fill}"></rect>
-      <text x="${x(b.at) + w + 4}" y="${y + 13}">#${b.attempt} ${esc(b.outcome.replace("_", " "))} · ${b.end - b.at} ms</text></g>`;
+      <text x="${x(b.at) + w + 4}" y="${y + 13}">#${b.attempt} ${esc(b.outcome.replace("_", " "))} · ${took(b)}</text></g>`;
   }).join("");
   const svgMarks = marks.map((m, i) => `<g data-testid="mark" data-type="${esc(m.type)}"><title>${esc(`${m.type}${m.by ? ` by ${m.by}` : ""}: ${m.reason ?? ""}`)}</title>
       <line x1="${x(m.at)}" x2="${x(m.at)}" y1="${14}" y2="${H - 22}" stroke="var(--op)" stroke-dasharray="3 3"></line>

@@ -75,6 +75,9 @@ try {
   check(outcome === "in_flight", `the await step's bar is in flight (${outcome})`);
   const title = await wait.locator("title").textContent();
   check(title.includes(`waits for ${want.waits_for}`), `the await step's bar says what it waits for (${title})`);
+  // The wait began before this page was opened: its bar runs to now, not to the wait itself.
+  const sofar = Number((title.match(/(\d+) ms so far/) || [])[1]);
+  check(sofar > 0, `the await step's bar runs from the wait to now (${title})`);
   await shot("saga-waiting");
 
   // 3. An operator action from the page: retry the parked saga, with a reason.
