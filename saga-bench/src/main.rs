@@ -18,6 +18,7 @@ mod ours;
 mod progress;
 mod replica;
 mod report;
+mod rounds;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -136,6 +137,14 @@ struct Args {
     #[arg(long, conflicts_with_all = ["coordinator_processes", "growth", "in_flight"])]
     await_step: bool,
 
+    /// Paired rounds: both systems stay up, and each round measures the floor, then ours, at
+    /// every concurrency (default 1,64; --quick for 2 s windows). Prints each round's ratios
+    /// and judges the goals on their medians: on a small shared machine one run's ratio moves
+    /// by a fifth or more. Example: --quick --rounds 5.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(2..=50),
+          conflicts_with_all = ["systems", "growth", "in_flight", "await_step"])]
+    rounds: Option<u16>,
+
     /// Internal: run one coordinator replica of the bench saga (`--steps`) against
     /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     #[arg(long, hide = true, requires = "nats_url")]
@@ -217,12 +226,16 @@ struct Plan {
     growth: Option<u64>,
     in_flight: Option<usize>,
     await_step: bool,
+    /// Paired rounds (`--rounds`), or `None` for one pass.
+    rounds: Option<usize>,
 }
 
 impl Plan {
     fn from_args(args: &Args) -> Plan {
         let (warmup, measure, concurrencies) = if args.quick {
             (Duration::from_millis(500), Duration::from_secs(2), vec![1, 64])
+        } else if args.rounds.is_some() {
+            (Duration::from_secs(2), Duration::from_secs(10), vec![1, 64])
         } else {
             (Duration::from_secs(2), Duration::from_secs(10), vec![1, 16, 64, 256])
         };
@@ -243,7 +256,7 @@ impl Plan {
                 .as_ref()
                 .map(|c| c.iter().map(|&c| c as usize).collect())
                 .unwrap_or(concurrencies),
-            replica_check: !args.quick,
+            replica_check: !args.quick && args.rounds.is_none(),
             floor: args.systems != Systems::Ours
                 && args.growth.is_none()
                 && args.in_flight.is_none(),
@@ -252,6 +265,7 @@ impl Plan {
             growth: args.growth,
             in_flight: args.in_flight,
             await_step: args.await_step,
+            rounds: args.rounds.map(usize::from),
         }
     }
 }
@@ -294,6 +308,9 @@ fn main() -> ExitCode {
 async fn run(plan: Plan) -> anyhow::Result<()> {
     require_nats_server()?;
     let progress = Progress::new();
+    if let Some(n) = plan.rounds {
+        return run_rounds(&plan, n, progress).await;
+    }
     let mut results = Vec::new();
     let mut server_version = String::new();
     if plan.floor {
@@ -359,6 +376,47 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         }
     }
     print_report(&plan, &results, &server_version);
+    Ok(())
+}
+
+/// `--rounds`: the floor and ours side by side, `n` rounds.
+async fn run_rounds(plan: &Plan, n: usize, progress: Progress) -> anyhow::Result<()> {
+    let users = plan.auth.then(conn::floor_users);
+    let server = start_server(plan, &progress, "floor", users).await?;
+    let conn = server.conn();
+    let floor_env = env(plan, &server, FLOOR_USER, progress).await?;
+    let floor = Floor::start(&conn, plan.steps, plan.payload, plan.failure_rate).await?;
+    let stack = OursStack::start(plan, &progress, "ours", None, false).await?;
+    let rounds = rounds::run(
+        n,
+        &plan.concurrencies,
+        plan.coordinators,
+        (floor.clone(), &floor_env),
+        (stack.ours.clone(), &stack.env),
+    )
+    .await;
+    floor.stop();
+    stack.ours.stop().await;
+    let rounds = rounds?;
+    println!();
+    println!(
+        "saga-bench --rounds {n}: {} steps, {} B payload, failure rate {}, {:?} profile{}, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
+        plan.steps,
+        plan.payload,
+        plan.failure_rate,
+        plan.profile,
+        if plan.auth { ", authentication on" } else { "" },
+        plan.coordinators,
+        replicas_where(plan),
+        plan.measure,
+        plan.warmup
+    );
+    println!("machine: {}; nats-server {}", machine(), stack.server_version);
+    println!();
+    print!("{}", rounds::report(&rounds, plan.coordinators));
+    println!();
+    println!("reproduce: {}", reproduce_command());
+    println!("{}", rounds::ratio_line(&rounds, plan.coordinators));
     Ok(())
 }
 
