@@ -2176,7 +2176,7 @@ impl SagaState {
 /// assert_eq!(correlation_value(&input, "missing"), None);
 /// ```
 pub fn correlation_value(payload: &[u8], path: &str) -> Option<String> {
-    let mut value: serde_json::Value = rmp_serde::from_slice(payload).ok()?;
+    let mut value: serde_json::Value = crate::wire::decode_nested(payload).ok()?;
     if !path.is_empty() {
         for key in path.split('.') {
             value = match value {

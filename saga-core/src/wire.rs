@@ -32,6 +32,29 @@ pub const MAX_QUOTED: usize = 120;
 /// The longest start key (idempotency key) accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 256;
 
+/// How deeply arrays and maps may nest in MessagePack that this crate and saga-nats decode:
+/// protocol messages, and payloads from other services (inputs, outputs, domain events).
+/// Decoding nests by recursion, so a hostile payload nested thousands deep would otherwise
+/// overflow the stack of whatever process reads it; no protocol message comes near this.
+pub const MAX_NESTING: usize = 64;
+
+/// Decodes MessagePack into `T`, refusing nesting deeper than [`MAX_NESTING`] (the error
+/// says "depth limit exceeded"). Use it for any bytes that come from the bus.
+///
+/// ```
+/// let deep: Vec<u8> = std::iter::repeat(0x91).take(100_000).chain([0xc0]).collect();
+/// assert!(saga_core::wire::decode_nested::<serde_json::Value>(&deep).is_err());
+/// let flat = rmp_serde::to_vec(&[1, 2, 3]).unwrap();
+/// assert_eq!(saga_core::wire::decode_nested::<Vec<u8>>(&flat).unwrap(), vec![1, 2, 3]);
+/// ```
+pub fn decode_nested<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_NESTING);
+    T::deserialize(&mut de)
+}
+
 /// `s` cut to at most [`MAX_QUOTED`] characters (with `…` when cut), control characters
 /// replaced: for repeating a received value in a log line or an error.
 pub fn quote(s: &str) -> String {
@@ -660,7 +683,7 @@ impl Codec {
         let what = T::WHAT;
         let msg: T = self.decode_value(what, bytes).map_err(|e| match e {
             // A message of another version may fail to decode: say so rather than "malformed".
-            CodecError::Malformed { .. } => match rmp_serde::from_slice::<VersionProbe>(bytes) {
+            CodecError::Malformed { .. } => match decode_nested::<VersionProbe>(bytes) {
                 Ok(p) if p.v != PROTOCOL_VERSION => {
                     CodecError::UnsupportedVersion { what, found: p.v, supported: PROTOCOL_VERSION }
                 }
@@ -705,8 +728,7 @@ impl Codec {
         if bytes.len() > self.max_size {
             return Err(CodecError::TooLarge { what, size: bytes.len(), limit: self.max_size });
         }
-        rmp_serde::from_slice(bytes)
-            .map_err(|e| CodecError::Malformed { what, detail: e.to_string() })
+        decode_nested(bytes).map_err(|e| CodecError::Malformed { what, detail: e.to_string() })
     }
 }
 
@@ -721,6 +743,37 @@ mod tests {
         let q = quote(&long);
         assert_eq!(q.chars().count(), MAX_QUOTED + 1);
         assert!(q.ends_with('…'));
+    }
+
+    /// `{"v": 2, …fields of op…, "x": [[[…]]]}`: a message with an extra field nested
+    /// `depth` deep, which a decoder skips by recursion.
+    fn with_deep_extra_field(op: &OperatorMessage, depth: usize) -> Vec<u8> {
+        let mut bytes = rmp_serde::to_vec_named(op).unwrap();
+        assert_eq!(bytes[0], 0x84, "a map of 4 fields");
+        bytes[0] = 0x85;
+        bytes.extend([0xa1, b'x']);
+        bytes.extend(std::iter::repeat_n(0x91, depth));
+        bytes.push(0xc0);
+        bytes
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_with_a_clear_error_not_a_stack_overflow() {
+        let codec = Codec::default();
+        let op = OperatorMessage {
+            v: PROTOCOL_VERSION,
+            saga_id: SagaId::from("s-1"),
+            action: OperatorAction::Cancel,
+            reason: "r".into(),
+        };
+        let fine = codec.decode::<OperatorMessage>(&with_deep_extra_field(&op, 8)).unwrap();
+        assert_eq!(fine, op);
+        let err =
+            codec.decode::<OperatorMessage>(&with_deep_extra_field(&op, 200_000)).unwrap_err();
+        assert!(err.to_string().contains("depth limit exceeded"), "{err}");
+        let deep: Vec<u8> = std::iter::repeat_n(0x91, 200_000).chain([0xc0]).collect();
+        assert!(crate::correlation_value(&deep, "").is_none());
+        assert!(codec.decode_value::<serde_json::Value>("input", &deep).is_err());
     }
 
     #[test]

@@ -53,9 +53,9 @@ fn every_decoder(bytes: &[u8]) -> Result<(), TestCaseError> {
     round_trip::<CommandMessage>(bytes)?;
     round_trip::<ReplyMessage>(bytes)?;
     round_trip::<LogRecord>(bytes)?;
-    if let Ok(record) = rmp_serde::from_slice::<EffectRecord>(bytes) {
+    if let Ok(record) = saga_core::wire::decode_nested::<EffectRecord>(bytes) {
         let again = rmp_serde::to_vec_named(&record).unwrap();
-        prop_assert_eq!(rmp_serde::from_slice::<EffectRecord>(&again).unwrap(), record);
+        prop_assert_eq!(saga_core::wire::decode_nested::<EffectRecord>(&again).unwrap(), record);
     }
     if let Ok(text) = std::str::from_utf8(bytes) {
         for def in
@@ -122,6 +122,46 @@ proptest! {
 
 /// What decodes from a damaged message still holds tokens where tokens belong: the codec's
 /// checks run on every decode, not only on well-formed input.
+/// Every conformance vector with one more field, an array nested far deeper than a decoder
+/// may follow (decoders skip unknown fields by recursion), and that array alone: refused by
+/// every decoder, none of which overflows its stack.
+#[test]
+fn hostile_nesting_never_overflows_a_decoder() {
+    let deep: Vec<u8> = std::iter::repeat_n(0x91, 100_000).chain([0xc0]).collect();
+    every_decoder(&deep).unwrap();
+    let mut checked = 0;
+    for (kind, bytes) in vectors() {
+        // A map of up to 15 entries (fixmap, 0x80..=0x8e): one entry more.
+        let (0x80..=0x8e) = bytes[0] else { continue };
+        let mut hostile = vec![bytes[0] + 1];
+        hostile.extend(&bytes[1..]);
+        hostile.extend([0xa5]);
+        hostile.extend(b"extra");
+        hostile.extend(&deep);
+        every_decoder(&hostile).unwrap();
+        let codec = Codec::default();
+        let err = match kind.as_str() {
+            "start" => codec.decode::<StartMessage>(&hostile).map(drop).unwrap_err().to_string(),
+            "operator" => {
+                codec.decode::<OperatorMessage>(&hostile).map(drop).unwrap_err().to_string()
+            }
+            "command" => {
+                codec.decode::<CommandMessage>(&hostile).map(drop).unwrap_err().to_string()
+            }
+            "reply" => codec.decode::<ReplyMessage>(&hostile).map(drop).unwrap_err().to_string(),
+            "log_record" => codec.decode::<LogRecord>(&hostile).map(drop).unwrap_err().to_string(),
+            "effect_record" => saga_core::wire::decode_nested::<EffectRecord>(&hostile)
+                .map(drop)
+                .unwrap_err()
+                .to_string(),
+            other => panic!("a vector of unknown kind {other}"),
+        };
+        assert!(err.contains("depth limit exceeded"), "{kind}: {err}");
+        checked += 1;
+    }
+    assert_eq!(checked, 15, "every vector is a small map");
+}
+
 #[test]
 fn decoded_damage_still_passes_the_token_checks() {
     let codec = Codec::default();

@@ -107,7 +107,7 @@ fn fail_reason(payload: &Payload) -> Option<String> {
     struct WithReason {
         reason: Option<String>,
     }
-    let why = rmp_serde::from_slice::<WithReason>(payload.as_bytes()).ok()?.reason?;
+    let why = saga_core::wire::decode_nested::<WithReason>(payload.as_bytes()).ok()?.reason?;
     let why = why.trim();
     (!why.is_empty()).then(|| saga_core::wire::quote(why))
 }
@@ -349,6 +349,15 @@ mod tests {
                 "{payload}"
             );
         }
+    }
+
+    #[test]
+    fn a_deeply_nested_event_is_refused_as_a_reason_not_a_crash() {
+        // {"x": [[[[…]]]]}, nested far deeper than any decoder should follow.
+        let mut bytes = vec![0x81, 0xa1, b'x'];
+        bytes.extend(std::iter::repeat_n(0x91, 100_000));
+        bytes.push(0xc0);
+        assert_eq!(fail_reason(&Payload::new(bytes)), None);
     }
 
     #[test]

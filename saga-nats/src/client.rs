@@ -120,12 +120,12 @@ impl SagaView {
             .iter()
             .find(|s| s.name.as_str() == step)
             .and_then(|s| s.output.as_ref())
-            .map(|o| rmp_serde::from_slice(o.as_bytes()))
+            .map(|o| saga_core::wire::decode_nested(o.as_bytes()))
     }
 
     /// The saga's input, decoded.
     pub fn input<I: serde::de::DeserializeOwned>(&self) -> Result<I, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(self.snapshot.input.as_bytes())
+        saga_core::wire::decode_nested(self.snapshot.input.as_bytes())
     }
 }
 

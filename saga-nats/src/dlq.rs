@@ -215,25 +215,40 @@ fn letter(msg: &StreamMessage, with_body: bool) -> DeadLetter {
 
 /// MessagePack as JSON, for people: maps, arrays and scalars as they are; a binary value
 /// (a saga's input or output inside a message) as the JSON of the MessagePack it holds, or as
-/// `"<N bytes>"` when it holds something else. `None` when `bytes` is not MessagePack.
+/// `"<N bytes>"` when it holds something else. `None` when `bytes` is not MessagePack, or
+/// nests deeper than [`saga_core::wire::MAX_NESTING`] (what is shown comes from anyone on
+/// the bus: a dead letter, a saga's input).
 pub fn msgpack_json(bytes: &[u8]) -> Option<serde_json::Value> {
-    let mut de = rmp_serde::Deserializer::new(bytes);
-    let Json(value) = serde::Deserialize::deserialize(&mut de).ok()?;
-    Some(value)
+    decode_json(bytes, MAX_BINARY_NESTING)
 }
 
-/// A JSON value deserialized from MessagePack, binary values included.
-struct Json(serde_json::Value);
+/// How many binaries within binaries are shown as the MessagePack they hold (a dead letter,
+/// the saga input inside it, and one more); deeper ones read `"<N bytes>"`, so the nesting
+/// limit of each decode bounds them all.
+const MAX_BINARY_NESTING: u8 = 3;
 
-impl<'de> Deserialize<'de> for Json {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(JsonVisitor).map(Json)
+fn decode_json(bytes: &[u8], binaries: u8) -> Option<serde_json::Value> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(saga_core::wire::MAX_NESTING);
+    serde::de::DeserializeSeed::deserialize(Json { binaries }, &mut de).ok()
+}
+
+/// Reads one MessagePack value as JSON; binaries within it are decoded while `binaries` is
+/// above 0.
+#[derive(Clone, Copy)]
+struct Json {
+    binaries: u8,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Json {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct JsonVisitor;
-
-impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+impl<'de> serde::de::Visitor<'de> for Json {
     type Value = serde_json::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -255,9 +270,10 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
         Ok(v.into())
     }
     fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
-        Ok(msgpack_json(v)
-            .filter(|_| !v.is_empty())
-            .unwrap_or_else(|| format!("<{} bytes>", v.len()).into()))
+        let inner = (self.binaries > 0 && !v.is_empty())
+            .then(|| decode_json(v, self.binaries - 1))
+            .flatten();
+        Ok(inner.unwrap_or_else(|| format!("<{} bytes>", v.len()).into()))
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
         Ok(serde_json::Value::Null)
@@ -266,18 +282,18 @@ impl<'de> serde::de::Visitor<'de> for JsonVisitor {
         Ok(serde_json::Value::Null)
     }
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(JsonVisitor)
+        d.deserialize_any(self)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(Json(v)) = seq.next_element()? {
+        while let Some(v) = seq.next_element_seed(self)? {
             out.push(v);
         }
         Ok(out.into())
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = serde_json::Map::new();
-        while let Some((Json(k), Json(v))) = map.next_entry()? {
+        while let Some((k, v)) = map.next_entry_seed(self, self)? {
             let key = match k {
                 serde_json::Value::String(s) => s,
                 other => other.to_string(),
@@ -314,5 +330,25 @@ mod tests {
             serde_json::json!({"saga": "s", "n": -3, "input": {"id": "o-1", "qty": 2}, "junk": "<1 bytes>"})
         );
         assert_eq!(msgpack_json(&[0xc1]), None, "0xc1 is never MessagePack");
+    }
+
+    /// `[[[…nil…]]]`, nested `depth` deep.
+    fn nested(depth: usize) -> Vec<u8> {
+        std::iter::repeat_n(0x91, depth).chain([0xc0]).collect()
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_not_followed_down_the_stack() {
+        assert!(msgpack_json(&nested(saga_core::wire::MAX_NESTING - 2)).is_some());
+        assert_eq!(msgpack_json(&nested(100_000)), None);
+        // A binary holding a binary holding a binary …, 10,000 deep: each is a fresh decode,
+        // so only the first few are opened.
+        let mut bytes = rmp_serde::to_vec(&"end").unwrap();
+        for _ in 0..10_000 {
+            bytes = rmp_serde::to_vec(&serde_bytes::ByteBuf::from(bytes)).unwrap();
+        }
+        let json = msgpack_json(&bytes).expect("the outer layers decode");
+        let shown = json.as_str().unwrap_or_default();
+        assert!(shown.starts_with('<') && shown.ends_with(" bytes>"), "{json}");
     }
 }

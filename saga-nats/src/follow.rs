@@ -48,7 +48,7 @@ pub struct LifecycleEvent {
 impl LifecycleEvent {
     /// The saga's input, decoded.
     pub fn input<I: DeserializeOwned>(&self) -> Result<I, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(self.input.as_bytes())
+        saga_core::wire::decode_nested(self.input.as_bytes())
     }
 }
 
@@ -290,7 +290,7 @@ where
         durable,
         filter,
         |msg: &jetstream::Message| {
-            rmp_serde::from_slice::<T>(&msg.payload)
+            saga_core::wire::decode_nested::<T>(&msg.payload)
                 .map_err(|e| format!("domain event does not decode: {e}"))
         },
         handler,

@@ -99,7 +99,7 @@ impl<T> Command<T> {
         let bytes = self.deps.get(&StepName::from(step)).ok_or_else(|| {
             StepError::business(format!("no output of step {step:?} in the command"))
         })?;
-        rmp_serde::from_slice(bytes.as_bytes()).map_err(|e| {
+        saga_core::wire::decode_nested(bytes.as_bytes()).map_err(|e| {
             StepError::business(format!("output of step {step:?} does not decode: {e}"))
         })
     }
@@ -109,7 +109,7 @@ impl<T> Command<T> {
     /// recording it): the compensation must then be harmless if the action never happened.
     pub fn action_output<O: DeserializeOwned>(&self) -> Option<Result<O, StepError>> {
         self.output.as_ref().map(|bytes| {
-            rmp_serde::from_slice(bytes.as_bytes())
+            saga_core::wire::decode_nested(bytes.as_bytes())
                 .map_err(|e| StepError::business(format!("action output does not decode: {e}")))
         })
     }
@@ -211,12 +211,13 @@ impl ParticipantBuilder {
             Arc::new(move |cmd: Arc<CommandMessage>, output: Option<Payload>, traceparent| {
                 let handler = handler.clone();
                 Box::pin(async move {
-                    let input: T = rmp_serde::from_slice(cmd.input.as_bytes()).map_err(|e| {
-                        StepError::business(format!(
-                            "saga input does not decode as {}: {e}",
-                            std::any::type_name::<T>()
-                        ))
-                    })?;
+                    let input: T =
+                        saga_core::wire::decode_nested(cmd.input.as_bytes()).map_err(|e| {
+                            StepError::business(format!(
+                                "saga input does not decode as {}: {e}",
+                                std::any::type_name::<T>()
+                            ))
+                        })?;
                     let command = Command {
                         input,
                         saga_id: cmd.saga_id.clone(),
@@ -769,7 +770,7 @@ impl Shared {
             let entry = self.effects.entry(key).await.map_err(unavailable)?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
-                    match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
+                    match saga_core::wire::decode_nested::<EffectRecord>(&e.value).ok() {
                         Some(EffectRecord::Done { outcome, .. }) => {
                             return Ok(Claim::Recorded(outcome))
                         }
@@ -820,7 +821,7 @@ impl Shared {
             let entry = self.effects.entry(&key).await.map_err(unavailable)?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
-                    match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
+                    match saga_core::wire::decode_nested::<EffectRecord>(&e.value).ok() {
                         Some(EffectRecord::Done {
                             outcome: ReplyOutcome::Success { output },
                             ..
@@ -892,34 +893,33 @@ impl Shared {
     async fn record_over(&self, key: &str, ours: u64, record: &Bytes) -> Result<(), String> {
         let entry = self.effects.entry(key).await.map_err(|e| e.to_string())?;
         let written = match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                match rmp_serde::from_slice::<EffectRecord>(&e.value).ok() {
-                    Some(EffectRecord::Done { .. }) => return Ok(()),
-                    Some(EffectRecord::Barrier { lapsed: true }) => {
-                        warn!(key, "the action finished after its compensation had started: the compensation ran without the action's output");
-                        return Ok(());
-                    }
-                    Some(EffectRecord::Barrier { lapsed: false }) => {
-                        error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
-                        return Ok(());
-                    }
-                    Some(EffectRecord::InProgress { until, .. })
-                        if e.revision != ours && until > now().0 =>
-                    {
-                        warn!(
-                            key,
-                            "could not record the effect: another delivery took the key over"
-                        );
-                        return Ok(());
-                    }
-                    _ => self
-                        .effects
-                        .update(key, record.clone(), e.revision)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
+            Some(e) if e.operation == kv::Operation::Put => match saga_core::wire::decode_nested::<
+                EffectRecord,
+            >(&e.value)
+            .ok()
+            {
+                Some(EffectRecord::Done { .. }) => return Ok(()),
+                Some(EffectRecord::Barrier { lapsed: true }) => {
+                    warn!(key, "the action finished after its compensation had started: the compensation ran without the action's output");
+                    return Ok(());
                 }
-            }
+                Some(EffectRecord::Barrier { lapsed: false }) => {
+                    error!(key, "the action ran, but its compensation was already recorded as a no-op (its claim was lost): compensate it by hand");
+                    return Ok(());
+                }
+                Some(EffectRecord::InProgress { until, .. })
+                    if e.revision != ours && until > now().0 =>
+                {
+                    warn!(key, "could not record the effect: another delivery took the key over");
+                    return Ok(());
+                }
+                _ => self
+                    .effects
+                    .update(key, record.clone(), e.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            },
             _ => self
                 .effects
                 .create(key, record.clone())

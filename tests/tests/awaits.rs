@@ -469,3 +469,73 @@ async fn a_definition_registered_at_run_time_gets_its_events_matched() {
         assert_eq!(view.output::<Payment>("payment").unwrap().unwrap(), payment);
     }
 }
+
+/// `{"order": order, "x": [[[…]]]}`, the array nested `depth` deep.
+fn deeply_nested(order: u64, depth: usize) -> Vec<u8> {
+    let mut bytes = vec![0x82, 0xa5];
+    bytes.extend(b"order");
+    bytes.extend(rmp_serde::to_vec(&order).unwrap());
+    bytes.extend([0xa1, b'x']);
+    bytes.extend(std::iter::repeat_n(0x91, depth));
+    bytes.push(0xc0);
+    bytes
+}
+
+/// `{"order": order, "blob": <a binary holding a binary holding … "end">}`, `layers` deep.
+fn binaries_within_binaries(order: u64, layers: usize) -> Vec<u8> {
+    // MessagePack bin 32: 0xc6, the length (4 bytes, big-endian), the bytes.
+    let bin = |bytes: Vec<u8>| {
+        let mut out = vec![0xc6];
+        out.extend(u32::try_from(bytes.len()).unwrap().to_be_bytes());
+        out.extend(bytes);
+        out
+    };
+    let mut blob = rmp_serde::to_vec(&"end").unwrap();
+    for _ in 0..layers {
+        blob = bin(blob);
+    }
+    let mut bytes = vec![0x82, 0xa5];
+    bytes.extend(b"order");
+    bytes.extend(rmp_serde::to_vec(&order).unwrap());
+    bytes.extend([0xa4]);
+    bytes.extend(b"blob");
+    bytes.extend(bin(blob));
+    bytes
+}
+
+/// A service may publish any bytes on its own event subjects. Payloads nested far deeper than
+/// any decoder should follow, on the subjects an await step waits on and tagged with the
+/// waiting saga's id (so the admin service shows them with it), crash nothing: the matcher
+/// ignores them, the admin service answers, and the saga goes on when the real event comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_events_are_ignored_and_shown_without_crashing_anything() {
+    init_logging();
+    let s = stack(vec![pay(WAIT, OnTimeout::Fail)]).await;
+    let (nats, client) = (s.nats.clone(), s.client.clone());
+    let js = async_nats::jetstream::new(nats.clone());
+
+    let id = client.start("pay", &input(9)).await.unwrap();
+    until_step(&client, &id, "payment", StepStatus::Running).await;
+    let hostile = [
+        ("domain.payments.confirmed", deeply_nested(9, 200_000)),
+        ("domain.payments.declined", deeply_nested(9, 200_000)),
+        ("domain.payments.confirmed", binaries_within_binaries(99, 20_000)),
+    ];
+    for (subject, body) in hostile {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Saga-Id", id.as_str());
+        js.publish_with_headers(subject, headers, body.into()).await.unwrap().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.get(&id).await.unwrap().unwrap().status(), SagaStatus::Running);
+
+    // The admin service, in the coordinator, decodes what it shows within the nesting limit.
+    let shown = client.domain_events("pay", &id).await.unwrap();
+    assert_eq!(shown.events.len(), 3, "{shown:?}");
+
+    let paid = Payment { order: 9, amount: 5 };
+    publish(&nats, "payments.confirmed", "p-9", &paid).await;
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.output::<Payment>("payment").unwrap().unwrap(), paid);
+}
