@@ -60,7 +60,7 @@ pub(crate) fn event_for(
     codec: &Codec,
     now: Timestamp,
 ) -> Result<Event, String> {
-    let (output, reason) = match &a.on {
+    let (output, what) = match &a.on {
         AwaitOn::Event { window, .. } => {
             let arrival: ArrivalMessage =
                 codec.decode(payload).map_err(|e| format!("kept event does not decode: {e}"))?;
@@ -73,11 +73,8 @@ pub(crate) fn event_for(
                     humantime_serde::re::humantime::format_duration(*window)
                 ));
             }
-            let mut reason = format!("event {} (sequence {})", arrival.subject, arrival.seq);
-            if let Some(why) = fail_reason(&arrival.payload) {
-                reason = format!("{reason}: {why}");
-            }
-            (arrival.payload, reason)
+            let what = format!("event {} (sequence {})", arrival.subject, arrival.seq);
+            (arrival.payload, what)
         }
         AwaitOn::Signal { name } => {
             let signal: SignalMessage =
@@ -92,7 +89,21 @@ pub(crate) fn event_for(
             (signal.payload, format!("signal {name}"))
         }
     };
+    // What arrived becomes the step's output, which travels in later commands and in every
+    // later log record: the same bound as a handler's output.
+    let limit = codec.max_size / 4;
+    let size = output.as_bytes().len();
+    if size > limit {
+        return Err(format!(
+            "{what} carries {size} bytes, more than the {limit} bytes a step's output may have (a quarter of the message size limit)"
+        ));
+    }
     Ok(if fails {
+        // A fail event's own reason, if it gives one, says why.
+        let reason = match fail_reason(&output) {
+            Some(why) => format!("{what}: {why}"),
+            None => what,
+        };
         Event::StepFailed { step: a.step.clone(), attempt: a.attempt, reason, transient: false }
     } else {
         Event::StepSucceeded { step: a.step.clone(), attempt: a.attempt, output }
@@ -293,6 +304,10 @@ mod tests {
     use super::*;
 
     fn declined(payload: &impl serde::Serialize) -> Result<Event, String> {
+        arrived(true, rmp_serde::to_vec_named(payload).expect("encodes"))
+    }
+
+    fn arrived(fails: bool, payload: Vec<u8>) -> Result<Event, String> {
         let a = Awaiting {
             step: "payment".into(),
             attempt: 1,
@@ -310,11 +325,21 @@ mod tests {
             subject: "domain.payments.declined".into(),
             seq: 7,
             at: Timestamp(1_000),
-            payload: Payload::new(rmp_serde::to_vec_named(payload).expect("encodes")),
+            payload: Payload::new(payload),
         };
         let codec = Codec::default();
         let bytes = codec.encode(&arrival).expect("encodes");
-        event_for(&SagaId::from("s1"), &a, true, &bytes, &codec, Timestamp(2_000))
+        event_for(&SagaId::from("s1"), &a, fails, &bytes, &codec, Timestamp(2_000))
+    }
+
+    #[test]
+    fn an_event_too_large_to_be_an_output_does_not_count() {
+        let limit = Codec::default().max_size / 4;
+        let fits = rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![7; limit - 10])).unwrap();
+        assert!(matches!(arrived(false, fits), Ok(Event::StepSucceeded { .. })));
+        let big = rmp_serde::to_vec(&serde_bytes::ByteBuf::from(vec![7; limit + 10])).unwrap();
+        let err = arrived(false, big).unwrap_err();
+        assert!(err.contains("more than the 262144 bytes a step's output may have"), "{err}");
     }
 
     fn reason_of(event: Result<Event, String>) -> String {
