@@ -275,7 +275,7 @@ pub(crate) async fn start_matcher(
             async move {
                 let Some(value) = correlation_value(&seen.payload, &field) else {
                     crate::observe::await_event("no_field");
-                    debug!(subject = %seen.subject, seq = seen.seq, %field, "domain event without the await's field: ignored");
+                    debug!(subject = %seen.subject, seq = seen.seq, %field, "domain event without the await's field, or not MessagePack nested at most 64 deep: ignored");
                     return Ok::<(), String>(());
                 };
                 let arrival = ArrivalMessage {
