@@ -1074,7 +1074,7 @@ impl Worker {
                     return self.refuse_reply(&msg, &why).await;
                 }
                 command = Some(reply.command.clone());
-                bounded(reply.to_event())
+                within_output_limit(bounded(reply.to_event()), self.shared.codec.max_size / 4)
             };
             if !self.sagas.contains_key(&to.saga_id) {
                 match self.load(&to.saga_id).await {
@@ -1531,6 +1531,23 @@ fn cut(s: &mut String) {
     }
 }
 
+/// `event`, unless it is a success whose output is larger than `limit` (a quarter of the
+/// message size limit, which the Rust participant enforces on its handlers): then the step's
+/// business failure, saying so. The output would travel in every later command and log
+/// record of the saga, and make them too large to send.
+fn within_output_limit(event: Event, limit: usize) -> Event {
+    match event {
+        Event::StepSucceeded { step, attempt, output } if output.as_bytes().len() > limit => {
+            let reason = format!(
+                "reply output of {} bytes exceeds the limit of {limit} bytes (a quarter of the message size limit)",
+                output.as_bytes().len()
+            );
+            Event::StepFailed { step, attempt, reason, transient: false }
+        }
+        other => other,
+    }
+}
+
 /// `event` with its reason and operator name cut to [`MAX_REASON`] characters.
 fn bounded(mut event: Event) -> Event {
     match &mut event {
@@ -1555,6 +1572,23 @@ mod tests {
 
     fn key(step: &str, attempt: u32) -> TimerKey {
         TimerKey { step: StepName::from(step), phase: Phase::Action, attempt, kind: 0 }
+    }
+
+    #[test]
+    fn a_reply_output_over_the_limit_fails_the_step() {
+        let ok = |n: usize| Event::StepSucceeded {
+            step: StepName::from("s"),
+            attempt: 2,
+            output: saga_core::Payload::new(vec![0; n]),
+        };
+        assert_eq!(within_output_limit(ok(100), 100), ok(100));
+        match within_output_limit(ok(101), 100) {
+            Event::StepFailed { step, attempt: 2, reason, transient: false } => {
+                assert_eq!(step.as_str(), "s");
+                assert_eq!(reason, "reply output of 101 bytes exceeds the limit of 100 bytes (a quarter of the message size limit)");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1871,6 +1871,58 @@ async fn start_just_under_the_codec_limit_is_invalid_input() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 }
 
+/// A participant not written with the Rust SDK (so nothing holds its outputs to the limit)
+/// answers step `a` with a success whose output is 300 KB, over a quarter of the message size
+/// limit. The coordinator fails the step at once with a reason naming the size, instead of
+/// taking an output that every later command and log record would have to carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_output_in_a_raw_reply_fails_the_step() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = chain("one", &["a"], Duration::from_secs(5));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let raw = server.connect().await;
+    let mut commands = raw.queue_subscribe("saga.cmd.svc.>", "svc".into()).await.unwrap();
+    raw.flush().await.unwrap();
+    let responder = tokio::spawn({
+        let raw = raw.clone();
+        async move {
+            while let Some(msg) = commands.next().await {
+                let cmd: CommandMessage = Codec::default().decode(&msg.payload).unwrap();
+                let big = rmp_serde::to_vec(&"x".repeat(300 * 1024)).unwrap();
+                let outcome = ReplyOutcome::Success { output: Payload::new(big) };
+                let mut answer =
+                    reply(&cmd.saga_id, "svc", cmd.step.as_str(), cmd.attempt, outcome);
+                answer.phase = cmd.phase;
+                answer.command = cmd.command.clone();
+                let to = msg.reply.expect("commands carry a reply subject").to_string();
+                publish_core(&raw, &to, None, encode(&answer)).await;
+            }
+        }
+    });
+    let client = client(nats.clone()).await;
+
+    let id = client.start("one", &TestInput::default()).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    responder.abort();
+    let timeline: Vec<_> =
+        client.timeline(&id).await.unwrap().into_iter().map(|e| e.event).collect();
+    assert_eq!(view.status(), SagaStatus::Compensated, "{timeline:?}");
+    assert!(
+        timeline.iter().any(|e| matches!(
+            e,
+            T::Failed { attempt: 1, transient: false, reason, .. }
+                if reason.contains("reply output of") && reason.contains("exceeds the limit of 262144 bytes")
+        )),
+        "the timeline says the output was too large: {timeline:?}"
+    );
+    assert!(
+        !timeline.iter().any(|e| matches!(e, T::TimedOut { .. })),
+        "the step failed at once, not by timing out: {timeline:?}"
+    );
+}
+
 /// A handler whose output is over the limit (here 2 MiB) fails the step at once, with a reason
 /// naming the size, and runs once. (Found as a bug: neither its effect record nor its reply
 /// could be sent; the participant kept retrying, and the step only ended when every attempt
