@@ -937,7 +937,7 @@ impl Worker {
     async fn apply(
         &mut self,
         id: &SagaId,
-        event: Event,
+        mut event: Event,
         input: Option<jetstream::Message>,
     ) -> Result<Option<String>, HandleError> {
         let mut fresh = false;
@@ -1031,6 +1031,28 @@ impl Worker {
                     live.timeline.truncate(pending.0);
                     live.events = record.events;
                     live.events.truncate(pending.1);
+                    // A step's output that makes the saga's record too large to store would
+                    // fail every later attempt the same way: the step fails, saying why.
+                    if let (
+                        StoreError::Codec {
+                            source: CodecError::TooLarge { size, limit, .. }, ..
+                        },
+                        Event::StepSucceeded { step, attempt, output },
+                    ) = (&e, &event)
+                    {
+                        let reason = format!(
+                            "with this step's output of {} bytes the saga's log record would be {size} bytes, over the limit of {limit} bytes",
+                            output.as_bytes().len()
+                        );
+                        warn!(saga_id = %id, %step, %reason, "step output refused");
+                        event = Event::StepFailed {
+                            step: step.clone(),
+                            attempt: *attempt,
+                            reason,
+                            transient: false,
+                        };
+                        continue;
+                    }
                     return Err(e.into());
                 }
             }

@@ -1923,6 +1923,46 @@ async fn an_oversized_output_in_a_raw_reply_fails_the_step() {
     );
 }
 
+/// Outputs each within the limit, but together more than a log record may hold (every record
+/// carries every output so far): the step whose output would make the record too large fails
+/// at once with a reason naming the sizes, and the saga compensates the steps before it,
+/// rather than each of that step's attempts failing to be logged until they all time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_too_large_together_fail_the_step_that_overflows_the_record() {
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let steps = ["a", "b", "c", "d", "e"];
+    let def = chain("five", &steps, Duration::from_secs(5));
+    let _coord = coordinator(nats.clone(), vec![def]).await;
+    let mut participant = Participant::builder(nats.clone(), "svc");
+    for step in steps {
+        participant = participant
+            .action(step, |_cmd: Command<TestInput>| async { Ok("y".repeat(260_000)) })
+            .compensation(&format!("undo-{step}"), |_cmd: Command<TestInput>| async { Ok(()) });
+    }
+    let _p = participant.start().await.expect("participant starts");
+    let client = client(nats.clone()).await;
+
+    let id = client.start("five", &TestInput::default()).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    let timeline: Vec<_> =
+        client.timeline(&id).await.unwrap().into_iter().map(|e| e.event).collect();
+    assert_eq!(view.status(), SagaStatus::Compensated, "{timeline:?}");
+    assert!(
+        timeline.iter().any(|e| matches!(
+            e,
+            T::Failed { attempt: 1, transient: false, reason, .. }
+                if reason.contains("the saga's log record would be") && reason.contains("over the limit of 1048576 bytes")
+        )),
+        "the timeline says the record would be too large: {timeline:?}"
+    );
+    assert!(
+        !timeline.iter().any(|e| matches!(e, T::TimedOut { .. })),
+        "the step failed at once, not by timing out: {timeline:?}"
+    );
+}
+
 /// A handler whose output is over the limit (here 2 MiB) fails the step at once, with a reason
 /// naming the size, and runs once. (Found as a bug: neither its effect record nor its reply
 /// could be sent; the participant kept retrying, and the step only ended when every attempt
