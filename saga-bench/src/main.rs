@@ -398,21 +398,7 @@ async fn run_rounds(plan: &Plan, n: usize, progress: Progress) -> anyhow::Result
     floor.stop();
     stack.ours.stop().await;
     let rounds = rounds?;
-    println!();
-    println!(
-        "saga-bench --rounds {n}: {} steps, {} B payload, failure rate {}, {:?} profile{}, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
-        plan.steps,
-        plan.payload,
-        plan.failure_rate,
-        plan.profile,
-        if plan.auth { ", authentication on" } else { "" },
-        plan.coordinators,
-        replicas_where(plan),
-        plan.measure,
-        plan.warmup
-    );
-    println!("machine: {}; nats-server {}", machine(), stack.server_version);
-    println!();
+    print_header(plan, &format!("saga-bench --rounds {n}"), &stack.server_version);
     print!("{}", rounds::report(&rounds, plan.coordinators));
     println!();
     println!("reproduce: {}", reproduce_command());
@@ -538,10 +524,11 @@ async fn env(plan: &Plan, server: &Server, meter: &str, progress: Progress) -> a
     })
 }
 
-fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
+/// The lines above a report: what ran, and where.
+fn print_header(plan: &Plan, title: &str, server_version: &str) {
     println!();
     println!(
-        "saga-bench: {} steps, {} B payload, failure rate {}, {:?} profile{}, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
+        "{title}: {} steps, {} B payload, failure rate {}, {:?} profile{}, {} coordinator(s) {}, {:?} measured after {:?} warm-up per setting",
         plan.steps,
         plan.payload,
         plan.failure_rate,
@@ -554,6 +541,10 @@ fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
     );
     println!("machine: {}; nats-server {server_version}", machine());
     println!();
+}
+
+fn print_report(plan: &Plan, results: &[Measurement], server_version: &str) {
+    print_header(plan, "saga-bench", server_version);
     print!("{}", report::table(results));
     println!();
     println!("{}", footnote(plan));

@@ -1904,18 +1904,25 @@ async fn an_oversized_output_in_a_raw_reply_fails_the_step() {
     let client = client(nats.clone()).await;
 
     let id = client.start("one", &TestInput::default()).await.unwrap();
-    let view = client.wait(&id, WAIT).await.unwrap();
+    compensated_at_once(&client, &id, &["reply output of", "exceeds the limit of 262144 bytes"])
+        .await;
     responder.abort();
+}
+
+/// Waits for saga `id` to end compensated because a step's first attempt failed for good with
+/// a reason holding each of `says`, and not because anything timed out.
+async fn compensated_at_once(client: &SagaClient, id: &SagaId, says: &[&str]) {
+    let view = client.wait(id, WAIT).await.unwrap();
     let timeline: Vec<_> =
-        client.timeline(&id).await.unwrap().into_iter().map(|e| e.event).collect();
+        client.timeline(id).await.unwrap().into_iter().map(|e| e.event).collect();
     assert_eq!(view.status(), SagaStatus::Compensated, "{timeline:?}");
     assert!(
         timeline.iter().any(|e| matches!(
             e,
             T::Failed { attempt: 1, transient: false, reason, .. }
-                if reason.contains("reply output of") && reason.contains("exceeds the limit of 262144 bytes")
+                if says.iter().all(|s| reason.contains(s))
         )),
-        "the timeline says the output was too large: {timeline:?}"
+        "the timeline says {says:?}: {timeline:?}"
     );
     assert!(
         !timeline.iter().any(|e| matches!(e, T::TimedOut { .. })),
@@ -1945,22 +1952,8 @@ async fn outputs_too_large_together_fail_the_step_that_overflows_the_record() {
     let client = client(nats.clone()).await;
 
     let id = client.start("five", &TestInput::default()).await.unwrap();
-    let view = client.wait(&id, WAIT).await.unwrap();
-    let timeline: Vec<_> =
-        client.timeline(&id).await.unwrap().into_iter().map(|e| e.event).collect();
-    assert_eq!(view.status(), SagaStatus::Compensated, "{timeline:?}");
-    assert!(
-        timeline.iter().any(|e| matches!(
-            e,
-            T::Failed { attempt: 1, transient: false, reason, .. }
-                if reason.contains("the saga's log record would be") && reason.contains("over the limit of 1048576 bytes")
-        )),
-        "the timeline says the record would be too large: {timeline:?}"
-    );
-    assert!(
-        !timeline.iter().any(|e| matches!(e, T::TimedOut { .. })),
-        "the step failed at once, not by timing out: {timeline:?}"
-    );
+    let says = ["the saga's log record would be", "over the limit of 1048576 bytes"];
+    compensated_at_once(&client, &id, &says).await;
 }
 
 /// A handler whose output is over the limit (here 2 MiB) fails the step at once, with a reason
