@@ -77,7 +77,7 @@ fn fmt_ratio(r: Option<f64>) -> String {
 }
 
 /// The closed-loop measurement of `system` at `concurrency` with its base replica count.
-fn closed<'a>(
+pub(crate) fn closed<'a>(
     results: &'a [Measurement],
     system: &str,
     concurrency: usize,

@@ -21,22 +21,19 @@ impl Round {
     }
 
     /// Ours over the floor's p50 at concurrency 1, if measured.
-    pub(crate) fn p50_ratio(&self) -> Option<f64> {
-        let p50 = |system: &str| {
-            self.results
-                .iter()
-                .find(|m| {
-                    m.system == system && m.load == (crate::load::Load::Closed { concurrency: 1 })
-                })
-                .map(|m| m.latency.p50 as f64)
-        };
+    pub(crate) fn p50_ratio(&self, coordinators: usize) -> Option<f64> {
+        let p50 = |system: &str| self.at(system, 1, coordinators).map(|m| m.latency.p50 as f64);
         report::ratio(p50("ours")?, p50("floor")?)
     }
 
-    fn at<'a>(&'a self, system: &str, concurrency: usize) -> Option<&'a Measurement> {
-        self.results
-            .iter()
-            .find(|m| m.system == system && m.load == (crate::load::Load::Closed { concurrency }))
+    /// The closed-loop measurement of `system` at `concurrency`, ours with `coordinators`.
+    fn at<'a>(
+        &'a self,
+        system: &str,
+        concurrency: usize,
+        coordinators: usize,
+    ) -> Option<&'a Measurement> {
+        report::closed(&self.results, system, concurrency, coordinators)
     }
 }
 
@@ -83,10 +80,10 @@ pub(crate) fn report(rounds: &[Round], coordinators: usize) -> String {
     let _ = writeln!(out, "|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     let cell = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     for (i, r) in rounds.iter().enumerate() {
-        let f64_ = r.at("floor", MAIN_CONCURRENCY);
-        let o64 = r.at("ours", MAIN_CONCURRENCY);
-        let f1 = r.at("floor", 1);
-        let o1 = r.at("ours", 1);
+        let f64_ = r.at("floor", MAIN_CONCURRENCY, coordinators);
+        let o64 = r.at("ours", MAIN_CONCURRENCY, coordinators);
+        let f1 = r.at("floor", 1, coordinators);
+        let o1 = r.at("ours", 1, coordinators);
         let other = r.results.iter().map(Measurement::other_load).fold(0.0, f64::max);
         let _ = writeln!(
             out,
@@ -98,7 +95,7 @@ pub(crate) fn report(rounds: &[Round], coordinators: usize) -> String {
             cell(o64.map(|m| format!("{:.3}", m.cpu_ms_per_saga()))),
             cell(f1.map(|m| format!("{} ms", format_ms(m.latency.p50)))),
             cell(o1.map(|m| format!("{} ms", format_ms(m.latency.p50)))),
-            cell(r.p50_ratio().map(|x| format!("{x:.2}"))),
+            cell(r.p50_ratio(coordinators).map(|x| format!("{x:.2}"))),
         );
     }
     let errors: u64 = rounds.iter().flat_map(|r| &r.results).map(|m| m.errors).sum();
@@ -117,7 +114,7 @@ pub(crate) fn report(rounds: &[Round], coordinators: usize) -> String {
             met(m >= 0.5)
         );
     }
-    let mut p: Vec<f64> = rounds.iter().filter_map(Round::p50_ratio).collect();
+    let mut p: Vec<f64> = rounds.iter().filter_map(|r| r.p50_ratio(coordinators)).collect();
     let each = list(&p);
     if let Some(m) = median(&mut p) {
         let _ = writeln!(
