@@ -14,6 +14,7 @@ mod growth;
 mod inflight;
 mod load;
 mod measure;
+mod model;
 mod ours;
 mod progress;
 mod replica;
@@ -32,6 +33,7 @@ use crate::conn::{Server, COORDINATOR_USER, FLOOR_USER};
 use crate::floor::Floor;
 use crate::load::{closed_loop, open_loop, Env, Measurement, System};
 use crate::measure::{Processes, StoredMessages};
+use crate::model::{Model, ModelSystem};
 use crate::ours::Ours;
 use crate::progress::Progress;
 
@@ -145,6 +147,14 @@ struct Args {
           conflicts_with_all = ["systems", "growth", "in_flight", "await_step"])]
     rounds: Option<u16>,
 
+    /// Measure, in place of saga-nats, a hand-written model of a protocol design: exactly its
+    /// NATS operations per saga (subjects, headers, streams, buckets, about the same message
+    /// sizes) and nothing else. Its throughput is the most any implementation of that design
+    /// could reach here; the rows keep the name `ours`. Steps always succeed. Example:
+    /// --quick --rounds 3 --model deferred.
+    #[arg(long, value_enum, conflicts_with_all = ["growth", "in_flight", "await_step", "coordinator_processes", "failure_rate"])]
+    model: Option<Model>,
+
     /// Internal: run one coordinator replica of the bench saga (`--steps`) against
     /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     #[arg(long, hide = true, requires = "nats_url")]
@@ -228,6 +238,8 @@ struct Plan {
     await_step: bool,
     /// Paired rounds (`--rounds`), or `None` for one pass.
     rounds: Option<usize>,
+    /// A hand-written model measured in place of saga-nats (`--model`).
+    model: Option<Model>,
 }
 
 impl Plan {
@@ -256,7 +268,7 @@ impl Plan {
                 .as_ref()
                 .map(|c| c.iter().map(|&c| c as usize).collect())
                 .unwrap_or(concurrencies),
-            replica_check: !args.quick && args.rounds.is_none(),
+            replica_check: !args.quick && args.rounds.is_none() && args.model.is_none(),
             floor: args.systems != Systems::Ours
                 && args.growth.is_none()
                 && args.in_flight.is_none(),
@@ -266,6 +278,7 @@ impl Plan {
             in_flight: args.in_flight,
             await_step: args.await_step,
             rounds: args.rounds.map(usize::from),
+            model: args.model,
         }
     }
 }
@@ -322,6 +335,15 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         let floor = Floor::start(&conn, plan.steps, plan.payload, plan.failure_rate).await?;
         measure_system("floor", 0, floor.clone(), &plan, &env, &mut results).await?;
         floor.stop();
+    }
+    if let (true, Some(model)) = (plan.ours, plan.model) {
+        let stack = ModelStack::start(&plan, &progress, model).await?;
+        server_version = stack.system.server_version();
+        let system = stack.system.clone();
+        measure_system("ours", plan.coordinators, system, &plan, &stack.env, &mut results).await?;
+        stack.system.stop();
+        print_report(&plan, &results, &server_version);
+        return Ok(());
     }
     if plan.ours {
         let gate = plan.in_flight.map(inflight::gate);
@@ -386,24 +408,46 @@ async fn run_rounds(plan: &Plan, n: usize, progress: Progress) -> anyhow::Result
     let conn = server.conn();
     let floor_env = env(plan, &server, FLOOR_USER, progress).await?;
     let floor = Floor::start(&conn, plan.steps, plan.payload, plan.failure_rate).await?;
-    let stack = OursStack::start(plan, &progress, "ours", None, false).await?;
-    let rounds = rounds::run(
-        n,
-        &plan.concurrencies,
-        plan.coordinators,
-        (floor.clone(), &floor_env),
-        (stack.ours.clone(), &stack.env),
-    )
-    .await;
+    let floor_pair: (Arc<dyn System>, &Env) = (floor.clone(), &floor_env);
+    let rounds = if let Some(model) = plan.model {
+        let stack = ModelStack::start(plan, &progress, model).await?;
+        let ours: (Arc<dyn System>, &Env) = (stack.system.clone(), &stack.env);
+        let rounds = rounds::run(n, &plan.concurrencies, plan.coordinators, floor_pair, ours).await;
+        stack.system.stop();
+        rounds
+    } else {
+        let stack = OursStack::start(plan, &progress, "ours", None, false).await?;
+        let ours: (Arc<dyn System>, &Env) = (stack.ours.clone(), &stack.env);
+        let rounds = rounds::run(n, &plan.concurrencies, plan.coordinators, floor_pair, ours).await;
+        stack.ours.stop().await;
+        rounds
+    };
     floor.stop();
-    stack.ours.stop().await;
     let rounds = rounds?;
-    print_header(plan, &format!("saga-bench --rounds {n}"), &stack.server_version);
+    let version = conn.connect(FLOOR_USER).await?.server_info().version;
+    print_header(plan, &format!("saga-bench --rounds {n}"), &version);
     print!("{}", rounds::report(&rounds, plan.coordinators));
     println!();
     println!("reproduce: {}", reproduce_command());
     println!("{}", rounds::ratio_line(&rounds, plan.coordinators));
     Ok(())
+}
+
+/// A protocol model (`--model`) on a server of its own, in place of ours.
+struct ModelStack {
+    _server: Server,
+    env: Env,
+    system: Arc<ModelSystem>,
+}
+
+impl ModelStack {
+    async fn start(plan: &Plan, progress: &Progress, model: Model) -> anyhow::Result<ModelStack> {
+        let users = plan.auth.then(conn::floor_users);
+        let server = start_server(plan, progress, "ours (model)", users).await?;
+        let env = env(plan, &server, FLOOR_USER, *progress).await?;
+        let system = ModelSystem::start(&server.conn(), model, plan.steps, plan.payload).await?;
+        Ok(ModelStack { _server: server, env, system })
+    }
 }
 
 /// Ours on a server of its own: the server, the measuring environment and the stack.
@@ -540,6 +584,13 @@ fn print_header(plan: &Plan, title: &str, server_version: &str) {
         plan.warmup
     );
     println!("machine: {}; nats-server {server_version}", machine());
+    if let Some(model) = plan.model {
+        println!(
+            "ours: NOT saga-nats but `--model {}`, a hand-written model of {}",
+            model.to_possible_value().map_or_else(String::new, |v| v.get_name().to_owned()),
+            model.describe()
+        );
+    }
     println!();
 }
 

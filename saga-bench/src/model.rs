@@ -1,0 +1,356 @@
+//! `--model`: a protocol design's NATS operations, written by hand, measured in place of
+//! saga-nats.
+//!
+//! Each model does per saga exactly the NATS operations of one protocol design (the same
+//! subjects' shapes, headers, stream and bucket settings, and roughly the same message sizes)
+//! and nothing else: no state machine, no encoding beyond filling bytes, no checks. Its
+//! throughput is the most any implementation of that design can reach on this server and
+//! machine, so that:
+//!
+//! - `v2` against saga-nats says how much of saga-nats' cost is its implementation (code)
+//!   and how much the protocol's operations;
+//! - the other models say what a protocol change can gain before anyone builds it.
+//!
+//! A model's sagas are all 3-step (or `--steps`) successes: a model of a design's happy path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use clap::ValueEnum;
+use futures::StreamExt;
+use tokio::sync::oneshot;
+
+use crate::conn::{Conn, FLOOR_USER};
+use crate::load::{CountFuture, SagaFuture, System};
+use crate::measure::MessageCounter;
+
+/// The protocol designs a model can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Model {
+    /// Protocol v2 as built: the start is a JetStream publish to a work queue that the
+    /// coordinator holds (pull consumer) and acknowledges when the saga ends; the first record
+    /// is logged (compare-and-swap over nothing) before the first command; each step is a core
+    /// request, the participant replies, then records its outcome (KV create); the coordinator
+    /// logs every step's outcome (compare-and-swap) before the next command. 8 writes.
+    V2,
+    /// v2, but the participant records its outcome before it replies, and the coordinator
+    /// logs only the first and the terminal record (the one-writer design: a step's success
+    /// is durable in the participant's record, not in the log). 6 writes.
+    Deferred,
+    /// v2, but the start is a core request to the coordinators (queue group), answered once
+    /// the first record is logged: no start stream, no consumer, no acknowledgement. 7 writes.
+    DirectStart,
+    /// Both: a direct start and deferred records. 5 writes.
+    DirectDeferred,
+}
+
+impl Model {
+    fn direct_start(self) -> bool {
+        matches!(self, Model::DirectStart | Model::DirectDeferred)
+    }
+
+    fn deferred(self) -> bool {
+        matches!(self, Model::Deferred | Model::DirectDeferred)
+    }
+
+    /// What the model is, for the report's header.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Model::V2 => "protocol v2's operations as built",
+            Model::Deferred => {
+                "v2 with records before replies and only the first and terminal log records"
+            }
+            Model::DirectStart => {
+                "v2 with starts as core requests answered once the first record is logged"
+            }
+            Model::DirectDeferred => "direct starts and deferred log records together",
+        }
+    }
+}
+
+const IN_STREAM: &str = "MODEL_IN";
+const LOG_STREAM: &str = "MODEL_LOG";
+const CONSUMER: &str = "model-coordinator";
+/// A log record of saga-nats is about 1 KB with a 256-byte input (its snapshot holds the input
+/// and every step); a command carries the input and about 200 bytes more.
+const RECORD_OVERHEAD: usize = 750;
+const COMMAND_OVERHEAD: usize = 200;
+const REPLY_BYTES: usize = 90;
+const EFFECT_BYTES: usize = 80;
+const START_OVERHEAD: usize = 150;
+
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
+/// A running model: client, coordinator and participants, each on its own connection.
+pub(crate) struct ModelSystem {
+    model: Model,
+    client: async_nats::Client,
+    client_js: jetstream::Context,
+    payload: usize,
+    next: AtomicU64,
+    waiting: Waiting,
+    counter: MessageCounter,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ModelSystem {
+    /// Creates the model's streams and buckets and starts its coordinator and participants.
+    pub(crate) async fn start(
+        conn: &Conn,
+        model: Model,
+        steps: usize,
+        payload: usize,
+    ) -> anyhow::Result<Arc<ModelSystem>> {
+        let mut counter = MessageCounter::default();
+        let mut tasks = Vec::new();
+        let coord = conn.connect(FLOOR_USER).await.context("connecting the model coordinator")?;
+        counter.watch(&coord);
+        let js = jetstream::new(coord.clone());
+        js.create_stream(stream::Config {
+            name: LOG_STREAM.into(),
+            subjects: vec!["model.log.>".into()],
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .context("creating the model's log stream")?;
+        // Participants: one connection and one effect bucket per step service.
+        for step in 0..steps {
+            let p = conn.connect(FLOOR_USER).await.context("connecting a model participant")?;
+            counter.watch(&p);
+            let pjs = jetstream::new(p.clone());
+            let effects = pjs
+                .create_key_value(kv::Config {
+                    bucket: format!("model_fx_{step}"),
+                    history: 1,
+                    max_age: Duration::from_secs(14 * 24 * 3600),
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .context("creating a model effect bucket")?;
+            let sub = p.queue_subscribe(format!("model.cmd.s{step}"), "p".into()).await?;
+            tasks.push(tokio::spawn(participant(p.clone(), effects, sub, model)));
+            p.flush().await?;
+        }
+        let coordinator =
+            Arc::new(Coordinator { model, js: js.clone(), client: coord.clone(), steps, payload });
+        if model.direct_start() {
+            let sub = coord.queue_subscribe("model.start.>", "coordinators".into()).await?;
+            tasks.push(tokio::spawn(coordinator.clone().direct_starts(sub)));
+        } else {
+            let stream = js
+                .create_stream(stream::Config {
+                    name: IN_STREAM.into(),
+                    subjects: vec!["model.in.>".into()],
+                    storage: stream::StorageType::File,
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    max_messages_per_subject: 1,
+                    discard: stream::DiscardPolicy::New,
+                    discard_new_per_subject: true,
+                    allow_direct: true,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .context("creating the model's start stream")?;
+            let consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    filter_subject: "model.in.>".into(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(15),
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                })
+                .await
+                .context("creating the model's start consumer")?;
+            tasks.push(tokio::spawn(coordinator.clone().held_starts(consumer)));
+        }
+        coord.flush().await?;
+        // The client: starts sagas and hears their terminal records.
+        let client = conn.connect(FLOOR_USER).await.context("connecting the model client")?;
+        counter.watch(&client);
+        let waiting: Waiting = Arc::default();
+        let ends = client.subscribe("model.log.*.completed").await?;
+        tasks.push(tokio::spawn(hear_ends(ends, waiting.clone())));
+        client.flush().await?;
+        Ok(Arc::new(ModelSystem {
+            model,
+            client_js: jetstream::new(client.clone()),
+            client,
+            payload,
+            next: AtomicU64::new(0),
+            waiting,
+            counter,
+            tasks,
+        }))
+    }
+
+    /// The version of the server the model runs on.
+    pub(crate) fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// Stops the coordinator, the participants and the client's listener.
+    pub(crate) fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    async fn run(self: Arc<Self>, n: u64) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().expect("waiting map").insert(n, tx);
+        let start = Bytes::from(vec![b's'; START_OVERHEAD + self.payload]);
+        if self.model.direct_start() {
+            // Answered once the first record is durable.
+            self.client.request(format!("model.start.{n}"), start).await?;
+        } else {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            self.client_js
+                .publish_with_headers(format!("model.in.{n}.start"), headers, start)
+                .await?
+                .await?;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                self.waiting.lock().expect("waiting map").remove(&n);
+                bail!("model saga {n}: no terminal record within 30 s")
+            }
+        }
+    }
+}
+
+async fn hear_ends(mut ends: async_nats::Subscriber, waiting: Waiting) {
+    while let Some(msg) = ends.next().await {
+        let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
+        if let Some(tx) = n.and_then(|n| waiting.lock().expect("waiting map").remove(&n)) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The echo participant: for each command, an effect record (KV create) and a reply, in the
+/// model's order.
+async fn participant(
+    conn: async_nats::Client,
+    effects: kv::Store,
+    mut sub: async_nats::Subscriber,
+    model: Model,
+) {
+    while let Some(msg) = sub.next().await {
+        let (conn, effects) = (conn.clone(), effects.clone());
+        // One task per command, as the SDK runs handlers concurrently.
+        tokio::spawn(async move {
+            let Some(reply) = msg.reply else { return };
+            let key = String::from_utf8_lossy(msg.payload.get(..16).unwrap_or(b"0")).into_owned();
+            let record = Bytes::from(vec![b'd'; EFFECT_BYTES]);
+            let answer = Bytes::from(vec![b'r'; REPLY_BYTES]);
+            if model.deferred() {
+                if effects.update(&key, record, 0).await.is_ok() {
+                    let _ = conn.publish(reply, answer).await;
+                }
+            } else if conn.publish(reply, answer).await.is_ok() {
+                let _ = effects.update(&key, record, 0).await;
+            }
+        });
+    }
+}
+
+struct Coordinator {
+    model: Model,
+    js: jetstream::Context,
+    client: async_nats::Client,
+    steps: usize,
+    payload: usize,
+}
+
+impl Coordinator {
+    async fn held_starts(self: Arc<Self>, consumer: consumer::PullConsumer) {
+        let Ok(mut messages) = consumer.stream().max_messages_per_batch(256).messages().await
+        else {
+            return;
+        };
+        while let Some(Ok(msg)) = messages.next().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
+                if let Some(n) = n {
+                    if this.saga(n, None).await.is_ok() {
+                        let _ = msg.ack().await;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn direct_starts(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
+                if let (Some(n), Some(reply)) = (n, msg.reply) {
+                    let _ = this.saga(n, Some(reply)).await;
+                }
+            });
+        }
+    }
+
+    /// Appends a record with the compare-and-swap over the saga's log subjects.
+    async fn append(&self, n: u64, headline: &str, last: u64) -> anyhow::Result<u64> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("model.log.{n}.>").as_str(),
+        );
+        let body = Bytes::from(vec![b'l'; RECORD_OVERHEAD + self.payload]);
+        let ack = self
+            .js
+            .publish_with_headers(format!("model.log.{n}.{headline}"), headers, body)
+            .await?
+            .await?;
+        Ok(ack.sequence)
+    }
+
+    /// One saga: the first record, then each step's command and (unless deferred) its record.
+    async fn saga(&self, n: u64, started: Option<async_nats::Subject>) -> anyhow::Result<()> {
+        let mut last = self.append(n, "started", 0).await?;
+        if let Some(reply) = started {
+            self.client.publish(reply, Bytes::from_static(b"ok")).await?;
+        }
+        for step in 0..self.steps {
+            let mut body = format!("{n:016}").into_bytes();
+            body.resize(16 + COMMAND_OVERHEAD + self.payload, b'c');
+            self.client.request(format!("model.cmd.s{step}"), body.into()).await?;
+            let end = step + 1 == self.steps;
+            if end {
+                self.append(n, "completed", last).await?;
+            } else if !self.model.deferred() {
+                last = self.append(n, "step_succeeded", last).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl System for ModelSystem {
+    fn saga(self: Arc<Self>) -> SagaFuture {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Box::pin(self.run(n))
+    }
+
+    fn messages(&self) -> CountFuture<'_> {
+        Box::pin(std::future::ready(Ok(self.counter.total())))
+    }
+}
