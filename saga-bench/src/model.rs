@@ -48,6 +48,10 @@ pub(crate) enum Model {
     DirectStart,
     /// Both: a direct start and deferred records. 5 writes.
     DirectDeferred,
+    /// v2 with the trace context in the bodies of starts, commands and replies instead of
+    /// their headers (`traceparent`, and `Saga-Id` on starts): the same operations with no
+    /// headers but those of the compare-and-swap.
+    BodyTrace,
 }
 
 impl Model {
@@ -57,6 +61,11 @@ impl Model {
 
     fn deferred(self) -> bool {
         matches!(self, Model::Deferred | Model::DirectDeferred)
+    }
+
+    /// Whether the trace context travels in headers, as in saga-nats today.
+    fn trace_headers(self) -> bool {
+        self != Model::BodyTrace
     }
 
     /// What the model is, for the report's header.
@@ -70,6 +79,7 @@ impl Model {
                 "v2 with starts as core requests answered once the first record is logged"
             }
             Model::DirectDeferred => "direct starts and deferred log records together",
+            Model::BodyTrace => "v2 with the trace context in message bodies, not headers",
         }
     }
 }
@@ -85,7 +95,26 @@ const REPLY_BYTES: usize = 90;
 const EFFECT_BYTES: usize = 80;
 const START_OVERHEAD: usize = 150;
 
+/// A `traceparent` of the size saga-nats sends (55 bytes).
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
 type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
+/// The headers saga-nats puts on a command or reply: the trace context, when the model keeps
+/// it in headers, else none.
+fn trace_headers(model: Model) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if model.trace_headers() {
+        headers.insert("traceparent", TRACEPARENT);
+    }
+    headers
+}
+
+/// A body of `len` bytes, with room for the trace context when it travels in bodies.
+fn body(model: Model, fill: u8, len: usize) -> Vec<u8> {
+    let extra = if model.trace_headers() { 0 } else { TRACEPARENT.len() + 8 };
+    vec![fill; len + extra]
+}
 
 /// A running model: client, coordinator and participants, each on its own connection.
 pub(crate) struct ModelSystem {
@@ -209,12 +238,15 @@ impl ModelSystem {
     async fn run(self: Arc<Self>, n: u64) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().expect("waiting map").insert(n, tx);
-        let start = Bytes::from(vec![b's'; START_OVERHEAD + self.payload]);
+        let start = Bytes::from(body(self.model, b's', START_OVERHEAD + self.payload));
+        let mut headers = trace_headers(self.model);
+        if self.model.trace_headers() {
+            headers.insert("Saga-Id", "0191d3a2-7c4e-7b1a-9f3e-2d5c8a6b4e10");
+        }
         if self.model.direct_start() {
             // Answered once the first record is durable.
-            self.client.request(format!("model.start.{n}"), start).await?;
+            self.client.request_with_headers(format!("model.start.{n}"), headers, start).await?;
         } else {
-            let mut headers = HeaderMap::new();
             headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
             self.client_js
                 .publish_with_headers(format!("model.in.{n}.start"), headers, start)
@@ -255,12 +287,13 @@ async fn participant(
             let Some(reply) = msg.reply else { return };
             let key = String::from_utf8_lossy(msg.payload.get(..16).unwrap_or(b"0")).into_owned();
             let record = Bytes::from(vec![b'd'; EFFECT_BYTES]);
-            let answer = Bytes::from(vec![b'r'; REPLY_BYTES]);
+            let answer = Bytes::from(body(model, b'r', REPLY_BYTES));
+            let headers = trace_headers(model);
             if model.deferred() {
                 if effects.update(&key, record, 0).await.is_ok() {
-                    let _ = conn.publish(reply, answer).await;
+                    let _ = conn.publish_with_headers(reply, headers, answer).await;
                 }
-            } else if conn.publish(reply, answer).await.is_ok() {
+            } else if conn.publish_with_headers(reply, headers, answer).await.is_ok() {
                 let _ = effects.update(&key, record, 0).await;
             }
         });
@@ -330,9 +363,12 @@ impl Coordinator {
             self.client.publish(reply, Bytes::from_static(b"ok")).await?;
         }
         for step in 0..self.steps {
-            let mut body = format!("{n:016}").into_bytes();
-            body.resize(16 + COMMAND_OVERHEAD + self.payload, b'c');
-            self.client.request(format!("model.cmd.s{step}"), body.into()).await?;
+            let mut command = format!("{n:016}").into_bytes();
+            command.extend(body(self.model, b'c', COMMAND_OVERHEAD + self.payload));
+            let headers = trace_headers(self.model);
+            self.client
+                .request_with_headers(format!("model.cmd.s{step}"), headers, command.into())
+                .await?;
             let end = step + 1 == self.steps;
             if end {
                 self.append(n, "completed", last).await?;
