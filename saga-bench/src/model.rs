@@ -52,6 +52,9 @@ pub(crate) enum Model {
     /// their headers (`traceparent`, and `Saga-Id` on starts): the same operations with no
     /// headers but those of the compare-and-swap.
     BodyTrace,
+    /// v2 with 12-character saga ids (and so shorter subjects, effect keys and compare-and-swap
+    /// filters) instead of 36-character UUIDs.
+    ShortIds,
 }
 
 impl Model {
@@ -80,6 +83,7 @@ impl Model {
             }
             Model::DirectDeferred => "direct starts and deferred log records together",
             Model::BodyTrace => "v2 with the trace context in message bodies, not headers",
+            Model::ShortIds => "v2 with 12-character saga ids instead of UUIDs",
         }
     }
 }
@@ -95,10 +99,21 @@ const REPLY_BYTES: usize = 90;
 const EFFECT_BYTES: usize = 80;
 const START_OVERHEAD: usize = 150;
 
+/// The saga id of saga `n`: shaped like saga-nats' (a UUID), or 12 characters.
+fn saga_id(model: Model, n: u64) -> String {
+    if model == Model::ShortIds {
+        format!("{n:012x}")
+    } else {
+        format!("0191d3a2-7c4e-7b1a-{:04x}-{:012x}", (n >> 48) & 0xffff, n & 0xffff_ffff_ffff)
+    }
+}
+
 /// A `traceparent` of the size saga-nats sends (55 bytes).
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
+/// The coordinator's commands in flight, by reply subject.
+type InFlight = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
 
 /// The headers saga-nats puts on a command or reply: the trace context, when the model keeps
 /// it in headers, else none.
@@ -165,14 +180,23 @@ impl ModelSystem {
                 })
                 .await
                 .context("creating a model effect bucket")?;
-            let sub = p.queue_subscribe(format!("model.cmd.s{step}"), "p".into()).await?;
+            let sub = p.queue_subscribe(format!("model.cmd.p{step}.do"), "p".into()).await?;
             tasks.push(tokio::spawn(participant(p.clone(), effects, sub, model)));
             p.flush().await?;
         }
-        let coordinator =
-            Arc::new(Coordinator { model, js: js.clone(), client: coord.clone(), steps, payload });
+        let in_flight: InFlight = Arc::default();
+        let replies = coord.subscribe(format!("{REPLIES}.>")).await?;
+        tasks.push(tokio::spawn(Coordinator::replies(in_flight.clone(), replies)));
+        let coordinator = Arc::new(Coordinator {
+            model,
+            js: js.clone(),
+            client: coord.clone(),
+            steps,
+            payload,
+            in_flight,
+        });
         if model.direct_start() {
-            let sub = coord.queue_subscribe("model.start.>", "coordinators".into()).await?;
+            let sub = coord.queue_subscribe("model.start.*.*", "coordinators".into()).await?;
             tasks.push(tokio::spawn(coordinator.clone().direct_starts(sub)));
         } else {
             let stream = js
@@ -208,7 +232,7 @@ impl ModelSystem {
         let client = conn.connect(FLOOR_USER).await.context("connecting the model client")?;
         counter.watch(&client);
         let waiting: Waiting = Arc::default();
-        let ends = client.subscribe("model.log.*.completed").await?;
+        let ends = client.subscribe("model.log.*.bench.completed").await?;
         tasks.push(tokio::spawn(hear_ends(ends, waiting.clone())));
         client.flush().await?;
         Ok(Arc::new(ModelSystem {
@@ -236,28 +260,30 @@ impl ModelSystem {
     }
 
     async fn run(self: Arc<Self>, n: u64) -> anyhow::Result<()> {
+        let id = saga_id(self.model, n);
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().expect("waiting map").insert(n, tx);
+        self.waiting.lock().expect("waiting map").insert(id.clone(), tx);
         let start = Bytes::from(body(self.model, b's', START_OVERHEAD + self.payload));
         let mut headers = trace_headers(self.model);
         if self.model.trace_headers() {
-            headers.insert("Saga-Id", "0191d3a2-7c4e-7b1a-9f3e-2d5c8a6b4e10");
+            headers.insert("Saga-Id", id.as_str());
         }
         if self.model.direct_start() {
             // Answered once the first record is durable.
-            self.client.request_with_headers(format!("model.start.{n}"), headers, start).await?;
+            let subject = format!("model.start.{id}.bench");
+            self.client.request_with_headers(subject, headers, start).await?;
         } else {
             headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
             self.client_js
-                .publish_with_headers(format!("model.in.{n}.start"), headers, start)
+                .publish_with_headers(format!("model.in.{id}.bench.start"), headers, start)
                 .await?
                 .await?;
         }
         match tokio::time::timeout(Duration::from_secs(30), rx).await {
             Ok(Ok(())) => Ok(()),
             _ => {
-                self.waiting.lock().expect("waiting map").remove(&n);
-                bail!("model saga {n}: no terminal record within 30 s")
+                self.waiting.lock().expect("waiting map").remove(&id);
+                bail!("model saga {id}: no terminal record within 30 s")
             }
         }
     }
@@ -265,8 +291,8 @@ impl ModelSystem {
 
 async fn hear_ends(mut ends: async_nats::Subscriber, waiting: Waiting) {
     while let Some(msg) = ends.next().await {
-        let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
-        if let Some(tx) = n.and_then(|n| waiting.lock().expect("waiting map").remove(&n)) {
+        let Some(id) = msg.subject.split('.').nth(2) else { continue };
+        if let Some(tx) = waiting.lock().expect("waiting map").remove(id) {
             let _ = tx.send(());
         }
     }
@@ -285,7 +311,10 @@ async fn participant(
         // One task per command, as the SDK runs handlers concurrently.
         tokio::spawn(async move {
             let Some(reply) = msg.reply else { return };
-            let key = String::from_utf8_lossy(msg.payload.get(..16).unwrap_or(b"0")).into_owned();
+            // The command starts with its effect key.
+            let key_len = usize::from(msg.payload.first().copied().unwrap_or(0));
+            let key = msg.payload.get(1..1 + key_len).unwrap_or(b"0");
+            let key = String::from_utf8_lossy(key).into_owned();
             let record = Bytes::from(vec![b'd'; EFFECT_BYTES]);
             let answer = Bytes::from(body(model, b'r', REPLY_BYTES));
             let headers = trace_headers(model);
@@ -306,7 +335,12 @@ struct Coordinator {
     client: async_nats::Client,
     steps: usize,
     payload: usize,
+    in_flight: InFlight,
 }
+
+/// The replica's reply subjects: `model.reply.<replica>.<service>.<saga>.<step>.<a|c>.<attempt>`,
+/// as saga-nats' `saga.reply.…`.
+const REPLIES: &str = "model.reply.r0123456789abcdef";
 
 impl Coordinator {
     async fn held_starts(self: Arc<Self>, consumer: consumer::PullConsumer) {
@@ -317,11 +351,9 @@ impl Coordinator {
         while let Some(Ok(msg)) = messages.next().await {
             let this = self.clone();
             tokio::spawn(async move {
-                let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
-                if let Some(n) = n {
-                    if this.saga(n, None).await.is_ok() {
-                        let _ = msg.ack().await;
-                    }
+                let Some(id) = msg.subject.split('.').nth(2).map(str::to_owned) else { return };
+                if this.saga(&id, None).await.is_ok() {
+                    let _ = msg.ack().await;
                 }
             });
         }
@@ -331,49 +363,75 @@ impl Coordinator {
         while let Some(msg) = sub.next().await {
             let this = self.clone();
             tokio::spawn(async move {
-                let n = msg.subject.split('.').nth(2).and_then(|n| n.parse::<u64>().ok());
-                if let (Some(n), Some(reply)) = (n, msg.reply) {
-                    let _ = this.saga(n, Some(reply)).await;
+                let id = msg.subject.split('.').nth(2).map(str::to_owned);
+                if let (Some(id), Some(reply)) = (id, msg.reply) {
+                    let _ = this.saga(&id, Some(reply)).await;
                 }
             });
         }
     }
 
+    /// Routes each reply to the saga waiting for it.
+    async fn replies(in_flight: InFlight, mut sub: async_nats::Subscriber) {
+        while let Some(msg) = sub.next().await {
+            let waiting = in_flight.lock().expect("in-flight map").remove(msg.subject.as_str());
+            if let Some(tx) = waiting {
+                let _ = tx.send(());
+            }
+        }
+    }
+
     /// Appends a record with the compare-and-swap over the saga's log subjects.
-    async fn append(&self, n: u64, headline: &str, last: u64) -> anyhow::Result<u64> {
+    async fn append(&self, id: &str, headline: &str, last: u64) -> anyhow::Result<u64> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
         headers.insert(
             "Nats-Expected-Last-Subject-Sequence-Subject",
-            format!("model.log.{n}.>").as_str(),
+            format!("model.log.{id}.>").as_str(),
         );
         let body = Bytes::from(vec![b'l'; RECORD_OVERHEAD + self.payload]);
         let ack = self
             .js
-            .publish_with_headers(format!("model.log.{n}.{headline}"), headers, body)
+            .publish_with_headers(format!("model.log.{id}.bench.{headline}"), headers, body)
             .await?
             .await?;
         Ok(ack.sequence)
     }
 
+    /// Sends step `step`'s command and waits for its reply.
+    async fn command(&self, id: &str, step: usize) -> anyhow::Result<()> {
+        let key = format!("{id}.s{step}.a");
+        let mut command = vec![u8::try_from(key.len())?];
+        command.extend(key.as_bytes());
+        command.extend(body(self.model, b'c', COMMAND_OVERHEAD + self.payload));
+        let reply = format!("{REPLIES}.p{step}.{id}.s{step}.a.1");
+        let (tx, rx) = oneshot::channel();
+        self.in_flight.lock().expect("in-flight map").insert(reply.clone(), tx);
+        let headers = trace_headers(self.model);
+        let subject = format!("model.cmd.p{step}.do");
+        self.client
+            .publish_with_reply_and_headers(subject, reply.clone(), headers, command.into())
+            .await?;
+        if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
+            self.in_flight.lock().expect("in-flight map").remove(&reply);
+            bail!("model saga {id}: no reply from step {step}");
+        }
+        Ok(())
+    }
+
     /// One saga: the first record, then each step's command and (unless deferred) its record.
-    async fn saga(&self, n: u64, started: Option<async_nats::Subject>) -> anyhow::Result<()> {
-        let mut last = self.append(n, "started", 0).await?;
+    async fn saga(&self, id: &str, started: Option<async_nats::Subject>) -> anyhow::Result<()> {
+        let mut last = self.append(id, "started", 0).await?;
         if let Some(reply) = started {
             self.client.publish(reply, Bytes::from_static(b"ok")).await?;
         }
         for step in 0..self.steps {
-            let mut command = format!("{n:016}").into_bytes();
-            command.extend(body(self.model, b'c', COMMAND_OVERHEAD + self.payload));
-            let headers = trace_headers(self.model);
-            self.client
-                .request_with_headers(format!("model.cmd.s{step}"), headers, command.into())
-                .await?;
+            self.command(id, step).await?;
             let end = step + 1 == self.steps;
             if end {
-                self.append(n, "completed", last).await?;
+                self.append(id, "completed", last).await?;
             } else if !self.model.deferred() {
-                last = self.append(n, "step_succeeded", last).await?;
+                last = self.append(id, "step_succeeded", last).await?;
             }
         }
         Ok(())
