@@ -448,3 +448,40 @@ impl System for ModelSystem {
         Box::pin(std::future::ready(Ok(self.counter.total())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saga_ids_are_shaped_like_saga_nats_ones_unless_short() {
+        let id = saga_id(Model::V2, 0x0001_0000_0000_002a);
+        assert_eq!(id, "0191d3a2-7c4e-7b1a-0001-00000000002a");
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert_eq!(saga_id(Model::ShortIds, 42), "00000000002a");
+        // Distinct sagas, distinct ids.
+        assert_ne!(saga_id(Model::V2, 1), saga_id(Model::V2, 2));
+    }
+
+    #[test]
+    fn the_trace_context_travels_in_headers_or_in_the_body() {
+        assert_eq!(
+            trace_headers(Model::V2).get("traceparent").map(|v| v.as_str()),
+            Some(TRACEPARENT)
+        );
+        assert_eq!(body(Model::V2, b'c', 10).len(), 10);
+        assert!(trace_headers(Model::BodyTrace).is_empty());
+        assert_eq!(body(Model::BodyTrace, b'c', 10).len(), 10 + TRACEPARENT.len() + 8);
+    }
+
+    #[test]
+    fn designs_combine_as_named() {
+        let direct: Vec<_> =
+            Model::value_variants().iter().filter(|m| m.direct_start()).copied().collect();
+        assert_eq!(direct, [Model::DirectStart, Model::DirectDeferred]);
+        let deferred: Vec<_> =
+            Model::value_variants().iter().filter(|m| m.deferred()).copied().collect();
+        assert_eq!(deferred, [Model::Deferred, Model::DirectDeferred]);
+    }
+}
