@@ -161,6 +161,8 @@ impl ModelSystem {
             subjects: vec!["model.log.>".into()],
             storage: stream::StorageType::File,
             allow_direct: true,
+            // saga-nats' default retention of finished sagas.
+            max_age: Duration::from_secs(7 * 24 * 3600),
             ..Default::default()
         })
         .await
