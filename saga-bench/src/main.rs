@@ -101,6 +101,13 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=4096))]
     concurrency: Option<Vec<u32>>,
 
+    /// The open loop's rate in sagas/s, the same for every system [default: half of each
+    /// system's own peak]. One rate for both compares what a saga costs them at equal load:
+    /// the CPU per saga falls as load rises (more messages per read and write), so at their
+    /// own peaks the faster system also looks cheaper per saga. Example: --open-rate 2000.
+    #[arg(long, value_parser = parse_rate)]
+    open_rate: Option<f64>,
+
     /// A short smoke run (about 20 s): concurrencies 1 and 64, 2 s each, no replica check.
     #[arg(long)]
     quick: bool,
@@ -196,6 +203,14 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A rate in sagas per second: a positive number.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{s:?} is not a rate in sagas per second, like 2000")),
+    }
+}
+
 /// `10s`, `500ms`, `2m`, or a bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -240,6 +255,8 @@ struct Plan {
     rounds: Option<usize>,
     /// A hand-written model measured in place of saga-nats (`--model`).
     model: Option<Model>,
+    /// The open loop's fixed rate (`--open-rate`), or `None` for half of each system's peak.
+    open_rate: Option<f64>,
 }
 
 impl Plan {
@@ -279,6 +296,7 @@ impl Plan {
             await_step: args.await_step,
             rounds: args.rounds.map(usize::from),
             model: args.model,
+            open_rate: args.open_rate,
         }
     }
 }
@@ -496,7 +514,7 @@ impl OursStack {
     }
 }
 
-/// Closed loops at each concurrency, then the open loop at half the peak.
+/// Closed loops at each concurrency, then the open loop at `--open-rate` or half the peak.
 async fn measure_system(
     name: &'static str,
     coordinators: usize,
@@ -512,9 +530,12 @@ async fn measure_system(
         peak = peak.max(m.throughput());
         results.push(m);
     }
-    if peak > 0.0 {
-        let rate = peak / 2.0;
-        let label = format!("[{name}] open {rate:.0}/s (half the peak)");
+    let (rate, why) = match plan.open_rate {
+        Some(rate) => (rate, "--open-rate"),
+        None => (peak / 2.0, "half the peak"),
+    };
+    if rate > 0.0 {
+        let label = format!("[{name}] open {rate:.0}/s ({why})");
         results.push(open_loop(name, coordinators, system, rate, env, label).await?);
     }
     Ok(())
@@ -694,6 +715,17 @@ mod tests {
         assert_eq!(parse_fraction("0.1"), Ok(0.1));
         assert!(parse_fraction("1.5").is_err());
         assert!(parse_fraction("-0.1").is_err());
+    }
+
+    #[test]
+    fn open_rate_must_be_positive() {
+        assert_eq!(parse_rate("2000"), Ok(2000.0));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("-5").is_err());
+        assert!(parse_rate("inf").is_err());
+        let plan = Plan::from_args(&Args::parse_from(["saga-bench", "--open-rate", "1500"]));
+        assert_eq!(plan.open_rate, Some(1500.0));
+        assert_eq!(Plan::from_args(&Args::parse_from(["saga-bench"])).open_rate, None);
     }
 
     #[test]
