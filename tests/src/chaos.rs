@@ -586,7 +586,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         let (kind, candidates) = loop {
             let picked = {
                 let (stack, down) = (stack.lock().expect("lock"), down.lock().expect("lock"));
-                next_kind(&mut rng, &mut round, &kinds, &stack, servers, &down)
+                next_kind(&mut rng, &mut round, &kinds, |k| victims(k, &stack, servers, &down))
             };
             match picked {
                 Some(picked) => break picked,
@@ -845,38 +845,45 @@ async fn audit_follower_reads(
 
 /// The next kind of `round` with a process up, and those processes (or server nodes);
 /// `None` when no kind has one. The kinds come in rounds, each in a random order, so
-/// that every kind is hit once the kills are as many as the kinds.
+/// that every kind is hit once the kills are as many as the kinds. A kind whose processes
+/// are all down keeps its place in the round for a later kill (dropping it would leave it
+/// one kill short: with one instance of each service, its only process is often still down
+/// when its turn comes).
 fn next_kind(
     rng: &mut Rng,
     round: &mut Vec<Kind>,
     kinds: &[Kind],
-    stack: &Stack,
-    servers: usize,
-    down: &BTreeSet<Victim>,
+    candidates_of: impl Fn(Kind) -> Vec<Victim>,
 ) -> Option<(Kind, Vec<Victim>)> {
-    for _ in 0..kinds.len() {
-        if round.is_empty() {
-            *round = kinds.to_vec();
-            for i in (1..round.len()).rev() {
-                round.swap(i, rng.below(i + 1));
-            }
+    if round.is_empty() {
+        *round = kinds.to_vec();
+        for i in (1..round.len()).rev() {
+            round.swap(i, rng.below(i + 1));
         }
-        let kind = round.pop()?;
-        let candidates: Vec<Victim> = match kind {
-            // One node down at a time, so that a cluster keeps its quorum.
-            Kind::Server if down.iter().any(|v| matches!(v, Victim::Node(_))) => Vec::new(),
-            Kind::Server => (0..servers).map(Victim::Node).collect(),
-            _ => (0..stack.procs.len())
-                .map(Victim::Proc)
-                .filter(|v| !down.contains(v))
-                .filter(|v| matches!(v, Victim::Proc(i) if stack.procs[*i].kind == kind))
-                .collect(),
-        };
+    }
+    for i in (0..round.len()).rev() {
+        let kind = round[i];
+        let candidates = candidates_of(kind);
         if !candidates.is_empty() {
+            round.remove(i);
             return Some((kind, candidates));
         }
     }
     None
+}
+
+/// What can be killed of `kind` now: its processes that are up, or any server node while
+/// none is down (one node down at a time, so that a cluster keeps its quorum).
+fn victims(kind: Kind, stack: &Stack, servers: usize, down: &BTreeSet<Victim>) -> Vec<Victim> {
+    match kind {
+        Kind::Server if down.iter().any(|v| matches!(v, Victim::Node(_))) => Vec::new(),
+        Kind::Server => (0..servers).map(Victim::Node).collect(),
+        _ => (0..stack.procs.len())
+            .map(Victim::Proc)
+            .filter(|v| !down.contains(v))
+            .filter(|v| matches!(v, Victim::Proc(i) if stack.procs[*i].kind == kind))
+            .collect(),
+    }
 }
 
 /// Orders, once a coordinator has provisioned the streams and registered the definition.
@@ -1246,6 +1253,43 @@ pub fn sibling(exe: &Path, name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_that_is_down_at_its_turn_is_killed_later_in_the_round() {
+        let kinds = [Kind::Coordinator, Kind::Seller, Kind::Server];
+        let mut rng = Rng::new(7);
+        let mut round = Vec::new();
+        let seller_down = std::cell::Cell::new(true);
+        let up = |k: Kind| {
+            if k == Kind::Seller && seller_down.get() {
+                Vec::new()
+            } else {
+                vec![Victim::Node(0)]
+            }
+        };
+        // While the seller is down, the round's other kinds are picked, and it waits.
+        let mut picked = Vec::new();
+        for _ in 0..10 {
+            match next_kind(&mut rng, &mut round, &kinds, up) {
+                Some((kind, _)) => picked.push(kind),
+                None => break,
+            }
+        }
+        picked.sort();
+        assert_eq!(picked, [Kind::Coordinator, Kind::Server]);
+        assert_eq!(round, [Kind::Seller]);
+        // Once it is up again, it is next, before a new round begins.
+        seller_down.set(false);
+        assert_eq!(next_kind(&mut rng, &mut round, &kinds, up).map(|(k, _)| k), Some(Kind::Seller));
+        assert!(round.is_empty());
+        // Over six kills, every kind twice.
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..6 {
+            let (kind, _) = next_kind(&mut rng, &mut round, &kinds, up).expect("all up");
+            *counts.entry(kind).or_insert(0) += 1;
+        }
+        assert!(counts.values().all(|&n| n == 2), "{counts:?}");
+    }
 
     fn run(
         saga: &str,
