@@ -641,15 +641,26 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 at_ms,
                 cut_handlers: 0,
             });
-            if report.failovers.last().is_some_and(|f| f.was_leader == Some(true) && f.node == name)
-            {
+            let was_leader = report
+                .failovers
+                .last()
+                .is_some_and(|f| f.was_leader == Some(true) && f.node == name);
+            if was_leader {
                 leader_polls.push((
                     report.failovers.len() - 1,
-                    tokio::spawn(new_leader(nats.clone(), name)),
+                    tokio::spawn(new_leader(nats.clone(), name.clone())),
                 ));
             }
+            // A killed leader stays down until another node leads the log (at most
+            // `new_leader`'s 60 s): back sooner, it can win the election again while the
+            // others are still holding theirs (seconds on a slow disk), and no failover
+            // happens.
+            let elected = was_leader.then(|| (nats.clone(), name));
             let (cluster, down) = (cluster.clone(), down.clone());
             restarts.push(tokio::spawn(async move {
+                if let Some((nats, name)) = elected {
+                    new_leader(nats, name).await;
+                }
                 tokio::time::sleep(pause).await;
                 tokio::task::spawn_blocking(move || {
                     cluster.lock().expect("lock").node_mut(n).restart()
