@@ -340,6 +340,58 @@ impl Work {
     }
 }
 
+/// A transition decided and its log append sent, the answer not awaited yet, with what to
+/// do once it comes ([`Worker::finish`]).
+struct Sent {
+    id: SagaId,
+    ack: Result<crate::store::PendingAppend, StoreError>,
+    span: tracing::Span,
+    then: Then,
+}
+
+// Each lives for one round trip to the server, a batch's worth at a time: not worth boxing.
+#[allow(clippy::large_enum_variant)]
+enum Then {
+    /// A saga's first record, from its start (`msg`): the saga goes in memory once logged.
+    Begin { live: Box<Live>, effects: Vec<Effect>, record: LogRecord, msg: jetstream::Message },
+    /// A transition decided on a reply's `event`.
+    Reply { t: Box<Transition>, event: Event, fresh: bool },
+}
+
+/// A transition decided in memory, to be logged before its effects are carried out.
+struct Transition {
+    /// The state before it, restored if the record is not logged.
+    before: SagaState,
+    record: LogRecord,
+    /// How many of the record's timeline entries and lifecycle events were pending from
+    /// earlier transitions.
+    pending: (usize, usize),
+    rule: saga_core::Rule,
+    effects: Vec<Effect>,
+    /// The log sequence it is appended over.
+    expected: u64,
+}
+
+/// What deciding an event came to.
+enum Decided {
+    Logs(Box<Transition>),
+    /// It changes nothing, for this reason.
+    Nothing(String),
+    /// Memory was behind: the saga was read again from its log, decide again.
+    Reloaded,
+}
+
+/// What a transition came to once its append was answered.
+enum Settled {
+    /// Carried out (`None`), or nothing to do and why.
+    Done(Option<String>),
+    /// Decide again.
+    Again,
+}
+
+/// The most inputs a worker takes from its queue at once.
+const MAX_BATCH: usize = 64;
+
 async fn run(
     shared: Arc<Shared>,
     consumer: PullConsumer,
@@ -609,9 +661,7 @@ impl Worker {
             }
             tokio::select! {
                 work = rx.recv() => match work {
-                    Some(Work::Input(msg)) => self.input(msg).await,
-                    Some(Work::Reply(to, msg)) => self.reply(to, msg).await,
-                    Some(Work::Arrival(id, msg)) => self.arrival(id, msg).await,
+                    Some(work) => self.work(work, &mut rx).await,
                     None => break,
                 },
                 _ = &mut sleep, if armed_for.is_some() => {
@@ -632,18 +682,60 @@ impl Worker {
         debug!(worker = self.n, "worker stopped");
     }
 
-    async fn input(&mut self, msg: jetstream::Message) {
+    /// Handles `first` and what else waits in the queue (up to [`MAX_BATCH`]), one input per
+    /// saga at a time: the log appends of starts and replies are sent one after the other
+    /// and their answers awaited after, so that one saga's round trip to the server does not
+    /// hold up the others'. A saga's later inputs wait for its earlier one's to be finished.
+    async fn work(&mut self, first: Work, rx: &mut mpsc::Receiver<Work>) {
+        let mut queue = vec![first];
+        while queue.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(work) => queue.push(work),
+                Err(_) => break,
+            }
+        }
+        while !queue.is_empty() {
+            let mut taken = std::collections::HashSet::with_capacity(queue.len());
+            let mut later = Vec::new();
+            let mut sent = Vec::with_capacity(queue.len());
+            for work in queue {
+                if !taken.insert(work.saga_id().to_owned()) {
+                    later.push(work);
+                    continue;
+                }
+                let begun = match work {
+                    Work::Input(msg) => self.input_begin(msg).await,
+                    Work::Reply(to, msg) => self.reply_begin(to, msg).await,
+                    Work::Arrival(id, msg) => {
+                        self.arrival(id, msg).await;
+                        None
+                    }
+                };
+                sent.extend(begun);
+            }
+            for s in sent {
+                self.finish(s).await;
+            }
+            queue = later;
+        }
+    }
+
+    /// Handles an input from the input stream: a start up to its first record's append,
+    /// which is sent and returned to be finished ([`Worker::finish`]); anything else in full.
+    async fn input_begin(&mut self, msg: jetstream::Message) -> Option<Sent> {
         let Some(subjects::Input { id, saga, kind, operator }) =
             subjects::parse_input(&msg.subject)
         else {
             let reason = format!("not a saga input subject: {}", quote(&msg.subject));
-            return self.dead_letter(&msg, &reason).await;
+            self.dead_letter(&msg, &reason).await;
+            return None;
         };
         if let Some(header) = headers::relayed(msg.headers.as_ref()) {
             let reason = format!(
                 "input carries the JetStream header {header}: a stored message relayed by the server to this subject (a read whose reply subject was set to it), not published by a client"
             );
-            return self.dead_letter(&msg, &reason).await;
+            self.dead_letter(&msg, &reason).await;
+            return None;
         }
         let span = info_span!("saga.input", saga_id = %id, input = kind.token());
         let result = async {
@@ -684,31 +776,47 @@ impl Worker {
                     let refused =
                         self.apply(&id, bounded(op.to_event(by)), Some(msg.clone())).await?;
                     self.verdict(&msg, &id, op.action.as_str(), refused.as_deref()).await;
-                    Ok(())
+                    Ok(None)
                 }
             }
         }
-        .instrument(span)
+        .instrument(span.clone())
         .await;
-        if let Err(e) = result {
-            let delivered = msg.info().map_or(1, |i| i.delivered);
-            // A start is delivered again at every take-over: only a permanent error ends it.
-            let bounded = kind == InputKind::Operator && delivered >= self.shared.max_deliveries;
-            if e.is_permanent() || bounded {
-                let reason = if e.is_permanent() {
-                    format!("cannot be handled: {e}")
-                } else {
-                    format!("not handled after {delivered} deliveries: {e}")
-                };
-                if kind == InputKind::Operator {
-                    self.verdict(&msg, &id, "operator action", Some(&reason)).await;
-                }
-                self.dead_letter(&msg, &reason).await;
-            } else {
-                let delay = redelivery_delay(delivered);
-                warn!(saga_id = %id, error = %e, ?delay, "input not handled; it will be redelivered");
-                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+        match result {
+            Ok(sent) => sent,
+            Err(e) => {
+                self.input_failed(&msg, &id, kind, e).instrument(span).await;
+                None
             }
+        }
+    }
+
+    /// An input that could not be handled: redelivered after a delay, or dead-lettered when
+    /// the error is permanent (or an operator action has been delivered too often).
+    async fn input_failed(
+        &mut self,
+        msg: &jetstream::Message,
+        id: &SagaId,
+        kind: InputKind,
+        e: HandleError,
+    ) {
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        // A start is delivered again at every take-over: only a permanent error ends it.
+        let bounded = kind == InputKind::Operator && delivered >= self.shared.max_deliveries;
+        if e.is_permanent() || bounded {
+            let reason = if e.is_permanent() {
+                format!("cannot be handled: {e}")
+            } else {
+                format!("not handled after {delivered} deliveries: {e}")
+            };
+            if kind == InputKind::Operator {
+                self.verdict(msg, id, "operator action", Some(&reason)).await;
+            }
+            self.dead_letter(msg, &reason).await;
+        } else {
+            let delay = redelivery_delay(delivered);
+            warn!(saga_id = %id, error = %e, ?delay, "input not handled; it will be redelivered");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
         }
     }
 
@@ -718,13 +826,13 @@ impl Worker {
         id: &SagaId,
         start: StartMessage,
         msg: jetstream::Message,
-    ) -> Result<(), HandleError> {
+    ) -> Result<Option<Sent>, HandleError> {
         if let Some(live) = self.sagas.get_mut(id) {
             same_saga(id, identity(&live.state), (&start.saga, &start.digest, &start.input))?;
             if !live.handles.is_empty() {
                 // Redelivered while held here (a missed keep-alive): keep holding it.
                 live.handles.push(msg);
-                return Ok(());
+                return Ok(None);
             }
             // A copy of a saga another replica held: take it over from its log, as below.
             self.sagas.remove(id);
@@ -741,7 +849,7 @@ impl Worker {
             let published = crate::deliver::millis(info.published);
             observe::input_lag(now().0.saturating_sub(published.0));
         }
-        let (mut live, effects) = self.begin(id, start, trace, vec![msg]).await?;
+        let (mut live, effects) = self.begin(id, start, trace, Vec::new()).await?;
         // The first transition is logged before any command goes out, over nothing: so "no
         // log" always means "nothing sent", and the first attempt can go unclaimed even when
         // two replicas got the start (a restarted server can deliver a held start again, as
@@ -753,31 +861,51 @@ impl Worker {
             events: std::mem::take(&mut live.events),
             trace: live.trace.clone(),
         };
-        match self.append(id, &record, 0).await {
+        let ack = self.shared.log.send(&record, 0).await;
+        let then = Then::Begin { live: Box::new(live), effects, record, msg };
+        Ok(Some(Sent { id: id.clone(), ack, span: tracing::Span::current(), then }))
+    }
+
+    /// A saga's first record was appended (or refused): hold its start `msg` and carry out
+    /// its first transition, or take over the saga another replica logged first.
+    async fn begun(
+        &mut self,
+        id: &SagaId,
+        mut live: Box<Live>,
+        effects: Vec<Effect>,
+        record: LogRecord,
+        msg: jetstream::Message,
+        appended: Result<u64, StoreError>,
+    ) {
+        let result = match appended {
             Ok(seq) => {
                 live.logged(id, seq, &record.timeline, &record.events, &self.shared.tally);
-                self.sagas.insert(id.clone(), live);
-                self.execute(id, &effects).await;
-                Ok(())
+                live.handles.push(msg);
+                self.sagas.insert(id.clone(), *live);
+                return self.execute(id, &effects).await;
             }
             Err(StoreError::Conflict { .. }) => {
                 observe::log_conflict();
-                let Some(v) = self.shared.log.load(id).await? else {
-                    return Err(HandleError::Refused(format!(
+                match self.shared.log.load(id).await {
+                    Ok(Some(v)) => {
+                        let asked = identity(&live.state);
+                        self.take_over(id, v, asked, vec![msg.clone()]).await
+                    }
+                    Ok(None) => Err(HandleError::Refused(format!(
                         "saga {id}: its first record was refused as stale, yet no record is there"
-                    )));
-                };
-                let Live { state, handles, .. } = live;
-                self.take_over(id, v, identity(&state), handles).await
+                    ))),
+                    Err(e) => Err(e.into()),
+                }
             }
             // Not logged, so nothing was sent: the start is redelivered and begun again.
             Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
+            self.input_failed(&msg, id, InputKind::Start, e).await;
         }
     }
 
-    /// Appends `record` to saga `id`'s log over the record at `expected` (0: none). A write
-    /// whose acknowledgement was lost may have landed: if the newest record is this one, the
-    /// write succeeded.
+    /// Appends `record` to saga `id`'s log over the record at `expected` (0: none).
     async fn append(
         &self,
         id: &SagaId,
@@ -785,6 +913,17 @@ impl Worker {
         expected: u64,
     ) -> Result<u64, StoreError> {
         let appended = self.shared.log.append(record, expected).await;
+        self.confirm(id, record, appended).await
+    }
+
+    /// The outcome of appending `record`: a write whose acknowledgement was lost may have
+    /// landed, and if the saga's newest record is this one, it did.
+    async fn confirm(
+        &self,
+        id: &SagaId,
+        record: &LogRecord,
+        appended: Result<u64, StoreError>,
+    ) -> Result<u64, StoreError> {
         if let Err(StoreError::Nats { .. }) = &appended {
             if let Ok(Some(v)) = self.shared.log.load(id).await {
                 if v.record.snapshot == record.snapshot && v.record.timeline == record.timeline {
@@ -937,7 +1076,7 @@ impl Worker {
     async fn apply(
         &mut self,
         id: &SagaId,
-        mut event: Event,
+        event: Event,
         input: Option<jetstream::Message>,
     ) -> Result<Option<String>, HandleError> {
         let mut fresh = false;
@@ -953,115 +1092,171 @@ impl Worker {
             }
             fresh = true;
         }
+        self.apply_loaded(id, event, input, fresh).await
+    }
+
+    /// [`Worker::apply`] on a saga in memory; `fresh`: just read from its log.
+    async fn apply_loaded(
+        &mut self,
+        id: &SagaId,
+        mut event: Event,
+        mut input: Option<jetstream::Message>,
+        mut fresh: bool,
+    ) -> Result<Option<String>, HandleError> {
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let live = self.sagas.get_mut(id).expect("loaded above");
-            let before = live.state.clone();
-            let handled = live.state.handle(&live.plan, now(), &event);
-            let effects = match handled.result {
-                Ok(effects) => effects,
-                Err(rejection) => {
-                    if !fresh {
-                        // Memory may be behind another replica: decide on the logged state.
-                        if !self.load(id).await? {
-                            return Ok(Some(format!("saga {id} no longer exists")));
-                        }
-                        fresh = true;
-                        continue;
-                    }
-                    debug!(saga_id = %id, event = event.name(), rule = ?handled.rule, reason = %rejection, "input changed nothing");
-                    // Another replica may have finished it: then let it go here too.
-                    self.let_go_if_finished(id).await;
-                    if let Some(msg) = input {
-                        if matches!(
-                            event,
-                            Event::Cancel { .. }
-                                | Event::OperatorRetry { .. }
-                                | Event::OperatorSkip { .. }
-                                | Event::OperatorResolve { .. }
-                        ) {
-                            info!(saga_id = %id, event = event.name(), reason = %rejection, "operator action refused");
-                        }
-                        let _ = msg.ack().await;
-                    }
-                    return Ok(Some(rejection.to_string()));
-                }
+            let t = match self.decide(id, &event, &mut fresh, &mut input).await? {
+                Decided::Logs(t) => t,
+                Decided::Nothing(why) => return Ok(Some(why)),
+                Decided::Reloaded => continue,
             };
-            let mut timeline = std::mem::take(&mut live.timeline);
-            let mut events = std::mem::take(&mut live.events);
-            let pending = (timeline.len(), events.len());
-            timeline.extend(handled.timeline);
-            events.extend(LifecycleNote::of(&effects));
-            let record = LogRecord {
-                v: PROTOCOL_VERSION,
-                snapshot: live.state.snapshot(),
-                timeline,
-                events,
-                trace: live.trace.clone(),
-            };
-            let expected = live.seq;
-            let appended = self.append(id, &record, expected).await;
-            let live = self.sagas.get_mut(id).expect("loaded above");
-            match appended {
-                Ok(seq) => {
-                    let entries = &record.timeline[pending.0..];
-                    live.logged(id, seq, entries, &record.events, &self.shared.tally);
-                    debug!(saga_id = %id, rule = ?handled.rule, status = %live.state.status(), "transition logged");
-                    // The saga's start is held until it ends; an operator action is done with
-                    // once logged (held, a redelivery would apply it a second time).
-                    if let Some(msg) = input {
-                        let _ = msg.ack().await;
-                    }
-                    self.execute(id, &effects).await;
-                    return Ok(None);
-                }
-                Err(StoreError::Conflict { .. }) => {
-                    observe::log_conflict();
-                    debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
-                    if !self.load(id).await? {
-                        return Ok(Some(format!("saga {id} no longer exists")));
-                    }
-                    fresh = true;
-                }
-                Err(e) => {
-                    // Not logged: nothing happened. Only the entries pending before this
-                    // transition stay pending; this transition's would go into every later
-                    // record (and keep failing it when they are what made it fail).
-                    live.state = before;
-                    live.timeline = record.timeline;
-                    live.timeline.truncate(pending.0);
-                    live.events = record.events;
-                    live.events.truncate(pending.1);
-                    // A step's output that makes the saga's record too large to store would
-                    // fail every later attempt the same way: the step fails, saying why.
-                    if let (
-                        StoreError::Codec {
-                            source: CodecError::TooLarge { size, limit, .. }, ..
-                        },
-                        Event::StepSucceeded { step, attempt, output },
-                    ) = (&e, &event)
-                    {
-                        let reason = format!(
-                            "with this step's output of {} bytes the saga's log record would be {size} bytes, over the limit of {limit} bytes",
-                            output.as_bytes().len()
-                        );
-                        warn!(saga_id = %id, %step, %reason, "step output refused");
-                        event = Event::StepFailed {
-                            step: step.clone(),
-                            attempt: *attempt,
-                            reason,
-                            transient: false,
-                        };
-                        continue;
-                    }
-                    return Err(e.into());
-                }
+            let appended = self.append(id, &t.record, t.expected).await;
+            match self.settle(id, t, appended, &mut event, &mut input, &mut fresh).await? {
+                Settled::Done(why) => return Ok(why),
+                Settled::Again => {}
             }
         }
         Err(HandleError::Contention)
     }
 
-    /// A reply, or the server's word that nobody listens on the command's subject.
-    async fn reply(&mut self, to: ReplyTo, msg: async_nats::Message) {
+    /// Decides `event` on the saga in memory (it must be): the transition to log, or why it
+    /// changes nothing (then `input` is acknowledged). A rejection decided on memory that is
+    /// not `fresh` is decided again on the logged state first.
+    async fn decide(
+        &mut self,
+        id: &SagaId,
+        event: &Event,
+        fresh: &mut bool,
+        input: &mut Option<jetstream::Message>,
+    ) -> Result<Decided, HandleError> {
+        let live = self.sagas.get_mut(id).expect("loaded before deciding");
+        let before = live.state.clone();
+        let handled = live.state.handle(&live.plan, now(), event);
+        let effects = match handled.result {
+            Ok(effects) => effects,
+            Err(rejection) => {
+                if !*fresh {
+                    // Memory may be behind another replica: decide on the logged state.
+                    if !self.load(id).await? {
+                        return Ok(Decided::Nothing(format!("saga {id} no longer exists")));
+                    }
+                    *fresh = true;
+                    return Ok(Decided::Reloaded);
+                }
+                debug!(saga_id = %id, event = event.name(), rule = ?handled.rule, reason = %rejection, "input changed nothing");
+                // Another replica may have finished it: then let it go here too.
+                self.let_go_if_finished(id).await;
+                if let Some(msg) = input.take() {
+                    if matches!(
+                        event,
+                        Event::Cancel { .. }
+                            | Event::OperatorRetry { .. }
+                            | Event::OperatorSkip { .. }
+                            | Event::OperatorResolve { .. }
+                    ) {
+                        info!(saga_id = %id, event = event.name(), reason = %rejection, "operator action refused");
+                    }
+                    let _ = msg.ack().await;
+                }
+                return Ok(Decided::Nothing(rejection.to_string()));
+            }
+        };
+        let mut timeline = std::mem::take(&mut live.timeline);
+        let mut events = std::mem::take(&mut live.events);
+        let pending = (timeline.len(), events.len());
+        timeline.extend(handled.timeline);
+        events.extend(LifecycleNote::of(&effects));
+        let record = LogRecord {
+            v: PROTOCOL_VERSION,
+            snapshot: live.state.snapshot(),
+            timeline,
+            events,
+            trace: live.trace.clone(),
+        };
+        Ok(Decided::Logs(Box::new(Transition {
+            before,
+            record,
+            pending,
+            rule: handled.rule,
+            effects,
+            expected: live.seq,
+        })))
+    }
+
+    /// Carries out transition `t` of saga `id` once its append is answered, or undoes it.
+    /// `Settled::Again`: decide `event` again (the saga was reloaded after a lost
+    /// compare-and-swap, or `event` became the step's failure because its output would make
+    /// the record too large).
+    async fn settle(
+        &mut self,
+        id: &SagaId,
+        t: Box<Transition>,
+        appended: Result<u64, StoreError>,
+        event: &mut Event,
+        input: &mut Option<jetstream::Message>,
+        fresh: &mut bool,
+    ) -> Result<Settled, HandleError> {
+        let live = self.sagas.get_mut(id).expect("in memory while its transition is logged");
+        match appended {
+            Ok(seq) => {
+                let entries = &t.record.timeline[t.pending.0..];
+                live.logged(id, seq, entries, &t.record.events, &self.shared.tally);
+                debug!(saga_id = %id, rule = ?t.rule, status = %live.state.status(), "transition logged");
+                // The saga's start is held until it ends; an operator action is done with
+                // once logged (held, a redelivery would apply it a second time).
+                if let Some(msg) = input.take() {
+                    let _ = msg.ack().await;
+                }
+                self.execute(id, &t.effects).await;
+                Ok(Settled::Done(None))
+            }
+            Err(StoreError::Conflict { .. }) => {
+                observe::log_conflict();
+                debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
+                if !self.load(id).await? {
+                    return Ok(Settled::Done(Some(format!("saga {id} no longer exists"))));
+                }
+                *fresh = true;
+                Ok(Settled::Again)
+            }
+            Err(e) => {
+                // Not logged: nothing happened. Only the entries pending before this
+                // transition stay pending; this transition's would go into every later
+                // record (and keep failing it when they are what made it fail).
+                let Transition { before, record, pending, .. } = *t;
+                live.state = before;
+                live.timeline = record.timeline;
+                live.timeline.truncate(pending.0);
+                live.events = record.events;
+                live.events.truncate(pending.1);
+                // A step's output that makes the saga's record too large to store would
+                // fail every later attempt the same way: the step fails, saying why.
+                if let (
+                    StoreError::Codec { source: CodecError::TooLarge { size, limit, .. }, .. },
+                    Event::StepSucceeded { step, attempt, output },
+                ) = (&e, &*event)
+                {
+                    let reason = format!(
+                        "with this step's output of {} bytes the saga's log record would be {size} bytes, over the limit of {limit} bytes",
+                        output.as_bytes().len()
+                    );
+                    warn!(saga_id = %id, %step, %reason, "step output refused");
+                    *event = Event::StepFailed {
+                        step: step.clone(),
+                        attempt: *attempt,
+                        reason,
+                        transient: false,
+                    };
+                    return Ok(Settled::Again);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A reply, or the server's word that nobody listens on the command's subject, handled up
+    /// to its transition's append, which is sent and returned to be finished
+    /// ([`Worker::finish`]); a reply that is refused or changes nothing ends here.
+    async fn reply_begin(&mut self, to: ReplyTo, msg: async_nats::Message) -> Option<Sent> {
         let span = info_span!("saga.reply", saga_id = %to.saga_id, step = %to.step, phase = %to.phase, attempt = to.attempt, service = %to.service);
         async {
             let mut command = None;
@@ -1069,7 +1264,8 @@ impl Worker {
                 let why = format!(
                     "reply carries the JetStream header {header}: a stored message relayed by the server to this subject, not published by the service"
                 );
-                return self.refuse_reply(&msg, &why).await;
+                self.refuse_reply(&msg, &why).await;
+                return None;
             }
             let event = if msg.status == Some(StatusCode::NO_RESPONDERS) {
                 // The server sends this status only to the connection that sent the request
@@ -1080,7 +1276,9 @@ impl Worker {
                 let reply: ReplyMessage = match self.shared.codec.decode(&msg.payload) {
                     Ok(r) => r,
                     Err(e) => {
-                        return self.refuse_reply(&msg, &format!("reply does not decode: {e}")).await
+                        let why = format!("reply does not decode: {e}");
+                        self.refuse_reply(&msg, &why).await;
+                        return None;
                     }
                 };
                 if reply.saga_id != to.saga_id
@@ -1093,16 +1291,24 @@ impl Worker {
                         "reply names saga {} step {} {} attempt {} of service {}, but arrived on the reply subject of another command",
                         reply.saga_id, reply.step, reply.phase, reply.attempt, reply.service
                     );
-                    return self.refuse_reply(&msg, &why).await;
+                    self.refuse_reply(&msg, &why).await;
+                return None;
                 }
                 command = Some(reply.command.clone());
                 within_output_limit(bounded(reply.to_event()), self.shared.codec.max_size / 4)
             };
-            if !self.sagas.contains_key(&to.saga_id) {
+            let fresh = !self.sagas.contains_key(&to.saga_id);
+            if fresh {
                 match self.load(&to.saga_id).await {
                     Ok(true) => {}
-                    Ok(false) => return debug!("reply for a saga that no longer exists: dropped"),
-                    Err(e) => return warn!(error = %e, "cannot load the saga of a reply; the step's timer will recover it"),
+                    Ok(false) => {
+                        debug!("reply for a saga that no longer exists: dropped");
+                        return None;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot load the saga of a reply; the step's timer will recover it");
+                        return None;
+                    }
                 }
             }
             let live = &self.sagas[&to.saga_id];
@@ -1117,7 +1323,8 @@ impl Worker {
                         "reply for step {} {} of saga {} ran command {:?}, which that step does not send: refused",
                         to.step, to.phase, to.saga_id, command.as_str()
                     );
-                    return self.refuse_reply(&msg, &why).await;
+                    self.refuse_reply(&msg, &why).await;
+                return None;
                 }
             }
             match step.map(|def| &def.service) {
@@ -1126,7 +1333,8 @@ impl Worker {
                         "reply for step {} of saga {} from service {}, but that step is an await step: it sends no command and takes no reply",
                         to.step, to.saga_id, to.service
                     );
-                    return self.refuse_reply(&msg, &why).await;
+                    self.refuse_reply(&msg, &why).await;
+                return None;
                 }
                 Some(owner) if owner == &to.service => {}
                 owner => {
@@ -1137,11 +1345,61 @@ impl Worker {
                         to.service,
                         owner.map_or_else(|| "no service".to_owned(), |s| format!("service {s}"))
                     );
-                    return self.refuse_reply(&msg, &why).await;
+                    self.refuse_reply(&msg, &why).await;
+                return None;
                 }
             }
-            if let Err(e) = self.apply(&to.saga_id, event, None).await {
-                warn!(error = %e, "reply not applied; the step's timer will recover it");
+            let mut fresh = fresh;
+            let t = match self.decide(&to.saga_id, &event, &mut fresh, &mut None).await {
+                Ok(Decided::Logs(t)) => t,
+                Ok(Decided::Nothing(_)) => return None,
+                Ok(Decided::Reloaded) => {
+                    let applied = self.apply_loaded(&to.saga_id, event, None, fresh).await;
+                    if let Err(e) = applied {
+                        warn!(error = %e, "reply not applied; the step's timer will recover it");
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    warn!(error = %e, "reply not applied; the step's timer will recover it");
+                    return None;
+                }
+            };
+            let ack = self.shared.log.send(&t.record, t.expected).await;
+            let then = Then::Reply { t, event, fresh };
+            Some(Sent { id: to.saga_id.clone(), ack, span: tracing::Span::current(), then })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Waits for the answer to a sent append and carries on from it: what the input or the
+    /// reply that sent it would have done had it waited.
+    async fn finish(&mut self, sent: Sent) {
+        let Sent { id, ack, span, then } = sent;
+        async {
+            let appended = match ack {
+                Ok(pending) => pending.acked().await,
+                Err(e) => Err(e),
+            };
+            match then {
+                Then::Begin { live, effects, record, msg } => {
+                    let appended = self.confirm(&id, &record, appended).await;
+                    self.begun(&id, live, effects, record, msg, appended).await;
+                }
+                Then::Reply { t, mut event, mut fresh } => {
+                    let appended = self.confirm(&id, &t.record, appended).await;
+                    let mut input = None;
+                    let settled = self.settle(&id, t, appended, &mut event, &mut input, &mut fresh);
+                    let applied = match settled.await {
+                        Ok(Settled::Done(_)) => Ok(None),
+                        Ok(Settled::Again) => self.apply_loaded(&id, event, None, fresh).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = applied {
+                        warn!(error = %e, "reply not applied; the step's timer will recover it");
+                    }
+                }
             }
         }
         .instrument(span)

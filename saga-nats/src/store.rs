@@ -122,6 +122,26 @@ impl Follower {
     }
 }
 
+/// A log append sent to the server and not acknowledged yet ([`SagaLog::send`]).
+pub struct PendingAppend {
+    ack: async_nats::jetstream::context::PublishAckFuture,
+    id: SagaId,
+    expected: u64,
+}
+
+impl PendingAppend {
+    /// The new sequence once the server has stored the record; [`StoreError::Conflict`] if
+    /// the saga's newest record was no longer the expected one.
+    pub async fn acked(self) -> Result<u64, StoreError> {
+        let PendingAppend { ack, id, expected } = self;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if is_conflict(&e) => Err(StoreError::Conflict { id, expected }),
+            Err(e) => Err(StoreError::Nats { id, source: e.into() }),
+        }
+    }
+}
+
 /// Reads and appends saga log records, and reads pending starts.
 #[derive(Debug, Clone)]
 pub struct SagaLog {
@@ -192,6 +212,16 @@ impl SagaLog {
     /// Appends a record if the saga's newest log sequence is still `expected` (0: the saga
     /// has no record yet). Returns the new sequence.
     pub async fn append(&self, record: &LogRecord, expected: u64) -> Result<u64, StoreError> {
+        self.send(record, expected).await?.acked().await
+    }
+
+    /// Sends the append of [`SagaLog::append`] without waiting for the server's answer, so
+    /// that a caller can send other sagas' records meanwhile; [`PendingAppend::acked`] waits.
+    pub async fn send(
+        &self,
+        record: &LogRecord,
+        expected: u64,
+    ) -> Result<PendingAppend, StoreError> {
         let snap = &record.snapshot;
         let id = &snap.id;
         let payload = self
@@ -207,13 +237,8 @@ impl SagaLog {
             .js
             .send_publish(subject, msg)
             .await
-            .map_err(|e| StoreError::Nats { id: id.clone(), source: e.into() })?
-            .await;
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if is_conflict(&e) => Err(StoreError::Conflict { id: id.clone(), expected }),
-            Err(e) => Err(StoreError::Nats { id: id.clone(), source: e.into() }),
-        }
+            .map_err(|e| StoreError::Nats { id: id.clone(), source: e.into() })?;
+        Ok(PendingAppend { ack, id: id.clone(), expected })
     }
 
     /// The durable consumers of the saga logs whose subjects overlap those of definition
