@@ -577,8 +577,8 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let stack = Arc::new(Mutex::new(stack));
     let cluster = Arc::new(Mutex::new(cluster));
     let down: Arc<Mutex<BTreeSet<Victim>>> = Arc::default();
+    // Each restart task ends with the failover it timed, if it killed the log's leader.
     let mut restarts = Vec::new();
-    let mut leader_polls = Vec::new();
     let mut round: Vec<Kind> = Vec::new();
     for k in 0..config.kills {
         tokio::time::sleep(gap.mul_f64(0.5 + rng.unit())).await;
@@ -645,29 +645,24 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 .failovers
                 .last()
                 .is_some_and(|f| f.was_leader == Some(true) && f.node == name);
-            if was_leader {
-                leader_polls.push((
-                    report.failovers.len() - 1,
-                    tokio::spawn(new_leader(nats.clone(), name.clone())),
-                ));
-            }
             // A killed leader stays down until another node leads the log (at most
-            // `new_leader`'s 60 s): back sooner, it can win the election again while the
-            // others are still holding theirs (seconds on a slow disk), and no failover
-            // happens.
-            let elected = was_leader.then(|| (nats.clone(), name));
+            // `new_leader`'s 60 s), which times the failover: back sooner, it can win the
+            // election again while the others are still holding theirs (seconds on a slow
+            // disk), and no failover happens.
+            let failover = was_leader.then(|| (report.failovers.len() - 1, nats.clone(), name));
             let (cluster, down) = (cluster.clone(), down.clone());
             restarts.push(tokio::spawn(async move {
-                if let Some((nats, name)) = elected {
-                    new_leader(nats, name).await;
-                }
+                let timed = match failover {
+                    Some((i, nats, name)) => Some((i, new_leader(nats, name).await)),
+                    None => None,
+                };
                 tokio::time::sleep(pause).await;
                 tokio::task::spawn_blocking(move || {
                     cluster.lock().expect("lock").node_mut(n).restart()
                 })
                 .await?;
                 down.lock().expect("lock").remove(&v);
-                anyhow::Ok(())
+                anyhow::Ok(timed)
             }));
         } else if let Victim::Proc(v) = v {
             let mut s = stack.lock().expect("lock");
@@ -680,7 +675,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 tokio::time::sleep(pause).await;
                 stack.lock().expect("lock").spawn(v)?;
                 down.lock().expect("lock").remove(&Victim::Proc(v));
-                anyhow::Ok(())
+                anyhow::Ok(None)
             }));
         }
         if (k + 1) % 10 == 0 || k + 1 == config.kills {
@@ -696,10 +691,9 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         }
     }
     for r in restarts {
-        r.await??;
-    }
-    for (i, poll) in leader_polls {
-        report.failovers[i].new_leader_after = poll.await?;
+        if let Some((i, after)) = r.await?? {
+            report.failovers[i].new_leader_after = after;
+        }
     }
     let placed_ids = load.await??;
     report.load_time = started.elapsed();
