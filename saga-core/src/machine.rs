@@ -304,6 +304,11 @@ pub enum Event {
         attempt: u32,
         /// Why.
         reason: String,
+        /// The participant says another attempt may succeed (its store had no leader, a
+        /// dependency was down): it counts against the longer budget a timed-out attempt
+        /// has ([`COMPENSATION_TIMEOUT_ATTEMPTS`]), since it has the same kind of cause.
+        #[serde(default)]
+        transient: bool,
     },
     /// The driver sent `attempt` of `step`'s `phase` and nobody was listening (NATS "no
     /// responders"). Not an attempt: the same attempt is sent again after a growing delay
@@ -1197,10 +1202,10 @@ impl SagaState {
             ),
             (
                 S::Compensating | S::NeedsIntervention,
-                Event::CompensationFailed { step, attempt, reason },
+                Event::CompensationFailed { step, attempt, reason, transient },
             ) => (
                 Rule::CompensationFailed,
-                self.compensation_failed(plan, now, step, *attempt, reason, o),
+                self.compensation_failed(plan, now, step, *attempt, reason, *transient, o),
             ),
             (S::Compensating | S::NeedsIntervention, Event::TimerFired(timer)) => {
                 (Rule::CompensatingTimer, self.timer_fired(plan, now, timer, o))
@@ -2016,6 +2021,7 @@ impl SagaState {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn compensation_failed(
         &mut self,
         plan: &Plan,
@@ -2023,6 +2029,7 @@ impl SagaState {
         step: &StepName,
         attempt: u32,
         reason: &str,
+        transient: bool,
         out: &mut Out,
     ) -> Result<(), Rejection> {
         let i = self.index(plan, step)?;
@@ -2040,16 +2047,17 @@ impl SagaState {
                 phase: Phase::Compensation,
                 attempt,
                 reason: reason.to_owned(),
-                transient: true,
+                transient,
             },
         );
-        self.compensation_attempt_failed(plan, now, i, reason, false, out);
+        self.compensation_attempt_failed(plan, now, i, reason, transient, out);
         Ok(())
     }
 
-    /// A compensation attempt failed (a failure reply) or `timed_out`: try again, or park the
+    /// A compensation attempt failed (a failure reply) or timed out: try again, or park the
     /// saga once the budget is spent. A timed-out attempt may have been slowed by NATS itself
-    /// (a stream electing a leader, a node restarting), so timeouts get a longer budget:
+    /// (a stream electing a leader, a node restarting), and a failure the participant calls
+    /// `transient` has the same kinds of cause, so both get a longer budget (`long`):
     /// [`COMPENSATION_TIMEOUT_ATTEMPTS`] attempts, or the policy's `max_attempts` if larger.
     fn compensation_attempt_failed(
         &mut self,
@@ -2057,13 +2065,13 @@ impl SagaState {
         now: Timestamp,
         i: usize,
         reason: &str,
-        timed_out: bool,
+        long: bool,
         out: &mut Out,
     ) {
         let s = &mut self.steps[i];
         s.last_error = Some(reason.to_owned());
         let max_attempts = plan.steps()[i].retry.max_attempts;
-        let budget = match timed_out {
+        let budget = match long {
             true => max_attempts.max(COMPENSATION_TIMEOUT_ATTEMPTS),
             false => max_attempts,
         };

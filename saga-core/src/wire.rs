@@ -205,8 +205,13 @@ impl ReplyMessage {
             (Phase::Compensation, ReplyOutcome::Success { .. }) => {
                 Event::CompensationSucceeded { step, attempt }
             }
-            (Phase::Compensation, ReplyOutcome::Failure { reason, .. }) => {
-                Event::CompensationFailed { step, attempt, reason: reason.clone() }
+            (Phase::Compensation, ReplyOutcome::Failure { reason, transient }) => {
+                Event::CompensationFailed {
+                    step,
+                    attempt,
+                    reason: reason.clone(),
+                    transient: *transient,
+                }
             }
         }
     }

@@ -478,6 +478,42 @@ fn cancel_before_the_pivot_compensates_what_is_done() {
     assert!(!sim.sent.iter().any(|d| d.step.as_str() != "a"), "p and r never ran");
 }
 
+/// A compensation failure the participant calls transient (its store had no leader)
+/// counts against the longer budget a timed-out attempt has: with `max_attempts: 3`, the
+/// third such failure schedules a fourth attempt, and only the tenth parks the saga.
+#[test]
+fn transient_compensation_failures_get_the_longer_budget() {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    sim.at(20).ok(succeeded("b", 1));
+    sim.at(30).ok(failed("c", 1, false));
+    let transient = |attempt| Event::CompensationFailed {
+        step: "b".into(),
+        attempt,
+        reason: "cannot write stock: no leader".into(),
+        transient: true,
+    };
+    let last = saga_core::COMPENSATION_TIMEOUT_ATTEMPTS;
+    assert!(last > 3, "longer than the policy's budget");
+    let mut t = 40;
+    for n in 1..last {
+        let h = sim.at(t).handle(transient(n));
+        assert_eq!(h.rule, Rule::CompensationFailed, "attempt {n}");
+        assert!(h.result.is_ok(), "attempt {n}");
+        assert_eq!(sim.step("b"), StepStatus::CompensationRetryWait, "attempt {n}");
+        t += 100;
+        sim.at(t).ok(timer("b", Phase::Compensation, n, TimerKind::Backoff));
+        t += 100;
+    }
+    assert_eq!(
+        summary(&sim.at(t).ok(transient(last))),
+        s(&[&format!("disarm b.c.{last}.timeout"), "publish needs_intervention b"])
+    );
+    assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
+    assert_eq!(sim.step("b"), StepStatus::CompensationStuck);
+}
+
 /// chain3 with c failing, and b's compensation failing three times (the second by a
 /// timeout): the third failure reply spends the budget and the saga needs intervention.
 fn parked() -> Sim {
@@ -979,7 +1015,8 @@ fn the_timeline_records_timeouts_parking_and_who_acted() {
                 phase: Phase::Compensation,
                 attempt: 3,
                 reason: "comp unavailable".into(),
-                transient: true
+                // As the reply said: a transient one would not have parked it yet.
+                transient: false
             },
             TimelineEvent::Parked {
                 step: "b".into(),

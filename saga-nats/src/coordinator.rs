@@ -1550,6 +1550,7 @@ impl Worker {
                                     step: d.step.clone(),
                                     attempt: d.attempt,
                                     reason,
+                                    transient: false,
                                 },
                             });
                             continue;

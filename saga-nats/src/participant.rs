@@ -48,12 +48,17 @@ use crate::provision::{open_effects, EffectsConfig, ProvisionError};
 use crate::subjects::{self, headers, ReplyTo};
 
 /// How a handler failed.
+///
+/// A compensation is retried whichever it returns: a business failure counts against the
+/// step's `max_attempts`, a transient one against the longer budget a timed-out attempt has
+/// (docs/PROTOCOL.md §6.4), before the saga waits for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// A business failure: the step fails at once and the saga compensates.
+    /// A business failure: an action's step fails at once and the saga compensates.
     #[error("business failure: {0}")]
     Business(String),
-    /// A transient error: the step is retried with backoff while attempts remain.
+    /// A transient error (another attempt may succeed: a store without a leader, a
+    /// dependency down): the step is retried with backoff while attempts remain.
     #[error("transient error: {0}")]
     Transient(String),
 }

@@ -28,9 +28,12 @@ pub struct TestInput {
     /// Steps whose action hangs (no reply) on its first `k` attempts.
     #[serde(default)]
     pub hang: Vec<(String, u32)>,
-    /// Steps whose compensation fails on its first `k` attempts.
+    /// Steps whose compensation fails (not transiently) on its first `k` attempts.
     #[serde(default)]
     pub comp_fail: Vec<(String, u32)>,
+    /// Steps whose compensation fails transiently on its first `k` attempts.
+    #[serde(default)]
+    pub comp_transient: Vec<(String, u32)>,
     /// Every handler takes this long (milliseconds).
     #[serde(default)]
     pub delay_ms: u64,
@@ -135,8 +138,14 @@ pub async fn echo_participant_with(
             let fx = fx.clone();
             async move {
                 if cmd.attempt <= attempts_for(&cmd.input.comp_fail, &name) {
-                    return Err(StepError::transient(format!(
+                    return Err(StepError::business(format!(
                         "undo-{name} failed (attempt {})",
+                        cmd.attempt
+                    )));
+                }
+                if cmd.attempt <= attempts_for(&cmd.input.comp_transient, &name) {
+                    return Err(StepError::transient(format!(
+                        "undo-{name} cannot write now (attempt {})",
                         cmd.attempt
                     )));
                 }

@@ -256,6 +256,33 @@ async fn compensation_that_keeps_failing_parks_and_operators_act() {
     assert_eq!(until_terminal(&client, &resolved).await.status(), SagaStatus::Resolved);
 }
 
+/// A compensation that fails transiently (its store cannot write while a cluster elects a
+/// leader) is retried past its policy's `max_attempts` (3), against the longer budget a
+/// timeout has: the saga ends compensated, not parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_compensation_failures_are_retried_past_max_attempts() {
+    init_logging();
+    let stack = echo_stack("flaky", &["a", "b"], Duration::from_secs(10)).await;
+    let input = TestInput {
+        n: 1,
+        fail: vec!["b".into()],
+        comp_transient: vec![("a".into(), 4)],
+        ..Default::default()
+    };
+    let id = stack.client.start("flaky", &input).await.unwrap();
+    assert_eq!(stack.client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Compensated);
+    assert_eq!(stack.effects.count(&id, "a", "c"), 1);
+    let timeline = stack.client.timeline(&id).await.unwrap();
+    let failures: Vec<bool> = timeline
+        .iter()
+        .filter_map(|e| match &e.event {
+            T::Failed { phase: Phase::Compensation, transient, .. } => Some(*transient),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures, [true; 4], "four transient failures, then the success: {timeline:?}");
+}
+
 /// One attempt has one outcome: a late copy of an attempt that failed transiently (a take-over
 /// can send one) gets the same failure without running the handler, and the next attempt runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,12 @@ pub(crate) fn comp_ok(step: &str, attempt: u32) -> Event {
 
 /// `CompensationFailed` for `step`'s compensation `attempt`.
 pub(crate) fn comp_failed(step: &str, attempt: u32) -> Event {
-    Event::CompensationFailed { step: step.into(), attempt, reason: "comp unavailable".into() }
+    Event::CompensationFailed {
+        step: step.into(),
+        attempt,
+        reason: "comp unavailable".into(),
+        transient: false,
+    }
 }
 
 /// A timer event.
@@ -308,7 +313,12 @@ impl Participant {
             return Event::CompensationSucceeded { step, attempt };
         }
         if wish != Wish::Success {
-            return Event::CompensationFailed { step, attempt, reason: "comp unavailable".into() };
+            return Event::CompensationFailed {
+                step,
+                attempt,
+                reason: "comp unavailable".into(),
+                transient: false,
+            };
         }
         self.compensations.insert(step.clone());
         if self.action_executed(&step) {
@@ -891,9 +901,12 @@ fn random_move(
                     Event::StepFailed { step, attempt, reason: "stale".into(), transient: k == 1 }
                 }
                 (Phase::Compensation, 0) => Event::CompensationSucceeded { step, attempt },
-                (Phase::Compensation, _) => {
-                    Event::CompensationFailed { step, attempt, reason: "stale".into() }
-                }
+                (Phase::Compensation, _) => Event::CompensationFailed {
+                    step,
+                    attempt,
+                    reason: "stale".into(),
+                    transient: false,
+                },
             };
             if sim.handle(event.clone()).result.is_ok() {
                 sim.anomalies.push(format!("stale reply accepted: {event:?}"));
