@@ -483,11 +483,6 @@ fn cancel_before_the_pivot_compensates_what_is_done() {
 /// third such failure schedules a fourth attempt, and only the tenth parks the saga.
 #[test]
 fn transient_compensation_failures_get_the_longer_budget() {
-    let mut sim = Sim::new(&chain3());
-    sim.start();
-    sim.at(10).ok(succeeded("a", 1));
-    sim.at(20).ok(succeeded("b", 1));
-    sim.at(30).ok(failed("c", 1, false));
     let transient = |attempt| Event::CompensationFailed {
         step: "b".into(),
         attempt,
@@ -496,22 +491,35 @@ fn transient_compensation_failures_get_the_longer_budget() {
     };
     let last = saga_core::COMPENSATION_TIMEOUT_ATTEMPTS;
     assert!(last > 3, "longer than the policy's budget");
-    let mut t = 40;
-    for n in 1..last {
-        let h = sim.at(t).handle(transient(n));
-        assert_eq!(h.rule, Rule::CompensationFailed, "attempt {n}");
-        assert!(h.result.is_ok(), "attempt {n}");
-        assert_eq!(sim.step("b"), StepStatus::CompensationRetryWait, "attempt {n}");
-        t += 100;
-        sim.at(t).ok(timer("b", Phase::Compensation, n, TimerKind::Backoff));
-        t += 100;
-    }
+    let (mut sim, t) = compensation_failing(last, Rule::CompensationFailed, transient);
     assert_eq!(
         summary(&sim.at(t).ok(transient(last))),
         s(&[&format!("disarm b.c.{last}.timeout"), "publish needs_intervention b"])
     );
     assert_eq!(sim.state.status(), SagaStatus::NeedsIntervention);
     assert_eq!(sim.step("b"), StepStatus::CompensationStuck);
+}
+
+/// chain3 with c failing, and b's compensation attempts 1 to `last - 1` each ending with
+/// `failure(attempt)` (handled by `rule`) and retried after their backoff: the saga, and the
+/// time attempt `last` is in flight.
+fn compensation_failing(last: u32, rule: Rule, failure: impl Fn(u32) -> Event) -> (Sim, u64) {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    sim.at(20).ok(succeeded("b", 1));
+    sim.at(30).ok(failed("c", 1, false));
+    let mut t = 40;
+    for n in 1..last {
+        let h = sim.at(t).handle(failure(n));
+        assert_eq!(h.rule, rule, "attempt {n}");
+        assert!(h.result.is_ok(), "attempt {n}");
+        assert_eq!(sim.step("b"), StepStatus::CompensationRetryWait, "attempt {n}");
+        t += 100;
+        sim.at(t).ok(timer("b", Phase::Compensation, n, TimerKind::Backoff));
+        t += 100;
+    }
+    (sim, t)
 }
 
 /// chain3 with c failing, and b's compensation failing three times (the second by a
@@ -1487,23 +1495,10 @@ fn cancel_is_refused_while_the_pivot_is_in_flight() {
 /// was never armed (`disarm b.c.3.backoff`).
 #[test]
 fn bug_a_late_success_of_the_stuck_compensation_unparks_the_saga() {
-    let mut sim = Sim::new(&chain3());
-    sim.start();
-    sim.at(10).ok(succeeded("a", 1));
-    sim.at(20).ok(succeeded("b", 1));
-    sim.at(30).ok(failed("c", 1, false));
     // Every attempt times out: the budget for timeouts is COMPENSATION_TIMEOUT_ATTEMPTS.
     let last = saga_core::COMPENSATION_TIMEOUT_ATTEMPTS;
-    let mut t = 40;
-    for n in 1..last {
-        let h = sim.at(t).handle(timer("b", Phase::Compensation, n, TimerKind::Timeout));
-        assert_eq!(h.rule, Rule::CompensatingTimer, "attempt {n}");
-        assert!(h.result.is_ok(), "attempt {n}");
-        assert_eq!(sim.step("b"), StepStatus::CompensationRetryWait, "attempt {n}");
-        t += 100;
-        sim.at(t).ok(timer("b", Phase::Compensation, n, TimerKind::Backoff));
-        t += 100;
-    }
+    let timed_out = |n| timer("b", Phase::Compensation, n, TimerKind::Timeout);
+    let (mut sim, t) = compensation_failing(last, Rule::CompensatingTimer, timed_out);
     assert_eq!(
         summary(&sim.at(t).ok(timer("b", Phase::Compensation, last, TimerKind::Timeout))),
         s(&["publish needs_intervention b"])
