@@ -88,7 +88,7 @@ impl Default for CoordinatorConfig {
 /// few per core keep the cores busy (on 2 cores, 8 workers did 5-12 % better than 32).
 const WORKERS_PER_CORE: usize = 4;
 
-/// The default number of worker tasks: [`WORKERS_PER_CORE`] per core this process may use.
+/// The default number of worker tasks: 4 per core this process may use.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) * WORKERS_PER_CORE
 }
