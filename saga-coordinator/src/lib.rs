@@ -36,8 +36,7 @@ struct Args {
     #[arg(long, env = "SAGA_DEFINITIONS")]
     definitions: Option<PathBuf>,
 
-    /// Worker tasks; a saga's inputs are handled in order by one of them [default: 4 per
-    /// core].
+    /// Worker tasks; a saga's inputs are handled in order by one of them [default: 32].
     #[arg(long, env = "SAGA_WORKERS")]
     workers: Option<usize>,
 
@@ -187,7 +186,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             replicas: args.replicas.unwrap_or(defaults.replicas),
             ..defaults
         },
-        workers: args.workers.unwrap_or_else(saga_nats::coordinator::default_workers),
+        workers: args.workers.unwrap_or(32),
         replica: args.replica_name.clone(),
         definitions,
         kv_buckets: args.kv_buckets.clone(),

@@ -49,8 +49,8 @@ use crate::subjects::{self, headers, InputKind, ReplyTo};
 pub struct CoordinatorConfig {
     /// Streams, retention and take-over time (see [`ProvisionConfig`]).
     pub provision: ProvisionConfig,
-    /// Sagas are spread over this many worker tasks by id; each worker handles each of its
-    /// sagas' inputs one at a time, in order. Default: [`default_workers`].
+    /// Sagas are spread over this many worker tasks by id (default 32); each worker handles
+    /// each of its sagas' inputs one at a time, in order.
     pub workers: usize,
     /// The largest message accepted or produced.
     pub max_message_size: usize,
@@ -73,7 +73,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             provision: ProvisionConfig::default(),
-            workers: default_workers(),
+            workers: 32,
             max_message_size: saga_core::wire::DEFAULT_MAX_MESSAGE_SIZE,
             definitions: Vec::new(),
             replica: None,
@@ -82,15 +82,6 @@ impl Default for CoordinatorConfig {
             kv_buckets: Vec::new(),
         }
     }
-}
-
-/// Worker tasks per core by default: a worker sends the appends of many sagas at once, so a
-/// few per core keep the cores busy (on 2 cores, 8 workers did 5-12 % better than 32).
-const WORKERS_PER_CORE: usize = 4;
-
-/// The default number of worker tasks: 4 per core this process may use.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * WORKERS_PER_CORE
 }
 
 /// Why a coordinator could not start.
