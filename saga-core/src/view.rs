@@ -151,8 +151,8 @@ pub enum TimelineEvent {
         attempt: u32,
         /// Why, as the participant said.
         reason: String,
-        /// A transient error (worth retrying) rather than a business failure. Always `true`
-        /// for a compensation: compensations are retried until their budget runs out.
+        /// A transient error (worth retrying) rather than a business failure. A compensation
+        /// is retried either way, a transient failure against the longer budget.
         transient: bool,
     },
     /// An attempt timed out.

@@ -168,7 +168,10 @@ impl Coordinator {
             None => uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
         };
         provision(&client, &config.provision).await?;
-        let js = jetstream::new(client.clone());
+        // Each worker may hold a batch's appends unanswered while it sends one more: the
+        // context must allow them all, or every worker could wait for a slot none gives back.
+        let in_flight = config.workers.max(1) * MAX_BATCH + 1024;
+        let js = jetstream::ContextBuilder::new().max_ack_inflight(in_flight).build(client.clone());
         let registry = Registry::open(&js).await?;
         let mut services = std::collections::BTreeSet::new();
         for def in &config.definitions {
@@ -356,6 +359,16 @@ enum Then {
     Begin { live: Box<Live>, effects: Vec<Effect>, record: LogRecord, msg: jetstream::Message },
     /// A transition decided on a reply's `event`.
     Reply { t: Box<Transition>, event: Event, fresh: bool },
+}
+
+impl Then {
+    /// The record whose append was sent.
+    fn record(&self) -> &LogRecord {
+        match self {
+            Then::Begin { record, .. } => record,
+            Then::Reply { t, .. } => &t.record,
+        }
+    }
 }
 
 /// A transition decided in memory, to be logged before its effects are carried out.
@@ -713,9 +726,7 @@ impl Worker {
                 };
                 sent.extend(begun);
             }
-            for s in sent {
-                self.finish(s).await;
-            }
+            self.finish(sent).await;
             queue = later;
         }
     }
@@ -1212,6 +1223,8 @@ impl Worker {
             Err(StoreError::Conflict { .. }) => {
                 observe::log_conflict();
                 debug!(saga_id = %id, "compare-and-swap lost to another writer; reloading");
+                // Not logged: undone first, so memory is right even if the reload fails.
+                live.undo(*t);
                 if !self.load(id).await? {
                     return Ok(Settled::Done(Some(format!("saga {id} no longer exists"))));
                 }
@@ -1219,15 +1232,8 @@ impl Worker {
                 Ok(Settled::Again)
             }
             Err(e) => {
-                // Not logged: nothing happened. Only the entries pending before this
-                // transition stay pending; this transition's would go into every later
-                // record (and keep failing it when they are what made it fail).
-                let Transition { before, record, pending, .. } = *t;
-                live.state = before;
-                live.timeline = record.timeline;
-                live.timeline.truncate(pending.0);
-                live.events = record.events;
-                live.events.truncate(pending.1);
+                // Not logged: nothing happened.
+                live.undo(*t);
                 // A step's output that makes the saga's record too large to store would
                 // fail every later attempt the same way: the step fails, saying why.
                 if let (
@@ -1292,7 +1298,7 @@ impl Worker {
                         reply.saga_id, reply.step, reply.phase, reply.attempt, reply.service
                     );
                     self.refuse_reply(&msg, &why).await;
-                return None;
+                    return None;
                 }
                 command = Some(reply.command.clone());
                 within_output_limit(bounded(reply.to_event()), self.shared.codec.max_size / 4)
@@ -1324,7 +1330,7 @@ impl Worker {
                         to.step, to.phase, to.saga_id, command.as_str()
                     );
                     self.refuse_reply(&msg, &why).await;
-                return None;
+                    return None;
                 }
             }
             match step.map(|def| &def.service) {
@@ -1334,7 +1340,7 @@ impl Worker {
                         to.step, to.saga_id, to.service
                     );
                     self.refuse_reply(&msg, &why).await;
-                return None;
+                    return None;
                 }
                 Some(owner) if owner == &to.service => {}
                 owner => {
@@ -1346,7 +1352,7 @@ impl Worker {
                         owner.map_or_else(|| "no service".to_owned(), |s| format!("service {s}"))
                     );
                     self.refuse_reply(&msg, &why).await;
-                return None;
+                    return None;
                 }
             }
             let mut fresh = fresh;
@@ -1373,37 +1379,55 @@ impl Worker {
         .await
     }
 
-    /// Waits for the answer to a sent append and carries on from it: what the input or the
-    /// reply that sent it would have done had it waited.
-    async fn finish(&mut self, sent: Sent) {
-        let Sent { id, ack, span, then } = sent;
-        async {
-            let appended = match ack {
-                Ok(pending) => pending.acked().await,
-                Err(e) => Err(e),
-            };
-            match then {
-                Then::Begin { live, effects, record, msg } => {
-                    let appended = self.confirm(&id, &record, appended).await;
-                    self.begun(&id, live, effects, record, msg, appended).await;
-                }
-                Then::Reply { t, mut event, mut fresh } => {
-                    let appended = self.confirm(&id, &t.record, appended).await;
-                    let mut input = None;
-                    let settled = self.settle(&id, t, appended, &mut event, &mut input, &mut fresh);
-                    let applied = match settled.await {
-                        Ok(Settled::Done(_)) => Ok(None),
-                        Ok(Settled::Again) => self.apply_loaded(&id, event, None, fresh).await,
+    /// Waits for the answers to sent appends, all at once (a record whose answer was lost is
+    /// looked for in the log), then carries on from each in order: what the input or the
+    /// reply that sent it would have done had it waited. Waiting for all at once bounds a
+    /// stalled server's hold on the worker (and on its keep-alives) to one timeout.
+    async fn finish(&mut self, sent: Vec<Sent>) {
+        let mut acks = Vec::with_capacity(sent.len());
+        let mut rest = Vec::with_capacity(sent.len());
+        for Sent { id, ack, span, then } in sent {
+            acks.push(ack);
+            rest.push((id, span, then));
+        }
+        let this = &*self;
+        let answers = futures::future::join_all(acks.into_iter().zip(&rest).map(
+            |(ack, (id, span, then))| {
+                async move {
+                    let appended = match ack {
+                        Ok(pending) => pending.acked().await,
                         Err(e) => Err(e),
                     };
-                    if let Err(e) = applied {
-                        warn!(error = %e, "reply not applied; the step's timer will recover it");
-                    }
+                    this.confirm(id, then.record(), appended).await
+                }
+                .instrument(span.clone())
+            },
+        ))
+        .await;
+        for ((id, span, then), appended) in rest.into_iter().zip(answers) {
+            self.carry_on(&id, then, appended).instrument(span).await;
+        }
+    }
+
+    /// Carries on from a sent append's answer (see [`Worker::finish`]).
+    async fn carry_on(&mut self, id: &SagaId, then: Then, appended: Result<u64, StoreError>) {
+        match then {
+            Then::Begin { live, effects, record, msg } => {
+                self.begun(id, live, effects, record, msg, appended).await;
+            }
+            Then::Reply { t, mut event, mut fresh } => {
+                let mut input = None;
+                let settled = self.settle(id, t, appended, &mut event, &mut input, &mut fresh);
+                let applied = match settled.await {
+                    Ok(Settled::Done(_)) => Ok(None),
+                    Ok(Settled::Again) => self.apply_loaded(id, event, None, fresh).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = applied {
+                    warn!(error = %e, "reply not applied; the step's timer will recover it");
                 }
             }
         }
-        .instrument(span)
-        .await
     }
 
     async fn refuse_reply(&self, msg: &async_nats::Message, why: &str) {
@@ -1748,6 +1772,18 @@ fn written_at(written: Timestamp) -> Instant {
 }
 
 impl Live {
+    /// Undoes transition `t`, which was not logged. Only the entries pending before it stay
+    /// pending; its own would go into every later record (and keep failing it when they are
+    /// what made it fail).
+    fn undo(&mut self, t: Transition) {
+        let Transition { before, record, pending, .. } = t;
+        self.state = before;
+        self.timeline = record.timeline;
+        self.timeline.truncate(pending.0);
+        self.events = record.events;
+        self.events.truncate(pending.1);
+    }
+
     /// Takes note that its transition was logged at `seq`, with these new timeline `entries`
     /// and lifecycle `events` (counted and traced here, once).
     fn logged(
