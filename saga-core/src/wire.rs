@@ -451,6 +451,10 @@ pub enum EffectRecord {
         attempt: u32,
         /// Its reason.
         reason: String,
+        /// Whether the failure was transient, as its reply said (a compensation's business
+        /// failure is recorded here too, with `false`). A missing flag reads as `true`.
+        #[serde(default = "transient_by_default")]
+        transient: bool,
     },
     /// The action must never run: its compensation came first (`lapsed: false`: the action
     /// never ran, the compensation is a no-op), or took over the action's lapsed claim
@@ -461,6 +465,10 @@ pub enum EffectRecord {
         #[serde(default)]
         lapsed: bool,
     },
+}
+
+fn transient_by_default() -> bool {
+    true
 }
 
 /// Why a message could not be encoded or decoded.
@@ -760,6 +768,26 @@ mod tests {
         bytes.extend(std::iter::repeat_n(0x91, depth));
         bytes.push(0xc0);
         bytes
+    }
+
+    #[test]
+    fn a_failed_effect_record_without_its_flag_reads_as_transient() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            state: &'a str,
+            attempt: u32,
+            reason: &'a str,
+        }
+        let old =
+            rmp_serde::to_vec_named(&Old { state: "failed", attempt: 2, reason: "r" }).unwrap();
+        let record: EffectRecord = decode_nested(&old).unwrap();
+        assert_eq!(
+            record,
+            EffectRecord::Failed { attempt: 2, reason: "r".into(), transient: true }
+        );
+        let business = EffectRecord::Failed { attempt: 1, reason: "no".into(), transient: false };
+        let bytes = rmp_serde::to_vec_named(&business).unwrap();
+        assert_eq!(decode_nested::<EffectRecord>(&bytes).unwrap(), business);
     }
 
     #[test]

@@ -674,11 +674,11 @@ impl Shared {
         if last {
             self.record_done(&key, rev, &decided.outcome, cmd.attempt).await;
         } else {
-            let reason = match &decided.outcome {
-                ReplyOutcome::Failure { reason, .. } => reason.clone(),
-                ReplyOutcome::Success { .. } => String::new(),
+            let (reason, transient) = match &decided.outcome {
+                ReplyOutcome::Failure { reason, transient } => (reason.clone(), *transient),
+                ReplyOutcome::Success { .. } => (String::new(), true),
             };
-            self.release(&key, rev, cmd.attempt, reason).await;
+            self.release(&key, rev, cmd.attempt, reason, transient).await;
         }
         drop(guard);
     }
@@ -782,13 +782,10 @@ impl Shared {
                         Some(EffectRecord::Barrier { .. }) => return Ok(Claim::Barrier),
                         // A copy of an attempt that already failed gets the same answer: one
                         // attempt has one outcome.
-                        Some(EffectRecord::Failed { attempt, reason })
+                        Some(EffectRecord::Failed { attempt, reason, transient })
                             if cmd.attempt <= attempt =>
                         {
-                            return Ok(Claim::Recorded(ReplyOutcome::Failure {
-                                reason,
-                                transient: true,
-                            }))
+                            return Ok(Claim::Recorded(ReplyOutcome::Failure { reason, transient }))
                         }
                         Some(EffectRecord::InProgress { until, .. }) if until > now().0 => {
                             self.wait_for(cmd, until).await?;
@@ -947,9 +944,9 @@ impl Shared {
     }
 
     /// Gives up a claim after attempt `attempt` failed, so that the next attempt runs the
-    /// handler (and a late copy of this one gets the same failure).
-    async fn release(&self, key: &str, rev: u64, attempt: u32, reason: String) {
-        let failed = self.encode(&EffectRecord::Failed { attempt, reason });
+    /// handler (and a late copy of this one gets the same failure, transient as it was).
+    async fn release(&self, key: &str, rev: u64, attempt: u32, reason: String, transient: bool) {
+        let failed = self.encode(&EffectRecord::Failed { attempt, reason, transient });
         if let Err(e) = self.effects.update(key, failed, rev).await {
             debug!(error = %e, "releasing the claim failed (it will lapse)");
         }

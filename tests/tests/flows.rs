@@ -287,6 +287,36 @@ async fn transient_compensation_failures_are_retried_past_max_attempts() {
 /// can send one) gets the same failure without running the handler, and the next attempt runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
+    let input = TestInput { n: 1, transient: vec![("a".into(), 1)], ..Default::default() };
+    let view = copy_of_a_failed_attempt(Phase::Action, input, true).await;
+    assert_eq!(view.status(), SagaStatus::Completed);
+    assert_eq!(view.snapshot.steps[0].attempt, 2);
+}
+
+/// The same for a compensation that failed for good (a business failure): the copy's answer
+/// says it was not transient, so it counts against `max_attempts`, as the first answer did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_compensation_that_failed_keeps_its_kind_of_failure() {
+    let input = TestInput {
+        n: 1,
+        fail: vec!["b".into()],
+        comp_fail: vec![("a".into(), 1)],
+        ..Default::default()
+    };
+    let view = copy_of_a_failed_attempt(Phase::Compensation, input, false).await;
+    assert_eq!(view.status(), SagaStatus::Compensated);
+    assert_eq!(view.snapshot.steps[0].comp_attempt, 2);
+}
+
+/// Runs saga `one` (step `a`, then `b`) whose first attempt of `a` in `phase` fails; sends a
+/// copy of that attempt's command after the participant recorded the failure, checks the copy
+/// gets the same failure (`transient` as given) without running the handler, and returns the
+/// saga's end.
+async fn copy_of_a_failed_attempt(
+    phase: Phase,
+    input: TestInput,
+    transient: bool,
+) -> saga_nats::SagaView {
     use futures::StreamExt;
     init_logging();
     let server = NatsServer::start();
@@ -299,21 +329,25 @@ async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
     };
     let def = saga_core::SagaDefinition::builder("one")
         .step("a", "svc", "a", |s| s.compensation("undo-a").retry(slow_retry))
+        .step("b", "svc", "b", |s| s.retry(quick_retry(1)))
         .build();
     let _coord = coordinator(nats.clone(), vec![def]).await;
     let fx = Effects::default();
-    let _p = echo_participant(nats.clone(), "svc", &["a"], fx.clone()).await;
+    let _p = echo_participant(nats.clone(), "svc", &["a", "b"], fx.clone()).await;
     let client = client(nats.clone()).await;
     let spy = server.connect().await;
-    let mut commands = spy.subscribe("saga.cmd.svc.a").await.unwrap();
+    let (subject, key) = match phase {
+        Phase::Action => ("saga.cmd.svc.a", "a.a"),
+        Phase::Compensation => ("saga.cmd.svc.undo-a", "a.c"),
+    };
+    let mut commands = spy.subscribe(subject).await.unwrap();
     spy.flush().await.unwrap();
 
-    let input = TestInput { n: 1, transient: vec![("a".into(), 1)], ..Default::default() };
     let id = client.start("one", &input).await.unwrap();
     let first = tokio::time::timeout(WAIT, commands.next()).await.unwrap().unwrap();
     let reply_to = first.reply.clone().unwrap();
     // Attempt 1 failed: the effect record says so.
-    let key = format!("{id}.a.a");
+    let key = format!("{id}.{key}");
     let deadline = tokio::time::Instant::now() + WAIT;
     let failed = loop {
         match effect_records(nats.clone(), "svc").await.remove(&key) {
@@ -324,16 +358,19 @@ async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
             }
         }
     };
-    assert!(matches!(failed, saga_core::wire::EffectRecord::Failed { attempt: 1, .. }));
+    assert!(
+        matches!(failed, saga_core::wire::EffectRecord::Failed { attempt: 1, transient: t, .. } if t == transient),
+        "{failed:?}"
+    );
     // A copy of attempt 1, answered on a subject the test listens to as well.
     let mut answers = spy.subscribe(reply_to.clone()).await.unwrap();
     spy.flush().await.unwrap();
-    spy.publish_with_reply("saga.cmd.svc.a", reply_to, first.payload.clone()).await.unwrap();
+    spy.publish_with_reply(subject, reply_to, first.payload.clone()).await.unwrap();
     let answer = tokio::time::timeout(WAIT, answers.next()).await.unwrap().unwrap();
     let reply: saga_core::wire::ReplyMessage =
         saga_core::Codec::default().decode(&answer.payload).unwrap();
     assert!(
-        matches!(&reply.outcome, saga_core::wire::ReplyOutcome::Failure { transient: true, .. }),
+        matches!(&reply.outcome, saga_core::wire::ReplyOutcome::Failure { transient: t, .. } if *t == transient),
         "{reply:?}"
     );
     assert_eq!(
@@ -342,9 +379,9 @@ async fn a_copy_of_an_attempt_that_failed_gets_the_same_failure() {
         "the copy did not run: the record is unchanged"
     );
     let view = client.wait(&id, WAIT).await.unwrap();
-    assert_eq!(view.status(), SagaStatus::Completed);
-    assert_eq!(view.snapshot.steps[0].attempt, 2);
-    assert_eq!(fx.count(&id, "a", "a"), 1);
+    let letter = if phase == Phase::Action { "a" } else { "c" };
+    assert_eq!(fx.count(&id, "a", letter), 1);
+    view
 }
 
 /// An operator action answers with the coordinator's verdict: a cancel the state machine
