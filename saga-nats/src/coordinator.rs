@@ -408,6 +408,26 @@ const MAX_BATCH: usize = 64;
 /// The longest a worker waits for the answers to one round's appends.
 const ROUND_WAIT: Duration = Duration::from_secs(5);
 
+fn saga_hash(id: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// The worker that handles a saga's inputs.
+fn shard_of(work: &Work, workers: usize) -> usize {
+    (saga_hash(work.saga_id()) % workers as u64) as usize
+}
+
+/// A worker's two queues. Replies and await arrivals (work on sagas it has begun) come in
+/// one, inputs (starts, operator actions) in the other, and it takes replies first: under
+/// more load than it can carry, a saga it has begun finishes before it begins another, and
+/// the starts it cannot take yet wait in the input stream, where no timer runs on them.
+struct Queues {
+    begun: mpsc::Receiver<Work>,
+    inputs: mpsc::Receiver<Work>,
+}
+
 async fn run(
     shared: Arc<Shared>,
     consumer: PullConsumer,
@@ -417,17 +437,87 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut senders = Vec::with_capacity(workers);
+    let mut input_senders = Vec::with_capacity(workers);
     let mut tasks = Vec::with_capacity(workers);
     for n in 0..workers {
-        let (tx, rx) = mpsc::channel::<Work>(256);
+        let (tx, begun) = mpsc::channel::<Work>(1024);
+        let (input_tx, inputs) = mpsc::channel::<Work>(256);
         senders.push(tx);
-        tasks.push(tokio::spawn(Worker::new(shared.clone(), n).run(rx)));
+        input_senders.push(input_tx);
+        tasks.push(tokio::spawn(Worker::new(shared.clone(), n).run(Queues { begun, inputs })));
     }
-    let shard_of = |work: &Work| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        work.saga_id().hash(&mut h);
-        (h.finish() % workers as u64) as usize
-    };
+    // Inputs are pulled by a task of their own: a worker whose input queue is full makes the
+    // pull wait (backpressure), and replies keep flowing meanwhile.
+    let pull = tokio::spawn(pull_inputs(consumer, input_senders, shutdown.clone()));
+    loop {
+        let work = tokio::select! {
+            _ = shutdown.changed() => break,
+            reply = replies.next() => match reply {
+                Some(msg) => match ReplyTo::parse(&msg.subject) {
+                    Some(to) => Work::Reply(to, msg),
+                    None => {
+                        warn!(subject = %quote(&msg.subject), "message on a reply subject that names no command: dropped");
+                        continue;
+                    }
+                },
+                None => break,
+            },
+            arrival = arrivals.next() => match arrival {
+                Some(Err(e)) => {
+                    warn!(error = %e, "error while reading await arrivals; the ordered consumer resumes after the last one read");
+                    continue;
+                }
+                Some(Ok(msg)) => {
+                    let msg = msg.message;
+                    // A signal names its saga; an event, the sagas waiting on its subject.
+                    let ids = match subjects::parse_signal(&msg.subject) {
+                        Some((id, _, _)) => vec![id],
+                        None => shared.waiting.on(&msg.subject),
+                    };
+                    if ids.is_empty() {
+                        observe::await_arrival("unmatched");
+                        debug!(subject = %quote(&msg.subject), "stored for await steps; no saga here waits for it");
+                    }
+                    let mut stopped = false;
+                    for id in ids {
+                        let work = Work::Arrival(id, msg.clone());
+                        stopped |= senders[shard_of(&work, workers)].send(work).await.is_err();
+                    }
+                    if stopped {
+                        break;
+                    }
+                    continue;
+                }
+                None => break,
+            },
+        };
+        // A busy worker makes this wait, never drops.
+        if senders[shard_of(&work, workers)].send(work).await.is_err() {
+            break;
+        }
+    }
+    // Stopped by shutdown, it has ended or is ending; stopped otherwise (the connection
+    // closed), it must not go on: an input it drops is redelivered after the ack wait.
+    pull.abort();
+    let _ = pull.await;
+    info!("coordinator stopping: handing held sagas over");
+    drop(senders);
+    for task in tasks {
+        let _ = task.await;
+    }
+    if let Err(e) = shared.client.flush().await {
+        warn!(error = %e, "flush on shutdown failed");
+    }
+    info!("coordinator stopped");
+}
+
+/// Pulls the input stream (starts and operator actions) into the workers' input queues
+/// until shutdown.
+async fn pull_inputs(
+    consumer: PullConsumer,
+    senders: Vec<mpsc::Sender<Work>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     'outer: loop {
         let mut messages = match consumer.stream().max_messages_per_batch(256).messages().await {
             Ok(m) => m,
@@ -453,58 +543,17 @@ async fn run(
                         continue 'outer;
                     }
                 },
-                reply = replies.next() => match reply {
-                    Some(msg) => match ReplyTo::parse(&msg.subject) {
-                        Some(to) => Work::Reply(to, msg),
-                        None => {
-                            warn!(subject = %quote(&msg.subject), "message on a reply subject that names no command: dropped");
-                            continue;
-                        }
-                    },
-                    None => break 'outer,
-                },
-                arrival = arrivals.next() => match arrival {
-                    Some(Err(e)) => {
-                        warn!(error = %e, "error while reading await arrivals; the ordered consumer resumes after the last one read");
-                        continue;
-                    }
-                    Some(Ok(msg)) => {
-                        let msg = msg.message;
-                        // A signal names its saga; an event, the sagas waiting on its subject.
-                        let ids = match subjects::parse_signal(&msg.subject) {
-                            Some((id, _, _)) => vec![id],
-                            None => shared.waiting.on(&msg.subject),
-                        };
-                        if ids.is_empty() {
-                            observe::await_arrival("unmatched");
-                            debug!(subject = %quote(&msg.subject), "stored for await steps; no saga here waits for it");
-                        }
-                        for id in ids {
-                            let work = Work::Arrival(id, msg.clone());
-                            if senders[shard_of(&work)].send(work).await.is_err() {
-                                break 'outer;
-                            }
-                        }
-                        continue;
-                    }
-                    None => break 'outer,
-                },
             };
             // A busy worker makes the pull wait (backpressure), never drops.
-            if senders[shard_of(&work)].send(work).await.is_err() {
-                break 'outer;
+            let worker = shard_of(&work, senders.len());
+            tokio::select! {
+                _ = shutdown.changed() => break 'outer,
+                sent = senders[worker].send(work) => if sent.is_err() {
+                    break 'outer;
+                },
             }
         }
     }
-    info!("coordinator stopping: handing held sagas over");
-    drop(senders);
-    for task in tasks {
-        let _ = task.await;
-    }
-    if let Err(e) = shared.client.flush().await {
-        warn!(error = %e, "flush on shutdown failed");
-    }
-    info!("coordinator stopped");
 }
 
 /// Compare-and-swap conflicts tolerated for one input before it is left for redelivery.
@@ -657,7 +706,7 @@ impl Worker {
             .compact(|at, id, key| sagas.get(id).is_some_and(|live| live.armed_as(*at, key)));
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Work>) {
+    async fn run(mut self, mut queues: Queues) {
         let mut tick =
             tokio::time::interval((self.shared.ack_wait / 3).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -666,6 +715,7 @@ impl Worker {
         let sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(sleep);
         let mut armed_for: Option<Timestamp> = None;
+        let (mut begun_open, mut inputs_open) = (true, true);
         loop {
             let next_timer = self.timers.next_at();
             if next_timer != armed_for {
@@ -675,10 +725,12 @@ impl Worker {
                 }
                 armed_for = next_timer;
             }
+            // Work on begun sagas first, their timers and keep-alives next, inputs last.
             tokio::select! {
-                work = rx.recv() => match work {
-                    Some(work) => self.work(work, &mut rx).await,
-                    None => break,
+                biased;
+                work = queues.begun.recv(), if begun_open => match work {
+                    Some(work) => self.work(work, &mut queues).await,
+                    None => begun_open = false,
                 },
                 _ = &mut sleep, if armed_for.is_some() => {
                     // Re-armed at the next turn for whatever is earliest then.
@@ -686,6 +738,13 @@ impl Worker {
                     self.fire_timers().await
                 }
                 _ = tick.tick() => self.keep_alive().await,
+                work = queues.inputs.recv(), if inputs_open => match work {
+                    Some(work) => self.work(work, &mut queues).await,
+                    None => inputs_open = false,
+                },
+            }
+            if !begun_open && !inputs_open {
+                break;
             }
             self.compact_timers();
         }
@@ -698,24 +757,30 @@ impl Worker {
         debug!(worker = self.n, "worker stopped");
     }
 
-    /// Handles `first` and what else waits in the queue (up to [`MAX_BATCH`]), one input per
-    /// saga at a time: the log appends of starts and replies are sent one after the other
-    /// and their answers awaited after, so that one saga's round trip to the server does not
-    /// hold up the others'. A saga's later inputs wait for its earlier one's to be finished.
-    async fn work(&mut self, first: Work, rx: &mut mpsc::Receiver<Work>) {
+    /// Handles `first` and what else waits in the queues (up to [`MAX_BATCH`], replies
+    /// before inputs), one input per saga at a time: the log appends of starts and replies
+    /// are sent one after the other and their answers awaited after, so that one saga's
+    /// round trip to the server does not hold up the others'. A saga's later inputs wait for
+    /// its earlier one's to be finished.
+    async fn work(&mut self, first: Work, queues: &mut Queues) {
         let mut queue = vec![first];
-        while queue.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(work) => queue.push(work),
-                Err(_) => break,
+        for rx in [&mut queues.begun, &mut queues.inputs] {
+            while queue.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(work) => queue.push(work),
+                    Err(_) => break,
+                }
             }
         }
         while !queue.is_empty() {
-            let mut taken = std::collections::HashSet::with_capacity(queue.len());
+            // The sagas in this round, by a hash of their id (a collision only defers an
+            // input to the next round).
+            let mut taken = std::collections::HashSet::new();
             let mut later = Vec::new();
             let mut sent = Vec::with_capacity(queue.len());
+            let single = queue.len() == 1;
             for work in queue {
-                if !taken.insert(work.saga_id().to_owned()) {
+                if !single && !taken.insert(saga_hash(work.saga_id())) {
                     later.push(work);
                     continue;
                 }
@@ -1288,7 +1353,7 @@ impl Worker {
                 command = Some(reply.command.clone());
                 within_output_limit(bounded(reply.to_event()), self.shared.codec.max_size / 4)
             };
-            let fresh = !self.sagas.contains_key(&to.saga_id);
+            let mut fresh = !self.sagas.contains_key(&to.saga_id);
             if fresh {
                 match self.load(&to.saga_id).await {
                     Ok(true) => {}
@@ -1340,19 +1405,18 @@ impl Worker {
                     return None;
                 }
             }
-            let mut fresh = fresh;
             let t = match self.decide(&to.saga_id, &event, &mut fresh, &mut None).await {
                 Ok(Decided::Logs(t)) => t,
                 Ok(Decided::Nothing(_)) => return None,
                 Ok(Decided::Reloaded) => {
                     let applied = self.apply_loaded(&to.saga_id, event, None, fresh).await;
                     if let Err(e) = applied {
-                        warn!(error = %e, "reply not applied; the step's timer will recover it");
+                        not_applied(&e);
                     }
                     return None;
                 }
                 Err(e) => {
-                    warn!(error = %e, "reply not applied; the step's timer will recover it");
+                    not_applied(&e);
                     return None;
                 }
             };
@@ -1370,8 +1434,11 @@ impl Worker {
     /// stalled server holds the worker (and its keep-alives) that long, not a timeout per
     /// saga: an append still unanswered then counts as failed, which is safe, since a
     /// record that landed after all makes the saga's next append lose its compare-and-swap
-    /// and reload. (Awaiting them in order wakes the worker once per answer it needs;
-    /// awaiting all at once woke it for every answer and measured about a tenth slower.)
+    /// and reload. An answer that has come is taken even past the deadline (the timeout
+    /// polls it first), so time spent carrying on earlier items costs a later item nothing
+    /// unless the server has not answered it yet. (Awaiting them in order wakes the worker
+    /// once per answer it needs; awaiting all at once woke it for every answer and measured
+    /// about a tenth slower.)
     async fn finish(&mut self, sent: Vec<Sent>) {
         let deadline = tokio::time::Instant::now() + ROUND_WAIT;
         for Sent { id, ack, span, then } in sent {
@@ -1415,7 +1482,7 @@ impl Worker {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = applied {
-                    warn!(error = %e, "reply not applied; the step's timer will recover it");
+                    not_applied(&e);
                 }
             }
         }
@@ -1736,6 +1803,11 @@ impl Worker {
             warn!(error = %e, "terminating a dead-lettered input failed");
         }
     }
+}
+
+/// Logs a reply that could not be applied (its saga's state is unchanged).
+fn not_applied(e: &HandleError) {
+    warn!(error = %e, "reply not applied; the step's timer will recover it");
 }
 
 /// The outcome of appending `record`: a write whose acknowledgement was lost may have
