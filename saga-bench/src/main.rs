@@ -162,6 +162,11 @@ struct Args {
     #[arg(long, value_enum, conflicts_with_all = ["growth", "in_flight", "await_step", "coordinator_processes", "failure_rate"])]
     model: Option<Model>,
 
+    /// Worker tasks per coordinator replica of ours (the coordinator's `workers` setting)
+    /// [default: the coordinator's default, 32].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    coordinator_workers: Option<u16>,
+
     /// Internal: run one coordinator replica of the bench saga (`--steps`) against
     /// --nats-url, answering each line on stdin with its message counts, until stdin closes.
     #[arg(long, hide = true, requires = "nats_url")]
@@ -318,6 +323,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(workers) = args.coordinator_workers {
+        ours::set_coordinator_workers(usize::from(workers));
+    }
     if let (true, Some(url)) = (args.serve_coordinator, &args.nats_url) {
         return match runtime.block_on(replica::serve(url, usize::from(args.steps))) {
             Ok(()) => ExitCode::SUCCESS,

@@ -403,13 +403,30 @@ async fn start_replica(
     Ok(Replica::InProcess(Box::new(start_coordinator(nats, def).await?)))
 }
 
-/// A coordinator of the benchmark saga with default settings, in this process or in a
-/// coordinator process.
+/// `--coordinator-workers`, set once at start-up.
+static COORDINATOR_WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Sets every coordinator replica's worker count (`--coordinator-workers`), in this process
+/// and in the coordinator processes it starts.
+pub(crate) fn set_coordinator_workers(workers: usize) {
+    let _ = COORDINATOR_WORKERS.set(workers);
+}
+
+/// The worker count set by [`set_coordinator_workers`], if any.
+pub(crate) fn coordinator_workers() -> Option<usize> {
+    COORDINATOR_WORKERS.get().copied()
+}
+
+/// A coordinator of the benchmark saga with default settings (but for
+/// `--coordinator-workers`), in this process or in a coordinator process.
 pub(crate) async fn start_coordinator(
     conn: async_nats::Client,
     def: &SagaDefinition,
 ) -> anyhow::Result<Coordinator> {
-    let config = CoordinatorConfig { definitions: vec![def.clone()], ..Default::default() };
+    let mut config = CoordinatorConfig { definitions: vec![def.clone()], ..Default::default() };
+    if let Some(&workers) = COORDINATOR_WORKERS.get() {
+        config.workers = workers;
+    }
     Coordinator::start(conn, config).await.context("starting a coordinator")
 }
 

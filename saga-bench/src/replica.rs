@@ -124,10 +124,14 @@ impl CoordinatorProcess {
     /// coordinator runs.
     pub(crate) async fn start(conn: &Conn, steps: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding this program to run a coordinator")?;
+        let workers = crate::ours::coordinator_workers()
+            .map(|w| vec!["--coordinator-workers".to_owned(), w.to_string()])
+            .unwrap_or_default();
         let mut child = KillOnDrop(
             std::process::Command::new(&exe)
                 .args(["--serve-coordinator", "--nats-url", conn.url()])
                 .args(["--steps", &steps.to_string()])
+                .args(workers)
                 .envs(conn.env(COORDINATOR_USER))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
