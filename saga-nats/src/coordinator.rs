@@ -287,8 +287,9 @@ impl Coordinator {
         &self.replica
     }
 
-    /// Stops taking inputs, finishes the one in hand, hands every saga it holds back to the
-    /// other replicas (they take them over at once), and returns.
+    /// Stops taking inputs, finishes the replies in hand, hands every saga it holds and
+    /// every input it has not begun back to the other replicas (they take them over at
+    /// once), and returns.
     pub async fn shutdown(&self) {
         if let Some(admin) = &self.admin {
             admin.stop();
@@ -420,9 +421,10 @@ fn shard_of(work: &Work, workers: usize) -> usize {
 }
 
 /// A worker's two queues. Replies and await arrivals (work on sagas it has begun) come in
-/// one, inputs (starts, operator actions) in the other, and it takes replies first: under
-/// more load than it can carry, a saga it has begun finishes before it begins another, and
-/// the starts it cannot take yet wait in the input stream, where no timer runs on them.
+/// one, inputs (starts, operator actions) in the other, and a round takes replies first,
+/// then fills up with inputs: under more load than it can carry, a saga it has begun
+/// finishes before it begins another, and the starts it cannot take yet wait in the input
+/// stream (the input queue holds one round's worth, so few wait where their ack wait runs).
 struct Queues {
     begun: mpsc::Receiver<Work>,
     inputs: mpsc::Receiver<Work>,
@@ -441,17 +443,25 @@ async fn run(
     let mut tasks = Vec::with_capacity(workers);
     for n in 0..workers {
         let (tx, begun) = mpsc::channel::<Work>(1024);
-        let (input_tx, inputs) = mpsc::channel::<Work>(256);
+        let (input_tx, inputs) = mpsc::channel::<Work>(MAX_BATCH);
         senders.push(tx);
         input_senders.push(input_tx);
         tasks.push(tokio::spawn(Worker::new(shared.clone(), n).run(Queues { begun, inputs })));
     }
     // Inputs are pulled by a task of their own: a worker whose input queue is full makes the
     // pull wait (backpressure), and replies keep flowing meanwhile.
-    let pull = tokio::spawn(pull_inputs(consumer, input_senders, shutdown.clone()));
+    let mut pull = tokio::spawn(pull_inputs(consumer, input_senders, shutdown.clone()));
+    let mut pulling = true;
     loop {
         let work = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = &mut pull => {
+                pulling = false;
+                if !*shutdown.borrow() {
+                    warn!("the input pull stopped (a worker stopped): the coordinator stops");
+                }
+                break;
+            }
             reply = replies.next() => match reply {
                 Some(msg) => match ReplyTo::parse(&msg.subject) {
                     Some(to) => Work::Reply(to, msg),
@@ -498,8 +508,10 @@ async fn run(
     }
     // Stopped by shutdown, it has ended or is ending; stopped otherwise (the connection
     // closed), it must not go on: an input it drops is redelivered after the ack wait.
-    pull.abort();
-    let _ = pull.await;
+    if pulling {
+        pull.abort();
+        let _ = pull.await;
+    }
     info!("coordinator stopping: handing held sagas over");
     drop(senders);
     for task in tasks {
@@ -509,6 +521,16 @@ async fn run(
         warn!(error = %e, "flush on shutdown failed");
     }
     info!("coordinator stopped");
+}
+
+/// Gives an input not begun back to the input stream for redelivery now (a NAK), not after
+/// the ack wait.
+async fn hand_back(work: Work) {
+    if let Work::Input(msg) = work {
+        if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+            debug!(error = %e, "handing an input back failed (it is redelivered after the ack wait)");
+        }
+    }
 }
 
 /// Pulls the input stream (starts and operator actions) into the workers' input queues
@@ -544,13 +566,19 @@ async fn pull_inputs(
                     }
                 },
             };
-            // A busy worker makes the pull wait (backpressure), never drops.
+            // A busy worker makes the pull wait (backpressure), never drops; at shutdown the
+            // input in hand goes back to the stream at once.
             let worker = shard_of(&work, senders.len());
-            tokio::select! {
-                _ = shutdown.changed() => break 'outer,
-                sent = senders[worker].send(work) => if sent.is_err() {
+            let slot = tokio::select! {
+                _ = shutdown.changed() => None,
+                slot = senders[worker].reserve() => slot.ok(),
+            };
+            match slot {
+                Some(slot) => slot.send(work),
+                None => {
+                    hand_back(work).await;
                     break 'outer;
-                },
+                }
             }
         }
     }
@@ -715,7 +743,7 @@ impl Worker {
         let sleep = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(sleep);
         let mut armed_for: Option<Timestamp> = None;
-        let (mut begun_open, mut inputs_open) = (true, true);
+        let mut inputs_open = true;
         loop {
             let next_timer = self.timers.next_at();
             if next_timer != armed_for {
@@ -725,26 +753,31 @@ impl Worker {
                 }
                 armed_for = next_timer;
             }
-            // Work on begun sagas first, their timers and keep-alives next, inputs last.
+            // Timers and keep-alives when due (a busy worker must still keep its sagas held),
+            // then work on begun sagas, then inputs.
             tokio::select! {
                 biased;
-                work = queues.begun.recv(), if begun_open => match work {
-                    Some(work) => self.work(work, &mut queues).await,
-                    None => begun_open = false,
-                },
                 _ = &mut sleep, if armed_for.is_some() => {
                     // Re-armed at the next turn for whatever is earliest then.
                     armed_for = None;
                     self.fire_timers().await
                 }
                 _ = tick.tick() => self.keep_alive().await,
+                work = queues.begun.recv() => match work {
+                    Some(work) => self.work(work, &mut queues).await,
+                    // Stopping: inputs not begun go back to the stream at once.
+                    None => {
+                        queues.inputs.close();
+                        while let Ok(work) = queues.inputs.try_recv() {
+                            hand_back(work).await;
+                        }
+                        break;
+                    }
+                },
                 work = queues.inputs.recv(), if inputs_open => match work {
                     Some(work) => self.work(work, &mut queues).await,
                     None => inputs_open = false,
                 },
-            }
-            if !begun_open && !inputs_open {
-                break;
             }
             self.compact_timers();
         }
@@ -775,7 +808,7 @@ impl Worker {
         while !queue.is_empty() {
             // The sagas in this round, by a hash of their id (a collision only defers an
             // input to the next round).
-            let mut taken = std::collections::HashSet::new();
+            let mut taken = std::collections::HashSet::with_capacity(queue.len());
             let mut later = Vec::new();
             let mut sent = Vec::with_capacity(queue.len());
             let single = queue.len() == 1;
