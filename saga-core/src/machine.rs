@@ -129,8 +129,9 @@ pub enum StepStatus {
     /// The action failed (business failure, or transient failures until retries ran out). It
     /// had no effect, so it is not compensated.
     Failed,
-    /// The action timed out and will not be retried: it may or may not have run, so it is
-    /// compensated (the participant's barrier makes that safe if it never ran).
+    /// The action timed out and will not be retried, or ran with an output that could not be
+    /// kept: it may have run, so it is compensated (the participant's barrier makes that safe
+    /// if it never ran, and gives the compensation the output the participant recorded).
     Unknown,
     /// The compensation's current attempt is in flight.
     Compensating,
@@ -289,6 +290,18 @@ pub enum Event {
         /// failure (the step fails at once).
         transient: bool,
     },
+    /// A step's action succeeded, but its output cannot be kept (too large for the saga's
+    /// record): its effect happened, yet the saga cannot go on from it. A step with a
+    /// compensation is compensated (its participant's barrier gives the compensation the
+    /// recorded output); any other step fails as on a business failure.
+    StepOutputRefused {
+        /// The step.
+        step: StepName,
+        /// The attempt that succeeded.
+        attempt: u32,
+        /// Why the output was refused.
+        reason: String,
+    },
     /// A step's compensation succeeded.
     CompensationSucceeded {
         /// The step.
@@ -364,6 +377,7 @@ impl Event {
             Event::Start { .. } => "start",
             Event::StepSucceeded { .. } => "step_succeeded",
             Event::StepFailed { .. } => "step_failed",
+            Event::StepOutputRefused { .. } => "step_output_refused",
             Event::CompensationSucceeded { .. } => "compensation_succeeded",
             Event::CompensationFailed { .. } => "compensation_failed",
             Event::Undelivered { .. } => "undelivered",
@@ -1107,6 +1121,7 @@ impl SagaState {
                 S::New,
                 Event::StepSucceeded { .. }
                 | Event::StepFailed { .. }
+                | Event::StepOutputRefused { .. }
                 | Event::CompensationSucceeded { .. }
                 | Event::CompensationFailed { .. }
                 | Event::Undelivered { .. }
@@ -1130,6 +1145,7 @@ impl SagaState {
                 status @ (S::Completed | S::Compensated | S::Cancelled | S::Resolved),
                 Event::StepSucceeded { .. }
                 | Event::StepFailed { .. }
+                | Event::StepOutputRefused { .. }
                 | Event::CompensationSucceeded { .. }
                 | Event::CompensationFailed { .. }
                 | Event::Undelivered { .. }
@@ -1147,6 +1163,9 @@ impl SagaState {
                 Rule::ActionFailed,
                 self.action_failed(plan, now, step, *attempt, reason, *transient, o),
             ),
+            (S::Running, Event::StepOutputRefused { step, attempt, reason }) => {
+                (Rule::ActionFailed, self.output_refused(plan, now, step, *attempt, reason, o))
+            }
             (S::Running, Event::TimerFired(timer)) => {
                 (Rule::RunningTimer, self.timer_fired(plan, now, timer, o))
             }
@@ -1193,6 +1212,12 @@ impl SagaState {
                 Rule::LateActionFailed,
                 self.action_failed(plan, now, step, *attempt, reason, *transient, o),
             ),
+            (
+                S::Compensating | S::NeedsIntervention,
+                Event::StepOutputRefused { step, attempt, reason },
+            ) => {
+                (Rule::LateActionFailed, self.output_refused(plan, now, step, *attempt, reason, o))
+            }
             (
                 S::Compensating | S::NeedsIntervention,
                 Event::CompensationSucceeded { step, attempt },
@@ -1655,6 +1680,51 @@ impl SagaState {
         Ok(())
     }
 
+    /// A success whose output cannot be kept. The action ran, so a step with a compensation
+    /// is compensated, never retried (a retry would get the same recorded output); any other
+    /// step fails as on a business failure.
+    fn output_refused(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        step: &StepName,
+        attempt: u32,
+        reason: &str,
+        out: &mut Out,
+    ) -> Result<(), Rejection> {
+        let i = self.index(plan, step)?;
+        if plan.steps()[i].compensation.is_none() {
+            return self.action_failed(plan, now, step, attempt, reason, false, out);
+        }
+        let s = &self.steps[i];
+        // The attempts a success is taken from (see `action_succeeded`).
+        let kind = match s.status {
+            StepStatus::Running if s.attempt == attempt => s.in_flight_timer(),
+            StepStatus::RetryWait if s.attempt == attempt && self.status == SagaStatus::Running => {
+                TimerKind::Backoff
+            }
+            _ => return Err(self.stale(i, Phase::Action, attempt)),
+        };
+        self.cancel_timer(i, Phase::Action, attempt, kind, out);
+        let s = &mut self.steps[i];
+        s.attempt_settled();
+        s.last_error = Some(reason.to_owned());
+        out.record(
+            now,
+            TimelineEvent::Failed {
+                step: step.clone(),
+                phase: Phase::Action,
+                attempt,
+                reason: reason.to_owned(),
+                transient: false,
+            },
+        );
+        // It ran: its outcome is known to the participant only, as after a timeout.
+        s.status = StepStatus::Unknown;
+        self.failed_for_good(plan, now, i, reason, out);
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn action_failed(
         &mut self,
@@ -1714,13 +1784,27 @@ impl SagaState {
             return;
         }
         s.status = if s.timed_out { StepStatus::Unknown } else { StepStatus::Failed };
+        self.failed_for_good(plan, now, i, reason, out);
+    }
+
+    /// Step `i`'s action failed for good (its status is set): the saga compensates, or goes
+    /// on compensating.
+    fn failed_for_good(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        i: usize,
+        reason: &str,
+        out: &mut Out,
+    ) {
+        let name = self.steps[i].name.clone();
         out.fx.push(Effect::Publish {
             kind: LifecycleKind::StepFailed,
-            step: Some(s.name.clone()),
+            step: Some(name.clone()),
             reason: Some(reason.to_owned()),
         });
         if self.status == SagaStatus::Running {
-            let cause = Cause::StepFailed { step: s.name.clone(), reason: reason.to_owned() };
+            let cause = Cause::StepFailed { step: name, reason: reason.to_owned() };
             self.begin_compensation(plan, now, cause, out);
         } else {
             self.advance(plan, now, out);

@@ -96,13 +96,19 @@ fn compensated_count(sim: &Sim, step: &StepName) -> usize {
     accepted_count(sim, |e| matches!(e, Event::CompensationSucceeded { step: s, .. } if s == step))
 }
 
-/// Whether step `i`'s action ran: it succeeded, or it ended unknown (an attempt timed out and
-/// no attempt succeeded; the machine keeps `timed_out` set then). Statuses after events are
-/// not enough: a step that succeeds or turns unknown while compensating is at once
-/// `compensating`.
+/// Whether step `i`'s action ran: it succeeded (its output kept or refused), or it ended
+/// unknown (an attempt timed out and no attempt succeeded; the machine keeps `timed_out` set
+/// then). Statuses after events are not enough: a step that succeeds or turns unknown while
+/// compensating is at once `compensating`.
 fn ran(sim: &Sim, i: usize) -> bool {
     let snap = sim.state.snapshot();
-    succeeded_count(sim, &snap.steps[i].name) > 0 || snap.steps[i].timed_out
+    let name = &snap.steps[i].name;
+    succeeded_count(sim, name) > 0
+        || accepted_count(
+            sim,
+            |e| matches!(e, Event::StepOutputRefused { step, .. } if step == name),
+        ) > 0
+        || snap.steps[i].timed_out
 }
 
 /// Whether step `i` ever reached one of `statuses` after an accepted event.

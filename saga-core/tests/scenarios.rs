@@ -390,6 +390,64 @@ fn transient_failures_are_retried_up_to_max_attempts() {
     assert_eq!(sim.state.snapshot().steps[0].last_error.as_deref(), Some("unavailable"));
 }
 
+fn output_refused(step: &str, attempt: u32) -> Event {
+    Event::StepOutputRefused {
+        step: StepName::from(step),
+        attempt,
+        reason: "output too large".into(),
+    }
+}
+
+/// A success whose output cannot be kept: the action ran, so its step is compensated at
+/// once (not retried), with no output in the command: the participant has the one it
+/// recorded.
+#[test]
+fn a_refused_output_compensates_its_step() {
+    let mut sim = Sim::new(&chain3());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    let h = sim.at(20).handle(output_refused("b", 1));
+    assert_eq!(h.rule, Rule::ActionFailed);
+    assert_eq!(
+        summary(&h.result.unwrap()),
+        s(&[
+            "disarm b.a.1.timeout",
+            "publish step_failed b",
+            "publish compensating",
+            "dispatch id.b.c.1 undo-b @1020",
+            "arm b.c.1.timeout @1020",
+        ])
+    );
+    assert_eq!(sim.step("b"), StepStatus::Compensating);
+    assert!(!sim.state.snapshot().steps[1].timed_out, "it did not time out");
+    let b_comp = sim.sent.iter().find(|d| d.command_id.as_str() == "id.b.c.1").unwrap();
+    assert_eq!(b_comp.output, None);
+    // A copy of the refused reply is stale.
+    assert!(matches!(sim.err(output_refused("b", 1)), Rejection::Stale { attempt: 1, .. }));
+    sim.at(30).ok(comp_ok("b", 1));
+    sim.at(40).ok(comp_ok("a", 1));
+    assert_eq!(sim.state.status(), SagaStatus::Compensated);
+    assert_eq!(compensation_order(&sim), ["b", "a"]);
+    assert_eq!(
+        sim.state.cause(),
+        Some(&Cause::StepFailed { step: "b".into(), reason: "output too large".into() })
+    );
+    assert!(sim.anomalies.is_empty(), "{:?}", sim.anomalies);
+}
+
+/// A step without a compensation whose output is refused fails as on a business failure:
+/// nothing could undo it.
+#[test]
+fn a_refused_output_of_a_step_without_compensation_fails_it() {
+    let mut sim = Sim::new(&pivot_plan());
+    sim.start();
+    sim.at(10).ok(succeeded("a", 1));
+    let h = sim.at(20).handle(output_refused("p", 1));
+    assert_eq!(h.rule, Rule::ActionFailed);
+    assert_eq!(sim.step("p"), StepStatus::Failed);
+    assert_eq!(compensation_order(&sim), ["a"]);
+}
+
 #[test]
 fn pivot_then_retriable_steps() {
     let mut sim = Sim::new(&pivot_plan());

@@ -1318,7 +1318,8 @@ impl Worker {
                 // Not logged: nothing happened.
                 live.undo(*t);
                 // A step's output that makes the saga's record too large to store would
-                // fail every later attempt the same way: the step fails, saying why.
+                // fail every later attempt the same way: the output is refused, saying why
+                // (the step is compensated if it has a compensation).
                 if let (
                     StoreError::Codec { source: CodecError::TooLarge { size, limit, .. }, .. },
                     Event::StepSucceeded { step, attempt, output },
@@ -1329,12 +1330,8 @@ impl Worker {
                         output.as_bytes().len()
                     );
                     warn!(saga_id = %id, %step, %reason, "step output refused");
-                    *event = Event::StepFailed {
-                        step: step.clone(),
-                        attempt: *attempt,
-                        reason,
-                        transient: false,
-                    };
+                    *event =
+                        Event::StepOutputRefused { step: step.clone(), attempt: *attempt, reason };
                     return Ok(Settled::Again);
                 }
                 Err(e.into())
@@ -1963,9 +1960,10 @@ fn cut(s: &mut String) {
 }
 
 /// `event`, unless it is a success whose output is larger than `limit` (a quarter of the
-/// message size limit, which the Rust participant enforces on its handlers): then the step's
-/// business failure, saying so. The output would travel in every later command and log
-/// record of the saga, and make them too large to send.
+/// message size limit, which the Rust participant enforces on its handlers): then the
+/// output is refused, saying why (the action ran: a step with a compensation is
+/// compensated). The output would travel in every later command and log record of the
+/// saga, and make them too large to send.
 fn within_output_limit(event: Event, limit: usize) -> Event {
     match event {
         Event::StepSucceeded { step, attempt, output } if output.as_bytes().len() > limit => {
@@ -1973,7 +1971,7 @@ fn within_output_limit(event: Event, limit: usize) -> Event {
                 "reply output of {} bytes exceeds the limit of {limit} bytes (a quarter of the message size limit)",
                 output.as_bytes().len()
             );
-            Event::StepFailed { step, attempt, reason, transient: false }
+            Event::StepOutputRefused { step, attempt, reason }
         }
         other => other,
     }
@@ -1982,7 +1980,9 @@ fn within_output_limit(event: Event, limit: usize) -> Event {
 /// `event` with its reason and operator name cut to [`MAX_REASON`] characters.
 fn bounded(mut event: Event) -> Event {
     match &mut event {
-        Event::StepFailed { reason, .. } | Event::CompensationFailed { reason, .. } => cut(reason),
+        Event::StepFailed { reason, .. }
+        | Event::StepOutputRefused { reason, .. }
+        | Event::CompensationFailed { reason, .. } => cut(reason),
         Event::Cancel { reason, by }
         | Event::OperatorRetry { reason, by }
         | Event::OperatorSkip { reason, by }
@@ -2006,7 +2006,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_output_over_the_limit_fails_the_step() {
+    fn a_reply_output_over_the_limit_is_refused() {
         let ok = |n: usize| Event::StepSucceeded {
             step: StepName::from("s"),
             attempt: 2,
@@ -2014,7 +2014,7 @@ mod tests {
         };
         assert_eq!(within_output_limit(ok(100), 100), ok(100));
         match within_output_limit(ok(101), 100) {
-            Event::StepFailed { step, attempt: 2, reason, transient: false } => {
+            Event::StepOutputRefused { step, attempt: 2, reason } => {
                 assert_eq!(step.as_str(), "s");
                 assert_eq!(reason, "reply output of 101 bytes exceeds the limit of 100 bytes (a quarter of the message size limit)");
             }

@@ -1932,8 +1932,8 @@ async fn compensated_at_once(client: &SagaClient, id: &SagaId, says: &[&str]) {
 
 /// Outputs each within the limit, but together more than a log record may hold (every record
 /// carries every output so far): the step whose output would make the record too large fails
-/// at once with a reason naming the sizes, and the saga compensates the steps before it,
-/// rather than each of that step's attempts failing to be logged until they all time out.
+/// at once with a reason naming the sizes, and the saga compensates it and the steps before
+/// it, rather than each of that step's attempts failing to be logged until they all time out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_too_large_together_fail_the_step_that_overflows_the_record() {
     init_logging();
@@ -1954,6 +1954,21 @@ async fn outputs_too_large_together_fail_the_step_that_overflows_the_record() {
     let id = client.start("five", &TestInput::default()).await.unwrap();
     let says = ["the saga's log record would be", "over the limit of 1048576 bytes"];
     compensated_at_once(&client, &id, &says).await;
+    // That step's action ran (its output is what was refused), so it is compensated too.
+    let timeline: Vec<_> =
+        client.timeline(&id).await.unwrap().into_iter().map(|e| e.event).collect();
+    let overflowed = timeline
+        .iter()
+        .find_map(|e| match e {
+            T::Failed { step, phase: saga_core::Phase::Action, .. } => Some(step.clone()),
+            _ => None,
+        })
+        .expect("a step failed");
+    assert!(
+        timeline.iter().any(|e| matches!(e,
+            T::Succeeded { step, phase: saga_core::Phase::Compensation, .. } if *step == overflowed)),
+        "step {overflowed} ran, so it is compensated: {timeline:?}"
+    );
 }
 
 /// A handler whose output is over the limit (here 2 MiB) fails the step at once, with a reason

@@ -414,3 +414,68 @@ async fn operator_actions_answer_with_the_coordinators_verdict() {
     assert!(err.to_string().contains("pivot step succeeded"), "{err}");
     assert_eq!(client.wait(&id, WAIT).await.unwrap().status(), SagaStatus::Completed);
 }
+
+/// An action that ran but whose output the coordinator cannot keep (here: a coordinator with
+/// a smaller message size limit than its participant's, so a 20 KB output passes the
+/// participant and is refused by the coordinator) is compensated, not left in place, and
+/// its compensation gets the output the participant recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_whose_output_is_refused_is_compensated_with_that_output() {
+    use std::sync::{Arc, Mutex};
+    init_logging();
+    let server = NatsServer::start();
+    let nats = server.connect().await;
+    let def = saga_core::SagaDefinition::builder("big")
+        .step("a", "svc", "a", |s| s.compensation("undo-a").retry(quick_retry(3)))
+        .step("b", "svc", "b", |s| s.retry(quick_retry(3)))
+        .build();
+    let config = saga_nats::CoordinatorConfig {
+        max_message_size: 64 * 1024,
+        ..coordinator_config(vec![def], Duration::from_secs(5))
+    };
+    let _coord = saga_nats::Coordinator::start(nats.clone(), config).await.unwrap();
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let (a_runs, undo_runs, b_runs) = (runs.clone(), runs.clone(), runs.clone());
+    let _p = saga_nats::Participant::builder(nats.clone(), "svc")
+        .action("a", move |_: saga_nats::Command<TestInput>| {
+            let runs = a_runs.clone();
+            async move {
+                runs.lock().unwrap().push("a".to_owned());
+                Ok("x".repeat(20 * 1024))
+            }
+        })
+        .compensation("undo-a", move |cmd: saga_nats::Command<TestInput>| {
+            let runs = undo_runs.clone();
+            async move {
+                let output = cmd.action_output::<String>().map(|o| o.unwrap().len());
+                runs.lock().unwrap().push(format!("undo-a with {output:?}"));
+                Ok(())
+            }
+        })
+        .action("b", move |_: saga_nats::Command<TestInput>| {
+            let runs = b_runs.clone();
+            async move {
+                runs.lock().unwrap().push("b".to_owned());
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = client(nats.clone()).await;
+    let id = client.start("big", &TestInput { n: 1, ..Default::default() }).await.unwrap();
+    let view = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(view.status(), SagaStatus::Compensated, "{:?}", view.snapshot);
+    assert_eq!(
+        *runs.lock().unwrap(),
+        ["a".to_owned(), format!("undo-a with {:?}", Some(20 * 1024))],
+        "a ran once, b never, and a's compensation got a's output"
+    );
+    let timeline = client.timeline(&id).await.unwrap();
+    assert!(
+        timeline.iter().any(|e| matches!(&e.event,
+            T::Failed { step, phase: Phase::Action, transient: false, reason, .. }
+                if step.as_str() == "a" && reason.contains("exceeds the limit"))),
+        "{timeline:?}"
+    );
+}

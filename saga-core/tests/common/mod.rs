@@ -40,6 +40,11 @@ pub(crate) fn succeeded(step: &str, attempt: u32) -> Event {
 }
 
 /// `StepFailed` for `step`'s `attempt`.
+/// The coordinator's refusal of a success whose output it cannot keep.
+pub(crate) fn refused(step: StepName, attempt: u32) -> Event {
+    Event::StepOutputRefused { step, attempt, reason: "output too large".into() }
+}
+
 pub(crate) fn failed(step: &str, attempt: u32, transient: bool) -> Event {
     let reason = if transient { "unavailable" } else { "declined" };
     Event::StepFailed { step: step.into(), attempt, reason: reason.into(), transient }
@@ -219,11 +224,16 @@ pub(crate) enum Wish {
     /// A transient failure (nothing done; later copies of the same attempt get the same
     /// answer, a later attempt runs).
     Transient,
+    /// Succeed with an output the coordinator cannot keep (the effect ran; every later
+    /// attempt gets the same output, refused again).
+    OutputRefused,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ActionRecord {
     Executed(Payload),
+    /// Executed, with an output the coordinator refuses.
+    Refused,
     Declined(String),
     /// This attempt failed transiently (the SDK's `failed` effect record).
     Failed(u32),
@@ -269,6 +279,7 @@ impl Participant {
             Some(ActionRecord::Executed(output)) => {
                 return Event::StepSucceeded { step, attempt, output: output.clone() }
             }
+            Some(ActionRecord::Refused) => return refused(step, attempt),
             Some(ActionRecord::Declined(reason)) => {
                 return Event::StepFailed {
                     step,
@@ -303,6 +314,11 @@ impl Participant {
                 self.actions.insert(step.clone(), ActionRecord::Failed(attempt));
                 Event::StepFailed { step, attempt, reason: "unavailable".into(), transient: true }
             }
+            Wish::OutputRefused => {
+                self.actions.insert(step.clone(), ActionRecord::Refused);
+                *self.executed.entry((step.clone(), Phase::Action)).or_default() += 1;
+                refused(step, attempt)
+            }
         }
     }
 
@@ -331,7 +347,7 @@ impl Participant {
 
     /// Whether `step`'s action effect was carried out.
     pub(crate) fn action_executed(&self, step: &StepName) -> bool {
-        matches!(self.actions.get(step), Some(ActionRecord::Executed(_)))
+        matches!(self.actions.get(step), Some(ActionRecord::Executed(_) | ActionRecord::Refused))
     }
 
     /// Whether `step`'s compensation was recorded (carried out or a no-op).
@@ -722,24 +738,28 @@ pub(crate) struct Behaviour {
     pub(crate) transient: u32,
     /// Percentage of compensation attempts that fail.
     pub(crate) comp_fail: u32,
+    /// Weight of a success whose output the coordinator refuses.
+    pub(crate) refused: u32,
 }
 
 impl Behaviour {
     /// Always succeeds.
     pub(crate) const RELIABLE: Behaviour =
-        Behaviour { success: 1, business: 0, transient: 0, comp_fail: 0 };
+        Behaviour { success: 1, business: 0, transient: 0, comp_fail: 0, refused: 0 };
 
     fn wish(&self, phase: Phase, roll: u32) -> Wish {
         match phase {
             Phase::Action => {
-                let total = (self.success + self.business + self.transient).max(1);
+                let total = (self.success + self.business + self.transient + self.refused).max(1);
                 let r = roll % total;
                 if r < self.success {
                     Wish::Success
                 } else if r < self.success + self.business {
                     Wish::Business
-                } else {
+                } else if r < self.success + self.business + self.transient {
                     Wish::Transient
+                } else {
+                    Wish::OutputRefused
                 }
             }
             Phase::Compensation => {
@@ -1098,8 +1118,9 @@ pub(crate) fn gen_definition(src: &mut Src<'_>) -> Generated {
                 _ => s.compensation(&format!("undo-{name}")),
             }
         });
+        let success = 1 + src.below(10);
         behaviours.push(Behaviour {
-            success: 1 + src.below(10),
+            success,
             business: if kind == StepKind::Retriable || src.below(2) == 0 {
                 0
             } else {
@@ -1107,6 +1128,10 @@ pub(crate) fn gen_definition(src: &mut Src<'_>) -> Generated {
             },
             transient: if src.below(3) == 0 { 3 + src.below(8) } else { src.below(3) },
             comp_fail: 15 * src.below(4),
+            // Derived, not drawn, so the generated cases stay as they were. Not on a
+            // retriable step: it would retry the refused output without end (a known rough
+            // edge).
+            refused: u32::from(kind != StepKind::Retriable && success % 3 == 0),
         });
     }
     Generated { def: builder.build(), behaviours }
