@@ -1643,16 +1643,10 @@ impl SagaState {
         Ok(())
     }
 
-    fn action_succeeded(
-        &mut self,
-        plan: &Plan,
-        now: Timestamp,
-        step: &StepName,
-        attempt: u32,
-        output: &Payload,
-        out: &mut Out,
-    ) -> Result<(), Rejection> {
-        let i = self.index(plan, step)?;
+    /// Takes a success of step `i`'s action attempt `attempt`, if it is the one in flight
+    /// (or, while running, the one that failed or timed out and waits to be retried): its
+    /// timer is cancelled and the attempt settled.
+    fn take_success(&mut self, i: usize, attempt: u32, out: &mut Out) -> Result<(), Rejection> {
         let s = &self.steps[i];
         let kind = match s.status {
             StepStatus::Running if s.attempt == attempt => s.in_flight_timer(),
@@ -1663,8 +1657,22 @@ impl SagaState {
             _ => return Err(self.stale(i, Phase::Action, attempt)),
         };
         self.cancel_timer(i, Phase::Action, attempt, kind, out);
+        self.steps[i].attempt_settled();
+        Ok(())
+    }
+
+    fn action_succeeded(
+        &mut self,
+        plan: &Plan,
+        now: Timestamp,
+        step: &StepName,
+        attempt: u32,
+        output: &Payload,
+        out: &mut Out,
+    ) -> Result<(), Rejection> {
+        let i = self.index(plan, step)?;
+        self.take_success(i, attempt, out)?;
         let s = &mut self.steps[i];
-        s.attempt_settled();
         s.status = StepStatus::Succeeded;
         s.output = Some(output.clone());
         out.record(
@@ -1696,18 +1704,8 @@ impl SagaState {
         if plan.steps()[i].compensation.is_none() {
             return self.action_failed(plan, now, step, attempt, reason, false, out);
         }
-        let s = &self.steps[i];
-        // The attempts a success is taken from (see `action_succeeded`).
-        let kind = match s.status {
-            StepStatus::Running if s.attempt == attempt => s.in_flight_timer(),
-            StepStatus::RetryWait if s.attempt == attempt && self.status == SagaStatus::Running => {
-                TimerKind::Backoff
-            }
-            _ => return Err(self.stale(i, Phase::Action, attempt)),
-        };
-        self.cancel_timer(i, Phase::Action, attempt, kind, out);
+        self.take_success(i, attempt, out)?;
         let s = &mut self.steps[i];
-        s.attempt_settled();
         s.last_error = Some(reason.to_owned());
         out.record(
             now,
