@@ -424,7 +424,7 @@ pub(crate) async fn start_coordinator(
     def: &SagaDefinition,
 ) -> anyhow::Result<Coordinator> {
     let mut config = CoordinatorConfig { definitions: vec![def.clone()], ..Default::default() };
-    if let Some(&workers) = COORDINATOR_WORKERS.get() {
+    if let Some(workers) = coordinator_workers() {
         config.workers = workers;
     }
     Coordinator::start(conn, config).await.context("starting a coordinator")

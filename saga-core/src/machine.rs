@@ -1705,20 +1705,9 @@ impl SagaState {
             return self.action_failed(plan, now, step, attempt, reason, false, out);
         }
         self.take_success(i, attempt, out)?;
-        let s = &mut self.steps[i];
-        s.last_error = Some(reason.to_owned());
-        out.record(
-            now,
-            TimelineEvent::Failed {
-                step: step.clone(),
-                phase: Phase::Action,
-                attempt,
-                reason: reason.to_owned(),
-                transient: false,
-            },
-        );
+        self.record_action_failure(now, i, attempt, reason, false, out);
         // It ran: its outcome is known to the participant only, as after a timeout.
-        s.status = StepStatus::Unknown;
+        self.steps[i].status = StepStatus::Unknown;
         self.failed_for_good(plan, now, i, reason, out);
         Ok(())
     }
@@ -1741,21 +1730,35 @@ impl SagaState {
         }
         let kind = s.in_flight_timer();
         self.cancel_timer(i, Phase::Action, attempt, kind, out);
+        self.steps[i].attempt_settled();
+        self.record_action_failure(now, i, attempt, reason, transient, out);
+        self.attempt_failed(plan, now, i, transient, false, reason, out);
+        Ok(())
+    }
+
+    /// Notes that step `i`'s action attempt `attempt` failed: its last error, and the
+    /// timeline's `failed` entry.
+    fn record_action_failure(
+        &mut self,
+        now: Timestamp,
+        i: usize,
+        attempt: u32,
+        reason: &str,
+        transient: bool,
+        out: &mut Out,
+    ) {
         let s = &mut self.steps[i];
-        s.attempt_settled();
         s.last_error = Some(reason.to_owned());
         out.record(
             now,
             TimelineEvent::Failed {
-                step: step.clone(),
+                step: s.name.clone(),
                 phase: Phase::Action,
                 attempt,
                 reason: reason.to_owned(),
                 transient,
             },
         );
-        self.attempt_failed(plan, now, i, transient, false, reason, out);
-        Ok(())
     }
 
     /// Step `i`'s current action attempt failed or timed out: retry it, or fail the step.

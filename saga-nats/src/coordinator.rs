@@ -451,12 +451,10 @@ async fn run(
     // Inputs are pulled by a task of their own: a worker whose input queue is full makes the
     // pull wait (backpressure), and replies keep flowing meanwhile.
     let mut pull = tokio::spawn(pull_inputs(consumer, input_senders, shutdown.clone()));
-    let mut pulling = true;
     loop {
         let work = tokio::select! {
             _ = shutdown.changed() => break,
             _ = &mut pull => {
-                pulling = false;
                 if !*shutdown.borrow() {
                     warn!("the input pull stopped (a worker stopped): the coordinator stops");
                 }
@@ -508,7 +506,7 @@ async fn run(
     }
     // Stopped by shutdown, it has ended or is ending; stopped otherwise (the connection
     // closed), it must not go on: an input it drops is redelivered after the ack wait.
-    if pulling {
+    if !pull.is_finished() {
         pull.abort();
         let _ = pull.await;
     }
